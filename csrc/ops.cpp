@@ -1,0 +1,27 @@
+// Schema and dispatch of the lune_fast ops. The fake (meta) implementations and autograd live on the
+// Python side (lune_fast/ops.py) so that torch.compile traces the op without a graph break.
+#include <torch/library.h>
+#include <torch/extension.h>
+
+#include "linear_logprob.h"
+
+TORCH_LIBRARY(lune_fast, m) {
+  m.def(
+      "linear_logprob(Tensor h, Tensor w, Tensor y, int chunk_rows, int chunk_vocab, bool with_grad)"
+      " -> (Tensor logp, Tensor grad_dir)");
+}
+
+TORCH_LIBRARY_IMPL(lune_fast, CPU, m) { m.impl("linear_logprob", &lune_fast::linear_logprob); }
+
+#ifdef LUNE_FAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(lune_fast, CUDA, m) { m.impl("linear_logprob", &lune_fast::linear_logprob); }
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.attr("with_cuda") =
+#ifdef LUNE_FAST_WITH_CUDA
+      true;
+#else
+      false;
+#endif
+}

@@ -1,0 +1,240 @@
+"""The drop-in API: keep a model loaded, turn deletion requests into adapters.
+
+    u = Unlearner("default")                     # loads once
+    result = u.forget("facts.jsonl")             # or a list of dicts; mode="replace" for edits
+    result.save("out/")                          # PEFT adapter + report.json + report.md
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from . import lora
+from .data import DataError, Encoder, Fact, make_batch, read_facts, read_lines
+from .evaluate import answers_with, evaluate, metrics_table, report_markdown
+from .io import atomic_output_dir
+from .model import generate
+from .trainer import TrainingDiverged, TrainOutcome, TrainSettings, train
+from .weights import load_model, load_tokenizer, resolve_model_dir
+
+
+def asset(name: str) -> Path:
+    return Path(str(resources.files("lune_fast.assets").joinpath(name)))
+
+
+class SettingsError(ValueError):
+    """A run setting out of its range."""
+
+
+@dataclass
+class Settings:
+    """Everything a run is made of; report.json's "config" is this, plus the mode."""
+    mode: str = "suppress"  # suppress | replace
+    objective: str = "npo"
+    rank: int = 8
+    alpha: float = 16.0
+    targets: str = "gate,up,down"
+    layers: str = "8-20"
+    rslora: bool = False
+    steps: int = 60
+    lr: float = 1e-3
+    beta: float | None = None
+    stop_prob: float = 0.05
+    replace_prob: float = 0.9
+    grad_clip: float = 1.0
+    seed: int = 0
+    negatives: str = "gold"  # gold | self | both: the answer text trained against in suppress mode
+    per_example_stop: bool = False
+    retain_weight: float = 1.0
+    retain_loss: str = "nll"
+    refusals: str | None = None  # replace mode without a record replacement: file of refusal strings
+    max_new_tokens: int = 24
+    checkpoint_every: int = 0
+
+    def check(self) -> None:
+        if self.mode not in ("suppress", "replace"):
+            raise SettingsError(f"mode must be suppress or replace, got {self.mode!r}")
+        from .losses import OBJECTIVES
+
+        if self.objective not in OBJECTIVES:
+            raise SettingsError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.negatives not in ("gold", "self", "both"):
+            raise SettingsError(f"negatives must be gold, self or both, got {self.negatives!r}")
+        if self.rank <= 0 or self.steps < 0 or self.lr <= 0:
+            raise SettingsError("rank and lr must be positive and steps non-negative")
+        if self.retain_loss not in ("nll", "kl"):
+            raise SettingsError(f"retain_loss must be nll or kl, got {self.retain_loss!r}")
+
+
+@dataclass
+class ForgetResult:
+    adapter: dict[str, torch.Tensor]
+    adapter_config: dict
+    before: dict | None
+    after: dict | None
+    cost: dict
+    config: dict
+    model: str
+    skipped: list[str] = field(default_factory=list)
+    examples: list[tuple[str, str, str]] = field(default_factory=list)
+    stopped: str = ""
+    error: str | None = None  # set when training diverged (the adapter is the last good step's)
+
+    def report(self) -> dict:
+        return {"model": self.model, "config": self.config, "before": self.before, "after": self.after,
+                "cost": self.cost, "stopped": self.stopped, "error": self.error, "skipped_records": self.skipped}
+
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """Adapter (PEFT format) + report.json + report.md, written to a temporary folder and renamed."""
+        out = Path(out)
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            lora.save_adapter(tmp, self.adapter, self.adapter_config)
+            (tmp / "report.json").write_text(json.dumps(self.report(), indent=2) + "\n")
+            (tmp / "report.md").write_text(report_markdown(self.model, self.config, self.before or {},
+                                                           self.after or {}, self.cost, self.examples))
+        return out
+
+    def table(self) -> str:
+        return metrics_table(self.before or {}, self.after or {})
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+
+
+class Unlearner:
+    """Holds a frozen model and its tokenizer; each forget() trains a fresh adapter and leaves the model as
+    it was."""
+
+    def __init__(self, model: str = "default", dtype: str | torch.dtype = "float32", device: str = "cpu",
+                 **defaults):
+        self.model_name = str(model)
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.device = torch.device(device)
+        folder = resolve_model_dir(model)
+        self.model = load_model(folder, dtype=self.dtype, device=self.device)
+        self.tokenizer = load_tokenizer(folder)
+        self.encoder = Encoder(self.tokenizer)
+        self.defaults = replace(Settings(), **defaults)
+        self._retain_texts: list[str] | None = None
+
+    # -- the one call ----------------------------------------------------------------------------------------
+    def forget(self, records, mode: str | None = None, retain=None, evaluate_before: bool = True,
+               evaluate_after: bool = True, retain_texts: list[str] | str | None = None, progress: bool = True,
+               checkpoint_dir: Path | None = None, resume: bool = False, **overrides) -> ForgetResult:
+        s = replace(self.defaults, **({"mode": mode} if mode else {}), **overrides)
+        if s.mode == "replace" and "objective" not in overrides:
+            s = replace(s, objective="replace")
+        s.check()
+        read = read_facts(records)
+        facts = read.facts
+        texts = self._retain(retain_texts)
+        replace_mode = s.mode == "replace"
+
+        t0 = time.perf_counter()
+        before = evaluate(self.model, self.encoder, facts, texts, replace_mode, s.max_new_tokens, progress) \
+            if evaluate_before else None
+        pairs = self._training_pairs(facts, s, before)
+        retain_batch = self._retain_batch(retain, s) if retain is not None else None
+        lora_settings = lora.LoraSettings(rank=s.rank, alpha=s.alpha, targets=lora.parse_targets(s.targets),
+                                          layers=lora.parse_layers(s.layers, self.model.config.num_hidden_layers),
+                                          rslora=s.rslora)
+        train_settings = TrainSettings(**{f.name: getattr(s, f.name) for f in fields(TrainSettings)
+                                          if hasattr(s, f.name)})
+        t_train = time.perf_counter()
+        error = None
+        try:
+            try:
+                outcome = train(self.model, [make_batch(pairs, self._pad_id())], lora_settings, train_settings,
+                                replace=replace_mode, retain=retain_batch, checkpoint_dir=checkpoint_dir,
+                                resume=resume, progress=progress)
+            except TrainingDiverged as e:  # the model holds the last good adapter: evaluate and keep it
+                error = str(e)
+                outcome = TrainOutcome(steps=e.step, stopped="diverged", seconds=0.0, tokens=0)
+            train_seconds = time.perf_counter() - t_train
+            after = evaluate(self.model, self.encoder, facts, texts, replace_mode, s.max_new_tokens, progress) \
+                if evaluate_after else None
+            state = lora.adapter_state(self.model)
+        finally:
+            lora.detach(self.model)
+        known = before.known_mask() if before is not None else None
+        config = {**asdict(s), "targets": list(lora_settings.targets), "layers": list(lora_settings.layers),
+                  "layers_spec": s.layers, "dtype": str(self.dtype).replace("torch.", ""), "facts": len(facts)}
+        cost = {"train_seconds": round(train_seconds, 3), "steps": outcome.steps, "train_tokens": outcome.tokens,
+                "peak_memory_mb": round(_peak_memory_mb(self.device), 1),
+                "trainable_params": sum(t.numel() for t in state.values()), "device": str(self.device),
+                "total_seconds": round(time.perf_counter() - t0, 3)}
+        examples = []
+        if before is not None and after is not None:
+            examples = [(p.prompt, b, a) for p, b, a in zip(before.probes, before.generations, after.generations)
+                        if p.kind == "forget"][:8]
+        return ForgetResult(
+            adapter=state, adapter_config=lora.peft_config(lora_settings, self.model_name,
+                                                           self.model.config.num_hidden_layers),
+            before=before.metrics(known) if before is not None else None,
+            after=after.metrics(known) if after is not None else None,
+            cost=cost, config=config, model=self.model_name, skipped=read.skipped, examples=examples,
+            stopped=outcome.stopped, error=error)
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _retain(self, texts) -> list[str]:
+        if isinstance(texts, (str, Path)):
+            return read_lines(texts)
+        if texts is not None:
+            return list(texts)
+        if self._retain_texts is None:
+            self._retain_texts = read_lines(asset("retain_text.jsonl"))
+        return self._retain_texts
+
+    def _training_pairs(self, facts: list[Fact], s: Settings, before) -> list[tuple[list[int], list[int]]]:
+        enc = self.encoder
+        if s.mode == "replace":
+            refusals = read_lines(s.refusals) if s.refusals else read_lines(asset("refusals.txt"))
+            return [enc.pair(f.prompt, f.replacement or refusals[i % len(refusals)], f.chat)
+                    for i, f in enumerate(facts)]
+        pairs = []
+        own = self.self_negatives(facts, s.max_new_tokens) if s.negatives in ("self", "both") else [None] * len(facts)
+        for f, neg in zip(facts, own):
+            prompt_ids = enc.prompt_ids(f.prompt, f.chat)
+            if s.negatives in ("gold", "both") or neg is None:
+                pairs.append((prompt_ids, enc.answer_ids(f.prompt, f.target, f.chat)))
+            if neg is not None and (s.negatives == "self" or neg != pairs[-1][1]):
+                pairs.append((prompt_ids, neg))
+        return pairs
+
+    @torch.no_grad()
+    def self_negatives(self, facts: list[Fact], max_new_tokens: int = 24) -> list[list[int] | None]:
+        """The model's own greedy answer tokens up to and including the target, or None where it does
+        not say the target."""
+        prompts = [self.encoder.prompt_ids(f.prompt, f.chat) for f in facts]
+        gens = generate(self.model, prompts, max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+                        pad_token_id=self._pad_id())
+        out = []
+        for f, g in zip(facts, gens):
+            cut = next((k for k in range(1, len(g) + 1) if answers_with(self.encoder.decode(g[:k]), f.target)), None)
+            out.append(g[:cut] if cut else None)
+        return out
+
+    def _retain_batch(self, retain, s: Settings):
+        facts = read_facts(retain).facts
+        return make_batch([self.encoder.pair(f.prompt, f.target, f.chat) for f in facts], self._pad_id())
+
+
+def load_settings_file(path: str | Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read settings ({e})") from None

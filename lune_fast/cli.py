@@ -1,0 +1,237 @@
+"""`lune-fast`: unlearn, eval, merge, bench, demo — an argparse shell over lune_fast.api.
+
+Known failures (bad data, bad weights, an existing output, divergence, Ctrl-C) print one line saying what
+and where, and exit non-zero; only bugs print a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="model folder (config.json + safetensors) or 'default'")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from .api import Settings
+
+    d = Settings()
+    p.add_argument("--mode", default=d.mode, choices=["suppress", "replace"])
+    p.add_argument("--objective", default=None, choices=["npo", "ga", "ul", "simnpo", "replace"],
+                   help=f"default: {d.objective} (suppress), replace (replace mode)")
+    p.add_argument("--retain", help="facts whose answers must be kept (NLL or KL retain term)")
+    p.add_argument("--retain-text", help="texts for retain perplexity (default: the package's own)")
+    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--alpha", type=float, default=d.alpha)
+    p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    p.add_argument("--targets", default=d.targets, help="q,k,v,o,gate,up,down (or all, mlp, attn)")
+    p.add_argument("--layers", default=d.layers, help="e.g. 8-20, 3,5,9 or all")
+    p.add_argument("--steps", type=int, default=d.steps, help="maximum optimiser steps")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--beta", type=float, default=None, help="NPO/SimNPO beta")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--stop-prob", type=float, default=d.stop_prob,
+                   help="suppress: stop when every answer's mean token probability is below this")
+    p.add_argument("--replace-prob", type=float, default=d.replace_prob)
+    p.add_argument("--negatives", default=d.negatives, choices=["gold", "self", "both"],
+                   help="suppress: train against the gold target, the model's own answer up to it, or both")
+    p.add_argument("--per-example-stop", action="store_true", default=d.per_example_stop)
+    p.add_argument("--retain-loss", default=d.retain_loss, choices=["nll", "kl"])
+    p.add_argument("--retain-weight", type=float, default=d.retain_weight)
+    p.add_argument("--refusals", help="replace mode: file of refusal answers for records without a replacement")
+    p.add_argument("--checkpoint-every", type=int, default=10)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lune-fast", description="Fast LLM unlearning with LoRA and negative examples")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    u = sub.add_parser("unlearn", help="train an adapter that forgets (or replaces) the given facts")
+    u.add_argument("--forget", required=True, help="facts JSONL, TOFU QA or CounterFact records")
+    u.add_argument("--out", required=True, help="output folder: adapter + report.json + report.md")
+    _add_model_args(u)
+    _add_train_args(u)
+    u.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    u.add_argument("--resume", action="store_true", help="continue from the checkpoint of an interrupted run")
+    u.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    u.add_argument("--quiet", action="store_true")
+
+    e = sub.add_parser("eval", help="METRICS of a model (with an optional adapter) on facts")
+    e.add_argument("--facts", required=True)
+    e.add_argument("--adapter", help="adapter folder (PEFT format)")
+    e.add_argument("--json", help="write the METRICS object here")
+    e.add_argument("--replace", action="store_true", help="also measure replacement_rate")
+    e.add_argument("--retain-text")
+    _add_model_args(e)
+
+    m = sub.add_parser("merge", help="write the model with the adapter merged (safetensors + config)")
+    m.add_argument("--adapter", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--overwrite", action="store_true")
+    _add_model_args(m)
+
+    b = sub.add_parser("bench", help="benchmarks: forward, logprob, lora, e2e, kernels, quality")
+    b.add_argument("what", choices=["forward", "logprob", "lora", "e2e", "kernels", "quality"])
+    b.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark (see --help)")
+
+    d = sub.add_parser("demo", help="unlearn a few of the package's facts on the default model")
+    d.add_argument("--facts", type=int, default=8, help="how many of the shipped facts to forget")
+    d.add_argument("--out", default=None, help="also save the adapter and report here")
+    _add_model_args(d)
+    return ap
+
+
+def _settings_from_args(a) -> dict:
+    from .api import Settings
+
+    names = {f.name for f in fields(Settings)}
+    out = {k: v for k, v in vars(a).items() if k in names and v is not None}
+    if a.objective is None:
+        out.pop("objective", None)
+    return out
+
+
+def cmd_unlearn(a) -> int:
+    from .api import Unlearner
+    from .io import OutputExistsError
+
+    out = Path(a.out)
+    ckpt = out.with_name(out.name + ".ckpt")
+    if out.exists() and not a.overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if ckpt.exists() and not a.resume:
+        raise OutputExistsError(f"{ckpt} holds the checkpoint of an interrupted run; pass --resume to continue "
+                                f"it, or remove the folder to start again")
+    u = Unlearner(a.model, dtype=a.dtype, device=a.device)
+    result = u.forget(a.forget, retain=a.retain, retain_texts=a.retain_text, progress=not a.quiet,
+                      evaluate_before=not a.no_eval, evaluate_after=not a.no_eval, checkpoint_dir=ckpt,
+                      resume=a.resume, **_settings_from_args(a))
+    for line in result.skipped:
+        print(f"lune-fast: skipped {line}", file=sys.stderr)
+    result.save(out, overwrite=a.overwrite)
+    if ckpt.exists():
+        import shutil
+
+        shutil.rmtree(ckpt, ignore_errors=True)
+    if not a.quiet:
+        print(result.table())
+        print(json.dumps(result.cost))
+        print(f"adapter and report written to {out}")
+    if result.error:
+        print(f"lune-fast: {result.error}", file=sys.stderr)
+        return EXIT_DIVERGED
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from . import lora
+    from .api import Unlearner
+    from .evaluate import evaluate
+    from .io import atomic_write_text
+
+    u = Unlearner(a.model, dtype=a.dtype, device=a.device)
+    if a.adapter:
+        lora.load_adapter(u.model, a.adapter)
+    from .data import read_facts
+
+    read = read_facts(a.facts)
+    for line in read.skipped:
+        print(f"lune-fast: skipped {line}", file=sys.stderr)
+    ev = evaluate(u.model, u.encoder, read.facts, u._retain(a.retain_text), replace=a.replace, progress=True)
+    metrics = {**ev.metrics(), "counts": ev.counts}
+    text = json.dumps(metrics, indent=2)
+    if a.json:
+        atomic_write_text(Path(a.json), text + "\n")
+    print(text)
+    return 0
+
+
+def cmd_merge(a) -> int:
+    from . import lora
+    from .io import atomic_output_dir
+    import torch
+
+    from .weights import load_model, resolve_model_dir, save_model
+
+    folder = resolve_model_dir(a.model)
+    model = load_model(folder, dtype=getattr(torch, a.dtype))
+    lora.load_adapter(model, a.adapter)
+    lora.merge_and_unload(model)
+    with atomic_output_dir(Path(a.out), overwrite=a.overwrite) as tmp:
+        save_model(model, folder, tmp)
+    print(f"merged model written to {a.out}")
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from importlib import import_module
+
+    mod = import_module(f".bench.{a.what}", __package__)
+    return mod.main(a.args) or 0
+
+
+def cmd_demo(a) -> int:
+    import json as _json
+
+    from .api import Unlearner, asset
+
+    records = [_json.loads(line) for line in asset("facts.jsonl").read_text().splitlines()]
+    # Spread the picks over categories, so the neighbours of the forgotten facts are mostly kept facts.
+    step = max(1, len(records) // a.facts)
+    chosen = records[::step][: a.facts]
+    print(f"lune_fast demo: forgetting {len(chosen)} facts the default model knows:")
+    for r in chosen:
+        print(f"  - {r['prompt']} {r['target']}")
+    u = Unlearner(a.model, dtype=a.dtype, device=a.device)
+    result = u.forget(chosen)
+    print()
+    print(result.table())
+    print()
+    print("before -> after (first line of the greedy answer):")
+    from .evaluate import first_line
+
+    for p, b, af in result.examples:
+        print(f"  {p!r}\n      before: {first_line(b)[:70]!r}\n      after:  {first_line(af)[:70]!r}")
+    c = result.cost
+    print(f"\ncost: {c['steps']} steps, {c['train_seconds']:.1f} s training, {c['trainable_params']:,} trainable "
+          f"parameters, peak memory {c['peak_memory_mb']:.0f} MB, device {c['device']}")
+    if a.out:
+        result.save(a.out, overwrite=True)
+        print(f"adapter and report written to {a.out}")
+    return 0
+
+
+COMMANDS = {"unlearn": cmd_unlearn, "eval": cmd_eval, "merge": cmd_merge, "bench": cmd_bench, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .api import SettingsError
+    from .data import DataError
+    from .io import OutputExistsError
+    from .lora import AdapterError
+    from .model import ConfigError
+    from .trainer import CheckpointMismatch, TrainingInterrupted
+    from .weights import WeightsError
+
+    try:
+        return COMMANDS[args.command](args)
+    except TrainingInterrupted as e:
+        print(f"lune-fast: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (DataError, WeightsError, ConfigError, AdapterError, OutputExistsError, CheckpointMismatch,
+            SettingsError) as e:
+        print(f"lune-fast: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

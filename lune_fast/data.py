@@ -1,0 +1,293 @@
+"""Forget-set readers (facts JSONL, TOFU QA, CounterFact in ROME's and EasyEdit's shapes), tokenization and
+batching.
+
+Every reader reports unusable records with file, line and reason and keeps the rest; a file with no usable
+record is one clear DataError.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+MAX_TEXT_CHARS = 20_000  # longer prompts or answers are refused up front, not discovered by the tokenizer
+
+
+class DataError(ValueError):
+    """A forget/retain file (or record list) that cannot be used."""
+
+
+class RecordError(ValueError):
+    """One unusable record; the message is the reason."""
+
+
+@dataclass
+class Fact:
+    prompt: str
+    target: str
+    replacement: str | None = None
+    paraphrases: list[str] = field(default_factory=list)
+    neighbors: list[tuple[str, str]] = field(default_factory=list)
+    chat: bool = False  # the prompt is a question for the chat template (TOFU)
+    source: str = ""
+
+
+@dataclass
+class ReadResult:
+    facts: list[Fact]
+    skipped: list[str]  # "file:line: reason"
+
+
+def _text(obj: dict, key: str, required: bool = True) -> str | None:
+    v = obj.get(key)
+    if v is None:
+        if required:
+            raise RecordError(f"field {key!r} is missing")
+        return None
+    if not isinstance(v, str):
+        raise RecordError(f"field {key!r} must be a string, found {type(v).__name__}")
+    if not v.strip():
+        if required:
+            raise RecordError(f"field {key!r} is empty")
+        return None
+    if len(v) > MAX_TEXT_CHARS:
+        raise RecordError(f"field {key!r} is {len(v):,} characters; the limit is {MAX_TEXT_CHARS:,}")
+    return v
+
+
+def _str_list(obj: dict, key: str, item_key: str = "prompt") -> list[str]:
+    v = obj.get(key)
+    if v is None:
+        return []
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list):
+        raise RecordError(f"field {key!r} must be a list, found {type(v).__name__}")
+    out = []
+    for i, item in enumerate(v):
+        if isinstance(item, dict):
+            item = _text(item, item_key) if item_key in item else None
+            if item is None:
+                raise RecordError(f"{key}[{i}] has no {item_key!r}")
+        if not isinstance(item, str) or not item.strip():
+            raise RecordError(f"{key}[{i}] must be a non-empty string")
+        if len(item) > MAX_TEXT_CHARS:
+            raise RecordError(f"{key}[{i}] is {len(item):,} characters; the limit is {MAX_TEXT_CHARS:,}")
+        out.append(item)
+    return out
+
+
+def _neighbors(obj: dict) -> list[tuple[str, str]]:
+    v = obj.get("neighbors")
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise RecordError(f"field 'neighbors' must be a list, found {type(v).__name__}")
+    out = []
+    for i, n in enumerate(v):
+        if not isinstance(n, dict):
+            raise RecordError(f"neighbors[{i}] must be an object with 'prompt' and 'target'")
+        try:
+            out.append((_text(n, "prompt"), _text(n, "target")))
+        except RecordError as e:
+            raise RecordError(f"neighbors[{i}]: {e}") from None
+    return out
+
+
+def parse_record(obj, source: str = "") -> Fact:
+    """One record in any of the accepted shapes -> Fact (raises RecordError with the reason)."""
+    if not isinstance(obj, dict):
+        raise RecordError(f"expected a JSON object, found {type(obj).__name__}")
+    if "requested_rewrite" in obj:  # CounterFact as ROME ships it
+        rw = obj["requested_rewrite"]
+        if not isinstance(rw, dict):
+            raise RecordError("field 'requested_rewrite' must be an object")
+        tmpl, subject = _text(rw, "prompt"), _text(rw, "subject")
+        if "{}" not in tmpl:
+            raise RecordError("requested_rewrite.prompt has no '{}' for the subject")
+        true, new = rw.get("target_true"), rw.get("target_new")
+        if not isinstance(true, dict) or not isinstance(new, dict):
+            raise RecordError("requested_rewrite needs target_true and target_new objects with 'str'")
+        target = _text(true, "str")
+        return Fact(prompt=tmpl.replace("{}", subject), target=target, replacement=_text(new, "str"),
+                    paraphrases=_str_list(obj, "paraphrase_prompts"),
+                    neighbors=[(p, target) for p in _str_list(obj, "neighborhood_prompts")], source=source)
+    if "question" in obj or "answer" in obj:  # TOFU QA through the chat template
+        perturbed = _str_list(obj, "perturbed_answer")
+        para = _text(obj, "paraphrased_question", required=False)
+        return Fact(prompt=_text(obj, "question"), target=_text(obj, "answer"),
+                    replacement=perturbed[0] if perturbed else None, paraphrases=[para] if para else [],
+                    chat=True, source=source)
+    if "ground_truth" in obj or "target_new" in obj:  # CounterFact in EasyEdit's flat shape
+        loc_p = _text(obj, "locality_prompt", required=False)
+        loc_t = obj.get("locality_ground_truth")
+        if isinstance(loc_t, list):
+            loc_t = loc_t[0] if loc_t and isinstance(loc_t[0], str) else None
+        neighbors = [(loc_p, loc_t)] if loc_p and isinstance(loc_t, str) and loc_t.strip() else []
+        new = obj.get("target_new")
+        new = new.get("str") if isinstance(new, dict) else new
+        if new is not None and not isinstance(new, str):
+            raise RecordError("field 'target_new' must be a string")
+        para = _text(obj, "rephrase_prompt", required=False)
+        return Fact(prompt=_text(obj, "prompt"), target=_text(obj, "ground_truth"), replacement=new or None,
+                    paraphrases=[para] if para else [], neighbors=neighbors, source=source)
+    if "prompt" in obj or "target" in obj:
+        return Fact(prompt=_text(obj, "prompt"), target=_text(obj, "target"),
+                    replacement=_text(obj, "replacement", required=False),
+                    paraphrases=_str_list(obj, "paraphrases"), neighbors=_neighbors(obj), source=source)
+    keys = ", ".join(sorted(obj)[:6]) or "none"
+    raise RecordError(f"unrecognised record (fields: {keys}); expected prompt/target, question/answer, "
+                      f"requested_rewrite, or prompt/ground_truth/target_new")
+
+
+def _json_lines(path: Path) -> list[tuple[int, object]]:
+    """(line number, parsed object) for a JSONL file, or for a JSON array (line of each element's start)."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start})") from None
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            arr = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON array ({e.msg}, column {e.colno})") from None
+        if not isinstance(arr, list):
+            raise DataError(f"{path}: expected a JSON array or JSON lines")
+        return [(i + 1, item) for i, item in enumerate(arr)]  # element index: arrays rarely keep one per line
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            out.append((n, RecordError(f"invalid JSON ({e.msg}, column {e.colno})")))
+    return out
+
+
+def read_facts(source, limit: int | None = None) -> ReadResult:
+    """A path (JSONL or JSON array) or a list of dicts -> usable facts plus the skipped records' reasons."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
+        items = _json_lines(path)
+        label = str(path)
+        kind = "line" if not path.read_bytes().lstrip().startswith(b"[") else "record"
+    elif isinstance(source, dict):
+        items, label, kind = [(1, source)], "records", "record"
+    else:
+        try:
+            items = [(i + 1, r) for i, r in enumerate(source)]
+        except TypeError:
+            raise DataError(f"records must be a path or a list of dicts, got {type(source).__name__}") from None
+        label, kind = "records", "record"
+    facts, skipped = [], []
+    for n, obj in items:
+        where = f"{label}:{n}" if kind == "line" else f"{label}[{n - 1}]"
+        try:
+            if isinstance(obj, RecordError):
+                raise obj
+            facts.append(parse_record(obj, where))
+        except RecordError as e:
+            skipped.append(f"{where}: {e}")
+    if not facts:
+        if not items:
+            raise DataError(f"{label}: no records")
+        shown = "; ".join(skipped[:3]) + (f"; and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        raise DataError(f"{label}: no usable records ({shown})")
+    if limit is not None:
+        facts = facts[:limit]
+    return ReadResult(facts, skipped)
+
+
+def read_lines(path, key: str | None = None) -> list[str]:
+    """Plain strings from a .txt (one per line) or JSONL file ({"text": ...} or bare strings)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.suffix == ".txt":
+        return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    out = []
+    for n, obj in _json_lines(path):
+        if isinstance(obj, str):
+            out.append(obj)
+        elif isinstance(obj, dict) and isinstance(obj.get(key or "text"), str):
+            out.append(obj[key or "text"])
+        else:
+            raise DataError(f"{path}:{n}: expected a string or an object with {key or 'text'!r}")
+    if not out:
+        raise DataError(f"{path}: no lines")
+    return out
+
+
+# -- tokenization -------------------------------------------------------------------------------------------
+class Encoder:
+    """Prompt and answer tokenized separately, the answer as it follows the prompt (a leading space after
+    a completion prompt; none after a chat template's assistant header or a prompt ending in whitespace)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+
+    def prompt_text(self, prompt: str, chat: bool) -> str:
+        if chat:
+            return self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                add_generation_prompt=True)
+        return prompt
+
+    def prompt_ids(self, prompt: str, chat: bool) -> list[int]:
+        if chat:
+            return self.tok(self.prompt_text(prompt, True), add_special_tokens=False).input_ids
+        return self.tok(prompt).input_ids
+
+    def answer_ids(self, prompt: str, answer: str, chat: bool) -> list[int]:
+        lead = "" if chat or prompt[-1:].isspace() else " "
+        return self.tok(lead + answer.strip(), add_special_tokens=False).input_ids
+
+    def pair(self, prompt: str, answer: str, chat: bool) -> tuple[list[int], list[int]]:
+        return self.prompt_ids(prompt, chat), self.answer_ids(prompt, answer, chat)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+@dataclass
+class Batch:
+    """Right-padded sequences (causal attention is exact for real tokens) and where the answers are.
+
+    sel: flat indices into B*T of the positions whose next token is an answer token; targets: those answer
+    tokens; seq: which sequence each belongs to.
+    """
+    input_ids: torch.Tensor
+    sel: torch.Tensor
+    targets: torch.Tensor
+    seq: torch.Tensor
+    n_seq: int
+    n_tokens: int  # real (non-pad) tokens
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.sel.to(device), self.targets.to(device), self.seq.to(device),
+                     self.n_seq, self.n_tokens)
+
+
+def make_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int = 0) -> Batch:
+    T = max(len(p) + len(a) for p, a in pairs) - 1  # the last answer token is never an input
+    ids = torch.full((len(pairs), max(T, 1)), pad_id, dtype=torch.long)
+    sel, targets, seq = [], [], []
+    for i, (p, a) in enumerate(pairs):
+        if not p or not a:
+            raise DataError("a prompt or an answer tokenized to nothing")
+        full = (p + a)[:-1]
+        ids[i, : len(full)] = torch.tensor(full)
+        for j, tok in enumerate(a):
+            sel.append(i * ids.shape[1] + len(p) - 1 + j)
+            targets.append(tok)
+            seq.append(i)
+    return Batch(ids, torch.tensor(sel), torch.tensor(targets), torch.tensor(seq), len(pairs),
+                 sum(len(p) + len(a) - 1 for p, a in pairs))

@@ -1,0 +1,207 @@
+"""Before/after metrics of an unlearning run (DESIGN.md's METRICS), and report.md.
+
+recall = fraction of prompts whose greedy continuation *answers* with the target: the first non-empty
+line contains it as a whole word or phrase (case-insensitive, whitespace collapsed, plural s/es allowed).
+Plain substring matching would count "He" in "Helium" or "watt" in "kilowatt".
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .data import Batch, Encoder, Fact, make_batch
+from .losses import per_sequence, target_logprobs
+from .model import Transformer, generate
+
+METRIC_KEYS = ("forget_recall", "paraphrase_recall", "neighbor_recall", "replacement_rate",
+               "forget_target_logprob", "retain_ppl")
+
+
+def first_line(text: str) -> str:
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.split()).lower()
+
+
+def answers_with(continuation: str, target: str) -> bool:
+    """Does the first non-empty line of the continuation contain the target as a whole word/phrase?"""
+    t = _norm(target)
+    if not t:
+        return False
+    pattern = r"(?<!\w)" + re.escape(t) + r"(?:s|es)?(?!\w)"
+    return re.search(pattern, _norm(first_line(continuation))) is not None
+
+
+@dataclass
+class Probe:
+    """One prompt to answer: which fact it belongs to and what answer counts."""
+    kind: str  # forget | paraphrase | neighbor
+    prompt: str
+    target: str
+    chat: bool = False
+    replacement: str | None = None
+
+
+def build_probes(facts: list[Fact]) -> list[Probe]:
+    probes = [Probe("forget", f.prompt, f.target, f.chat, f.replacement) for f in facts]
+    forget_prompts = {f.prompt for f in facts}
+    seen = set()
+    for f in facts:
+        for p in f.paraphrases:
+            probes.append(Probe("paraphrase", p, f.target, f.chat, f.replacement))
+    for f in facts:
+        for p, t in f.neighbors:
+            if p in forget_prompts or p in seen:  # a neighbour that is itself forgotten is not a neighbour
+                continue
+            seen.add(p)
+            probes.append(Probe("neighbor", p, t, f.chat))
+    return probes
+
+
+@dataclass
+class Evaluation:
+    probes: list[Probe]
+    generations: list[str]
+    hits: list[bool]
+    replaced: list[bool | None]
+    forget_target_logprob: float
+    retain_ppl: float | None
+    counts: dict = field(default_factory=dict)
+
+    def metrics(self, known: list[bool] | None = None) -> dict:
+        """METRICS; paraphrase/neighbor recall over the probes marked known (the base model's answers) when
+        given, so that 'after' is measured on what there was to forget or keep."""
+        def rate(kind, values):
+            sel = [v for p, v, k in zip(self.probes, values, known or [True] * len(values))
+                   if p.kind == kind and (k or kind == "forget") and v is not None]
+            return (sum(sel) / len(sel)) if sel else None
+
+        return {
+            "forget_recall": rate("forget", self.hits),
+            "paraphrase_recall": rate("paraphrase", self.hits),
+            "neighbor_recall": rate("neighbor", self.hits),
+            "replacement_rate": rate("forget", self.replaced),
+            "forget_target_logprob": self.forget_target_logprob,
+            "retain_ppl": self.retain_ppl,
+        }
+
+    def known_mask(self) -> list[bool]:
+        return list(self.hits)
+
+
+@torch.no_grad()
+def greedy_answers(model: Transformer, enc: Encoder, probes: list[Probe], max_new_tokens: int = 24,
+                   batch_size: int = 64, progress=None) -> list[str]:
+    prompt_ids = [enc.prompt_ids(p.prompt, p.chat) for p in probes]
+    order = sorted(range(len(probes)), key=lambda i: len(prompt_ids[i]))
+    out: list[str] = [""] * len(probes)
+    pad = enc.tok.pad_token_id if enc.tok.pad_token_id is not None else 0
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        gens = generate(model, [prompt_ids[i] for i in idx], max_new_tokens, eos_token_id=_eos(enc, model),
+                        pad_token_id=pad)
+        for i, g in zip(idx, gens):
+            out[i] = enc.decode(g)
+        if progress is not None:
+            progress.update(len(idx))
+    return out
+
+
+def _eos(enc: Encoder, model: Transformer) -> list[int]:
+    ids = set(model.config.eos_token_id)
+    if enc.tok.eos_token_id is not None:
+        ids.add(enc.tok.eos_token_id)
+    return sorted(ids)
+
+
+@torch.no_grad()
+def answer_logprobs(model: Transformer, batch: Batch) -> torch.Tensor:
+    """Mean token log-prob of each sequence's answer, teacher-forced [n_seq]."""
+    b = batch.to(model.device)
+    h = model(b.input_ids, return_hidden=True, select=b.sel)
+    tok = target_logprobs(h, model.head_weight, b.targets)
+    sums, counts = per_sequence(tok, b.seq, b.n_seq)
+    return sums / counts
+
+
+@torch.no_grad()
+def perplexity(model: Transformer, enc: Encoder, texts: list[str], batch_size: int = 32) -> float:
+    nll, n = 0.0, 0
+    for b in range(0, len(texts), batch_size):
+        pairs = []
+        for t in texts[b:b + batch_size]:
+            ids = enc.tok(t).input_ids
+            if len(ids) >= 2:
+                pairs.append((ids[:1], ids[1:]))
+        if not pairs:
+            continue
+        batch = make_batch(pairs).to(model.device)
+        h = model(batch.input_ids, return_hidden=True, select=batch.sel)
+        tok = target_logprobs(h, model.head_weight, batch.targets)
+        nll -= float(tok.double().sum())
+        n += tok.numel()
+    return math.exp(nll / max(n, 1))
+
+
+def evaluate(model: Transformer, enc: Encoder, facts: list[Fact], retain_texts: list[str] | None = None,
+             replace: bool = False, max_new_tokens: int = 24, progress: bool = False) -> Evaluation:
+    probes = build_probes(facts)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(probes), desc="evaluating", unit="prompt", leave=False)
+    try:
+        gens = greedy_answers(model, enc, probes, max_new_tokens, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    hits = [answers_with(g, p.target) for g, p in zip(gens, probes)]
+    replaced = [answers_with(g, p.replacement) if (replace and p.kind == "forget" and p.replacement) else None
+                for g, p in zip(gens, probes)]
+    lp = answer_logprobs(model, make_batch([enc.pair(f.prompt, f.target, f.chat) for f in facts]))
+    ppl = perplexity(model, enc, retain_texts) if retain_texts else None
+    counts = {k: sum(p.kind == k for p in probes) for k in ("forget", "paraphrase", "neighbor")}
+    return Evaluation(probes, gens, hits, replaced, float(lp.mean()), ppl, counts)
+
+
+# -- report.md ----------------------------------------------------------------------------------------------
+def _fmt(v) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def report_markdown(model_name: str, config: dict, before: dict, after: dict, cost: dict,
+                    examples: list[tuple[str, str, str]] | None = None) -> str:
+    lines = [f"# lune_fast unlearning report", "", f"Model: `{model_name}`  ", f"Mode: {config.get('mode')}, "
+             f"objective: {config.get('objective')}, LoRA r={config.get('rank')} on "
+             f"{','.join(config.get('targets', []))}, layers {config.get('layers_spec')}", "",
+             "| metric | before | after |", "|---|---|---|"]
+    for k in METRIC_KEYS:
+        lines.append(f"| {k} | {_fmt(before.get(k))} | {_fmt(after.get(k))} |")
+    lines += ["", "paraphrase and neighbor recall are measured on the prompts the base model answered.", "",
+              "| cost | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in cost.items()]
+    if examples:
+        lines += ["", "| prompt | before | after |", "|---|---|---|"]
+        for p, b, a in examples:
+            cell = lambda s: first_line(s).replace("|", "\\|")[:80]  # noqa: E731
+            lines.append(f"| {cell(p)} | {cell(b)} | {cell(a)} |")
+    return "\n".join(lines) + "\n"
+
+
+def metrics_table(before: dict, after: dict) -> str:
+    """A terminal table of METRICS before/after."""
+    w = max(len(k) for k in METRIC_KEYS)
+    rows = [f"{'metric':<{w}}  {'before':>9}  {'after':>9}", "-" * (w + 22)]
+    rows += [f"{k:<{w}}  {_fmt(before.get(k)):>9}  {_fmt(after.get(k)):>9}" for k in METRIC_KEYS]
+    return "\n".join(rows)

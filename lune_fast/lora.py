@@ -1,0 +1,365 @@
+"""LoRA adapters on the frozen transformer: target selection, the adapted linear, PEFT-format save/load,
+merge/unmerge.
+
+y = x Wᵀ (+ b) + s · (x Aᵀ) Bᵀ with W frozen, A [r, in] random, B [out, r] zero, s = alpha / r (or
+alpha / √r with rsLoRA). Adapter parameters are float32 master weights whatever the model dtype; the
+products run in the activations' dtype (bf16 on AMX / tensor cores). One autograd.Function per adapted
+linear saves only x (in its own dtype) and x Aᵀ [N, r]. On CUDA the Function is the fused Triton kernel
+(lune_fast.kernels.lora_linear); on CPU it is a chain of addmm's.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .model import Transformer
+
+# short name -> (submodule of a block, PEFT / Hugging Face module name)
+TARGETS = {
+    "q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"), "v": ("self_attn", "v_proj"),
+    "o": ("self_attn", "o_proj"), "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"),
+    "down": ("mlp", "down_proj"),
+}
+_BY_MODULE = {mod: short for short, (_, mod) in TARGETS.items()}
+
+
+class AdapterError(ValueError):
+    """An adapter config or file that cannot be used with this model."""
+
+
+def parse_targets(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """'q,k,v' / 'all' / 'mlp' / 'attn' or module names ('gate_proj') -> short names, in canonical order."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = set()
+    for raw in items:
+        name = raw.strip()
+        if not name:
+            continue
+        if name == "all":
+            out.update(TARGETS)
+        elif name == "mlp":
+            out.update(("gate", "up", "down"))
+        elif name == "attn":
+            out.update(("q", "k", "v", "o"))
+        elif name in TARGETS:
+            out.add(name)
+        elif name in _BY_MODULE:
+            out.add(_BY_MODULE[name])
+        else:
+            raise AdapterError(f"unknown LoRA target {name!r}; use q,k,v,o,gate,up,down (or all, mlp, attn)")
+    if not out:
+        raise AdapterError("no LoRA targets given")
+    return tuple(t for t in TARGETS if t in out)
+
+
+def parse_layers(spec: str | list[int] | tuple[int, ...] | None, n_layers: int) -> tuple[int, ...]:
+    """'8-20' (inclusive), '3,5,9', 'all' or None -> sorted layer indices, checked against the model."""
+    if spec is None or spec == "all":
+        return tuple(range(n_layers))
+    if isinstance(spec, str):
+        layers: set[int] = set()
+        for part in spec.split(","):
+            part = part.strip()
+            m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
+            if m:
+                lo, hi = int(m.group(1)), int(m.group(2))
+                if lo > hi:
+                    raise AdapterError(f"layer range {part!r} is empty (start > end)")
+                layers.update(range(lo, hi + 1))
+            elif part.isdigit():
+                layers.add(int(part))
+            elif part:
+                raise AdapterError(f"layers {spec!r}: expected ranges like 8-20 or lists like 3,5,9")
+    else:
+        layers = {int(i) for i in spec}
+    bad = sorted(i for i in layers if not 0 <= i < n_layers)
+    if bad:
+        raise AdapterError(f"layers {bad} are outside the model's 0-{n_layers - 1}")
+    if not layers:
+        raise AdapterError("no layers selected for LoRA")
+    return tuple(sorted(layers))
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("gate", "up", "down")
+    layers: tuple[int, ...] = field(default_factory=tuple)  # empty = all layers
+    rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+# -- the adapted linear ---------------------------------------------------------------------------------
+class LoRAFunctionTorch(torch.autograd.Function):
+    """CPU path (and the reference of the Triton kernels' contract): saves x and x·Aᵀ only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scale):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        a, b = A.to(x.dtype), B.to(x.dtype)
+        xa = x2 @ a.t()
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        y.addmm_(xa, b.t(), alpha=scale)
+        ctx.save_for_backward(x2, xa, weight, A, B)
+        ctx.scale, ctx.shape = scale, shape
+        return y.view(*shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xa, weight, A, B = ctx.saved_tensors
+        s = ctx.scale
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
+        a, b = A.to(x2.dtype), B.to(x2.dtype)
+        dyb = dy2 @ b
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = dy2 @ weight
+            dx.addmm_(dyb, a, alpha=s)
+            dx = dx.view(ctx.shape)
+        dA = (dyb.t() @ x2).mul_(s).to(A.dtype) if ctx.needs_input_grad[3] else None
+        dB = (dy2.t() @ xa).mul_(s).to(B.dtype) if ctx.needs_input_grad[4] else None
+        return dx, None, None, dA, dB, None
+
+
+def lora_linear(x, weight, bias, A, B, scale: float):
+    if x.is_cuda:
+        from .kernels import lora_linear as triton_lora
+
+        if triton_lora.available():
+            return triton_lora.lora_linear(x, weight, bias, A, B, scale)
+    return LoRAFunctionTorch.apply(x, weight, bias, A, B, scale)
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, scale: float, generator: torch.Generator | None = None):
+        super().__init__()
+        self.base = base
+        self.rank, self.scale = rank, scale
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=torch.float32))
+        # PEFT's default init: kaiming-uniform A (a=√5), zero B, so the adapted model starts as the base.
+        bound = 1.0 / math.sqrt(base.in_features)
+        with torch.no_grad():
+            self.lora_A.uniform_(-bound, bound, generator=generator)
+        self.enabled = True
+        self.merged = False
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    @property
+    def out_features(self):
+        return self.base.out_features
+
+    def forward(self, x):
+        if not self.enabled or self.merged:
+            return self.base(x)
+        return lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scale)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scale
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            w = self.base.weight
+            w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            w = self.base.weight
+            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+            self.merged = False
+
+
+# -- attaching, toggling, removing ------------------------------------------------------------------------
+def attach(model: Transformer, settings: LoraSettings, seed: int = 0) -> dict[str, LoRALinear]:
+    """Replace the chosen projections with LoRALinear modules; returns them by PEFT module path
+    (e.g. 'layers.12.mlp.down_proj'). Existing adapters are removed first."""
+    detach(model)
+    layers = settings.layers or tuple(range(model.config.num_hidden_layers))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    adapters = {}
+    for i in layers:
+        block = model.layers[i]
+        for t in settings.targets:
+            parent_name, mod_name = TARGETS[t]
+            parent = getattr(block, parent_name)
+            lora = LoRALinear(getattr(parent, mod_name), settings.rank, settings.scale, gen)
+            setattr(parent, mod_name, lora)
+            adapters[f"layers.{i}.{parent_name}.{mod_name}"] = lora
+    model.lora_settings = settings
+    return adapters
+
+
+def adapters_of(model: Transformer) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def detach(model: Transformer) -> None:
+    """Remove every adapter (unmerging first), restoring the plain frozen projections."""
+    for name, m in list(adapters_of(model).items()):
+        m.unmerge()
+        parent_path, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent_path), attr, m.base)
+    model.lora_settings = None
+
+
+@contextmanager
+def disabled(model: Transformer):
+    """Run the base model (adapters off) inside the block, e.g. for reference log-probs."""
+    mods = list(adapters_of(model).values())
+    states = [m.enabled for m in mods]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m, s in zip(mods, states):
+            m.enabled = s
+
+
+def trainable_parameters(model: Transformer) -> list[nn.Parameter]:
+    return [p for m in adapters_of(model).values() for p in (m.lora_A, m.lora_B)]
+
+
+def merge(model: Transformer) -> None:
+    for m in adapters_of(model).values():
+        m.merge()
+
+
+def merge_and_unload(model: Transformer) -> None:
+    """Fold every adapter into its frozen weight for good and remove the adapter modules."""
+    for name, m in list(adapters_of(model).items()):
+        m.merge()
+        parent_path, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent_path), attr, m.base)
+    model.lora_settings = None
+
+
+def unmerge(model: Transformer) -> None:
+    for m in adapters_of(model).values():
+        m.unmerge()
+
+
+# -- PEFT format ---------------------------------------------------------------------------------------------
+PEFT_PREFIX = "base_model.model.model."
+
+
+def adapter_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """PEFT keys -> float32 CPU tensors."""
+    out = {}
+    for name, m in adapters_of(model).items():
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().float().cpu().contiguous()
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().float().cpu().contiguous()
+    return out
+
+
+def peft_config(settings: LoraSettings, base_model: str, n_layers: int) -> dict:
+    layers = list(settings.layers or range(n_layers))
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": settings.rank, "lora_alpha": settings.alpha, "lora_dropout": 0.0, "bias": "none",
+        "use_rslora": settings.rslora, "fan_in_fan_out": False, "init_lora_weights": True,
+        "target_modules": sorted(TARGETS[t][1] for t in settings.targets),
+        "layers_to_transform": layers, "layers_pattern": "layers", "inference_mode": True,
+        "modules_to_save": None,
+    }
+
+
+def save_adapter(folder: Path, state: dict[str, torch.Tensor], config: dict) -> None:
+    """Write adapter_model.safetensors + adapter_config.json into an (already temporary) folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def settings_from_peft(cfg: dict, n_layers: int, source: str) -> LoraSettings:
+    if cfg.get("peft_type") != "LORA":
+        raise AdapterError(f"{source}: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(r, int) or r <= 0:
+        raise AdapterError(f"{source}: field 'r' must be a positive integer, found {r!r}")
+    if not isinstance(alpha, (int, float)):
+        raise AdapterError(f"{source}: field 'lora_alpha' must be a number, found {alpha!r}")
+    mods = cfg.get("target_modules")
+    if isinstance(mods, str) or not mods:
+        raise AdapterError(f"{source}: target_modules must be a list of module names, found {mods!r}")
+    unknown = [m for m in mods if m not in _BY_MODULE]
+    if unknown:
+        raise AdapterError(f"{source}: unknown target module(s) {unknown}; lune_fast adapts "
+                           f"{', '.join(_BY_MODULE)}")
+    layers = cfg.get("layers_to_transform")
+    layers = parse_layers(list(layers) if isinstance(layers, list) else
+                          ([layers] if isinstance(layers, int) else None), n_layers)
+    return LoraSettings(rank=r, alpha=float(alpha), targets=parse_targets(mods), layers=layers,
+                        rslora=bool(cfg.get("use_rslora", False)))
+
+
+def load_adapter(model: Transformer, folder: str | Path) -> LoraSettings:
+    """Attach the adapter saved in `folder` (PEFT format) to the model, validating config and tensors first."""
+    folder = Path(folder)
+    cfg_path, w_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not cfg_path.exists():
+        raise AdapterError(f"{folder}: no adapter_config.json")
+    if not w_path.exists():
+        bins = [p.name for p in folder.glob("*.bin")]
+        raise AdapterError(f"{folder}: no adapter_model.safetensors" +
+                           (f" (found pickle {bins}; lune_fast never unpickles)" if bins else ""))
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{cfg_path}: not valid JSON ({e})") from None
+    settings = settings_from_peft(cfg, model.config.num_hidden_layers, str(cfg_path))
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(w_path))
+    except (SafetensorError, OSError) as e:
+        raise AdapterError(f"{w_path}: not a readable safetensors file ({e})") from None
+    adapters = attach(model, settings)
+    expected = set()
+    for name, m in adapters.items():
+        for part, param in (("lora_A", m.lora_A), ("lora_B", m.lora_B)):
+            key = f"{PEFT_PREFIX}{name}.{part}.weight"
+            expected.add(key)
+            t = state.get(key)
+            if t is None:
+                detach(model)
+                raise AdapterError(f"{w_path}: tensor {key!r} missing (adapter_config.json lists it)")
+            if tuple(t.shape) != tuple(param.shape):
+                detach(model)
+                raise AdapterError(f"{w_path}: tensor {key!r} has shape {tuple(t.shape)}, expected "
+                                   f"{tuple(param.shape)} (r={settings.rank} in adapter_config.json)")
+            with torch.no_grad():
+                param.copy_(t)
+    extra = sorted(set(state) - expected)
+    if extra:
+        detach(model)
+        raise AdapterError(f"{w_path}: tensor(s) not described by adapter_config.json: {', '.join(extra[:3])}")
+    return settings
+
+
+def settings_dict(s: LoraSettings) -> dict:
+    d = asdict(s)
+    d["targets"], d["layers"] = list(s.targets), list(s.layers)
+    return d

@@ -1,0 +1,71 @@
+"""Unlearning objectives as functions of per-token target log-probs.
+
+Every objective reads the [n_tokens] vector of log p(target token) that `target_logprobs` computes from
+hidden states at answer positions only, through the fused head op (lune_fast.ops.linear_logprob): the
+objectives never see logits, so none of them materialises the N×V matrix.
+
+Notation: for sequence i, ℓ_i = mean_t log p(y_it), S_i = Σ_t log p(y_it), S_ref_i the same under the
+frozen base (cached once). Per-sequence weights w_i (0 or 1) let a fact that is already forgotten stop
+contributing gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .ops import linear_logprob
+
+OBJECTIVES = ("npo", "ga", "ul", "simnpo", "replace")
+
+
+def target_logprobs(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) per answer token from final-norm hidden states [n, H] at answer positions."""
+    return linear_logprob(hidden, head, targets)
+
+
+def per_sequence(tok_logp: torch.Tensor, seq: torch.Tensor, n_seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums S_i, token counts) of per-token values grouped by sequence index."""
+    sums = torch.zeros(n_seq, dtype=tok_logp.dtype, device=tok_logp.device).index_add(0, seq, tok_logp)
+    counts = torch.zeros(n_seq, dtype=tok_logp.dtype, device=tok_logp.device).index_add(
+        0, seq, torch.ones_like(tok_logp))
+    return sums, counts.clamp_min(1)
+
+
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return values.mean()
+    return (values * weights).sum() / weights.sum().clamp_min(1)
+
+
+def forget_loss(objective: str, tok_logp: torch.Tensor, seq: torch.Tensor, n_seq: int,
+                ref_seq_sum: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                beta: float | None = None, simnpo_delta: float = 0.0) -> torch.Tensor:
+    sums, counts = per_sequence(tok_logp, seq, n_seq)
+    mean = sums / counts
+    if objective == "ga":  # push the answer's likelihood down, unbounded
+        return _weighted_mean(mean, weights)
+    if objective == "ul":  # unlikelihood: -log(1 - p) per token, bounded below by 0
+        ul = -torch.log(-torch.expm1(tok_logp.clamp(max=-1e-6)))
+        ul_sum, _ = per_sequence(ul, seq, n_seq)
+        return _weighted_mean(ul_sum / counts, weights)
+    if objective == "npo":
+        if ref_seq_sum is None:
+            raise ValueError("npo needs the reference sequence log-probs")
+        b = 0.1 if beta is None else beta
+        return _weighted_mean(F.softplus(b * (sums - ref_seq_sum)) * (2.0 / b), weights)
+    if objective == "simnpo":  # reference-free and length-normalised
+        b = 4.5 if beta is None else beta
+        return _weighted_mean(F.softplus(b * (mean + simnpo_delta)) * (2.0 / b), weights)
+    if objective == "replace":  # SFT towards the replacement (or refusal) answer
+        return -_weighted_mean(mean, weights)
+    raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+
+
+def retain_nll(tok_logp: torch.Tensor) -> torch.Tensor:
+    return -tok_logp.mean()
+
+
+def retain_kl(logits: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(ref ‖ model) per retain token, averaged; ref_logprobs are the cached base log-softmax."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    return F.kl_div(lp, ref_logprobs.float(), log_target=True, reduction="batchmean")

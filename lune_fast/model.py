@@ -1,0 +1,358 @@
+"""A minimal frozen Llama-family transformer (llama, mistral, qwen2) and batched greedy generation.
+
+The whole model is this file. It knows nothing of LoRA or training: lune_fast.lora swaps the projection
+modules for adapted ones, and the trainer calls the pieces (embed, run_layers, norm) separately so that it
+can cache the frozen prefix and take hidden states at answer positions only.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+class ConfigError(ValueError):
+    """A config.json the model cannot be built from."""
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        mt = d.get("model_type")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"{source}: model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if not isinstance(d.get(key), int) or d[key] <= 0:
+                raise ConfigError(f"{source}: field {key!r} must be a positive integer, found {d.get(key)!r}")
+        heads = d["num_attention_heads"]
+        kv_heads = d.get("num_key_value_heads") or heads
+        if heads % kv_heads:
+            raise ConfigError(f"{source}: num_attention_heads {heads} is not a multiple of "
+                              f"num_key_value_heads {kv_heads}")
+        head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        # transformers >= 5 nests rope settings in rope_parameters; older configs keep rope_theta at the top
+        # level and the scaling in rope_scaling ("type" or "rope_type").
+        rope = dict(d.get("rope_parameters") or {})
+        scaling = d.get("rope_scaling") or {}
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+        if rope_type not in ("default", "llama3"):
+            raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (default, llama3)")
+        rope_scaling = None
+        if rope_type == "llama3":
+            src = {**scaling, **rope}
+            rope_scaling = {k: src[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                "original_max_position_embeddings")}
+        eos = d.get("eos_token_id")
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        sliding = d.get("sliding_window") if mt == "mistral" else None
+        if mt == "qwen2" and d.get("use_sliding_window"):
+            sliding = d.get("sliding_window")
+        return cls(
+            model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), rope_scaling=rope_scaling,
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=True if mt == "qwen2" else bool(d.get("attention_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)), sliding_window=sliding,
+            bos_token_id=d.get("bos_token_id"), eos_token_id=eos, pad_token_id=d.get("pad_token_id"),
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no config.json in the model folder") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_dict(d, str(path))
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if cfg.rope_scaling is None:
+        return inv
+    # Llama 3.1 frequency-dependent scaling: long wavelengths are divided by `factor`, short ones kept,
+    # and the band between is interpolated.
+    s = cfg.rope_scaling
+    factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    lo_wavelen, hi_wavelen = old / lo, old / hi
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > lo_wavelen, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    mid = (wavelen >= hi_wavelen) & (wavelen <= lo_wavelen)
+    return torch.where(mid, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and cast back before the weight, as the reference implementation does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+@dataclass
+class AttnMask:
+    """How the keys of one forward are masked.
+
+    causal_only: right-padded or unpadded batch, plain causal attention (pads sit after every real token, so
+    real positions never see them). Otherwise `mask` is an additive float mask [B, 1, Tq, Tk].
+    """
+    causal_only: bool = True
+    mask: torch.Tensor | None = None
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.length = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, hd = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.q_proj = nn.Linear(h, self.n_heads * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, self.n_kv * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, self.n_kv * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, h, bias=False)
+
+    def forward(self, x, cos, sin, mask: AttnMask, cache: KVCache | None = None, layer: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            start = cache.length
+            cache.k[layer][:, :, start:start + T] = k
+            cache.v[layer][:, :, start:start + T] = v
+            k = cache.k[layer][:, :, :start + T]
+            v = cache.v[layer][:, :, :start + T]
+        gqa = self.n_heads != self.n_kv
+        if mask.causal_only:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask, enable_gqa=gqa)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, m, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(h, m, bias=b)
+        self.up_proj = nn.Linear(h, m, bias=b)
+        self.down_proj = nn.Linear(m, h, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Frozen decoder. Module names follow the Hugging Face layout (minus the leading "model."), so the
+    checkpoint's tensor names and PEFT's adapter keys map onto it directly."""
+
+    def __init__(self, cfg: ModelConfig, dtype=torch.float32, device="cpu"):
+        super().__init__()
+        self.config = cfg
+        with torch.device("meta"):
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.to_empty(device=device)
+        self.to(dtype)
+        self.requires_grad_(False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg).to(device), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    # -- pieces the trainer composes -------------------------------------------------------------------
+    def rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [B, 1, T, head_dim] for integer positions [B, T] (float32 math, cast like the reference)."""
+        freqs = positions[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def run_layers(self, h, positions, mask: AttnMask, start: int = 0, end: int | None = None,
+                   cache: KVCache | None = None) -> torch.Tensor:
+        cos, sin = self.rope(positions, h.dtype)
+        for i in range(start, self.config.num_hidden_layers if end is None else end):
+            h = self.layers[i](h, cos, sin, mask, cache, i)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.head_weight)
+
+    # -- whole forward ---------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                return_hidden: bool = False, select: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] (or final hidden states with return_hidden). `select` (bool [B, T] or flat
+        indices into B*T) keeps only those positions, returned flattened [n, V]."""
+        positions, mask = positions_and_mask(attention_mask, input_ids.shape, self.config, input_ids.device)
+        h = self.norm(self.run_layers(self.embed(input_ids), positions, mask))
+        if select is not None:
+            h = h.reshape(-1, h.shape[-1])[select.reshape(-1) if select.dtype == torch.bool else select]
+        return h if return_hidden else self.logits(h)
+
+
+def positions_and_mask(attention_mask, shape, cfg: ModelConfig, device) -> tuple[torch.Tensor, AttnMask]:
+    """Positions count real tokens only (left padding starts each row at 0); the mask is causal-only
+    unless some row has padding before a real token."""
+    B, T = shape
+    if attention_mask is None:
+        attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    am = attention_mask.bool()
+    pad_before_real = bool((~am[:, :-1] & am[:, 1:]).any())
+    window_bites = cfg.sliding_window is not None and T > cfg.sliding_window
+    if not pad_before_real and not window_bites:
+        # Right padding only: pads come after every real token, so a causal mask is exact for real tokens.
+        return torch.arange(T, device=device).expand(B, T), AttnMask()
+    positions = (am.long().cumsum(-1) - 1).clamp_min(0)
+    return positions, AttnMask(False, _additive(_allowed(am, T, cfg.sliding_window)))
+
+
+def _allowed(key_mask: torch.Tensor, Tq: int, window: int | None, offset: int = 0) -> torch.Tensor:
+    """bool [B, 1, Tq, Tk]: query i (absolute index offset+i) may see key j if j <= i, the key is real and
+    inside the sliding window. A padding query sees itself so that no softmax row is empty (NaN-free)."""
+    Tk = key_mask.shape[-1]
+    qi = torch.arange(offset, offset + Tq, device=key_mask.device)[:, None]
+    kj = torch.arange(Tk, device=key_mask.device)[None, :]
+    ok = kj <= qi
+    if window is not None:
+        ok = ok & (kj > qi - window)
+    allowed = ok[None, None] & key_mask[:, None, None, :]
+    return allowed | (qi == kj)[None, None]
+
+
+def _additive(allowed: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, float("-inf"))
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 24,
+             eos_token_id: int | list[int] | None = None, pad_token_id: int = 0) -> list[list[int]]:
+    """Greedy decoding for a batch of token-id prompts (left padded, KV cache). Returns the new tokens of
+    each prompt, cut after the first end-of-sequence token."""
+    if not prompts:
+        return []
+    cfg, dev = model.config, model.device
+    eos = set(cfg.eos_token_id if eos_token_id is None else
+              ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, T), pad_token_id, dtype=torch.long)
+    key_mask = torch.zeros(B, T + max_new_tokens, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p)
+        key_mask[i, T - len(p):] = True
+    key_mask[:, T:] = True
+    ids, key_mask = ids.to(dev), key_mask.to(dev)
+    positions = (key_mask[:, :T].long().cumsum(-1) - 1).clamp_min(0)
+    cache = KVCache(cfg, B, T + max_new_tokens, model.dtype, dev)
+    # Decode steps need an explicit mask when rows are padded or the sliding window can bite.
+    explicit = not bool(key_mask[:, :T].all()) or (
+        cfg.sliding_window is not None and T + max_new_tokens > cfg.sliding_window)
+    mask = AttnMask(False, _additive(_allowed(key_mask[:, :T], T, cfg.sliding_window))) if explicit else AttnMask()
+    h = model.run_layers(model.embed(ids), positions, mask, cache=cache)
+    cache.length = T
+    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=dev)
+    next_pos = positions[:, -1:] + 1
+    for t in range(max_new_tokens):
+        tok = model.logits(model.norm(h[:, -1])).argmax(-1)
+        out[:, t] = tok
+        done |= torch.isin(tok, eos_t)
+        if t == max_new_tokens - 1 or bool(done.all()):
+            out = out[:, :t + 1]
+            break
+        L = cache.length + 1
+        step_mask = AttnMask(False, _additive(_allowed(key_mask[:, :L], 1, cfg.sliding_window, offset=L - 1))) \
+            if explicit else AttnMask()
+        h = model.run_layers(model.embed(tok[:, None]), next_pos, step_mask, cache=cache)
+        cache.length = L
+        next_pos = next_pos + 1
+    result = []
+    for row in out.tolist():
+        cut = next((i + 1 for i, x in enumerate(row) if x in eos), len(row))
+        result.append(row[:cut])
+    return result

@@ -1,0 +1,85 @@
+"""The compiled ops (lune_fast._C): loading, fake (meta) and autograd registration, device dispatch.
+
+`linear_logprob(h, W, y)` = log softmax(h Wᵀ)[y] per row, for a frozen head W, without materialising the
+N×V logits. The C++ op forms the gradient direction in the same pass (see csrc/linear_logprob.h), so the
+backward is an elementwise product. Targets equal to IGNORE_INDEX give 0 and no gradient.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_MB = float(os.environ.get("LUNE_FAST_CHUNK_MB", "64"))
+_state: dict = {}
+
+
+def extension():
+    """lune_fast._C, or None when it was not built (the torch reference path is used then)."""
+    if "C" not in _state:
+        try:
+            from . import _C  # noqa: F401  (registers torch.ops.lune_fast.*)
+
+            _state["C"] = _C
+            _register_python_side()
+        except ImportError as e:
+            _state["C"] = None
+            _state["error"] = str(e)
+    return _state["C"]
+
+
+def extension_error() -> str | None:
+    extension()
+    return _state.get("error")
+
+
+def _register_python_side() -> None:
+    @torch.library.register_fake("lune_fast::linear_logprob")
+    def _fake(h, w, y, chunk_rows, chunk_vocab, with_grad):
+        grad = h.new_empty(h.shape) if with_grad else h.new_empty(0)
+        return h.new_empty(h.shape[0], dtype=torch.float64 if h.dtype == torch.float64 else torch.float32), grad
+
+    def _setup(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+
+    def _backward(ctx, g_logp, _g_grad):
+        (grad_dir,) = ctx.saved_tensors
+        if grad_dir.numel() == 0 and g_logp.numel() != 0:
+            raise RuntimeError("linear_logprob was called without with_grad; its input needs a gradient")
+        dh = (g_logp[:, None] * grad_dir).neg_().to(grad_dir.dtype)
+        return dh, None, None, None, None, None
+
+    torch.library.register_autograd("lune_fast::linear_logprob", _backward, setup_context=_setup)
+
+
+def chunk_sizes(n: int, v: int, elem_bytes: int, budget_mb: float = DEFAULT_CHUNK_MB) -> tuple[int, int]:
+    """Rows and vocabulary columns per chunk so that one chunk of logits fits the budget. Whole rows when
+    at least 64 of them fit (one pass); else 256 rows and vocabulary chunks (two passes)."""
+    budget = max(1, int(budget_mb * 2**20))
+    rows = budget // (v * elem_bytes)
+    if rows >= min(n, 64):
+        return max(1, min(n, rows)), v
+    rows = min(n, 256)
+    return rows, max(128, budget // (rows * elem_bytes))
+
+
+def linear_logprob(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk_mb: float = DEFAULT_CHUNK_MB,
+                   use_extension: bool = True) -> torch.Tensor:
+    """Per-row target log-probability [N] (float32; float64 for float64 inputs) of a frozen linear head."""
+    if w.requires_grad:
+        raise ValueError("linear_logprob: the head W must be frozen (requires_grad=False)")
+    if not (use_extension and extension() is not None):
+        return linear_logprob_reference(h, w, y)
+    cr, cv = chunk_sizes(h.shape[0], w.shape[0], h.element_size(), chunk_mb)
+    with_grad = torch.is_grad_enabled() and h.requires_grad
+    logp, _ = torch.ops.lune_fast.linear_logprob(h, w, y, cr, cv, with_grad)
+    return logp
+
+
+def linear_logprob_reference(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Plain torch: full logits, log_softmax in float32, gather. The oracle of the fused op."""
+    logits = h @ w.t()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lp = torch.log_softmax(logits, dim=-1).gather(1, y.clamp_min(0)[:, None])[:, 0]
+    return torch.where(y == IGNORE_INDEX, torch.zeros_like(lp), lp)

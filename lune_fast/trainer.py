@@ -1,0 +1,335 @@
+"""The thin trainer: precompute once, then steps of adapter-only AdamW until the forget criterion holds.
+
+    1. attach LoRA adapters (A random, B zero: the adapted model starts as the base);
+    2. precompute with adapters off: reference answer log-probs (NPO) and, when the first adapted layer L0 is
+       above 0, the hidden states entering L0 — layers below L0 never run again;
+    3. each step: layers L0.. with adapters -> final norm at answer positions only -> fused head log-prob ->
+       objective (+ retain term) -> backward -> clip -> AdamW on adapter parameters;
+    4. stop when every answer's mean token probability is below `stop_prob` (suppress) or above
+       `replace_prob` (replace), read off the step's own forward, or at `steps`.
+
+A non-finite loss restores the adapter of the last good step and raises TrainingDiverged. Checkpoints are
+safetensors + JSON (never pickle), written atomically; Ctrl-C writes one and raises TrainingInterrupted.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import lora
+from .data import Batch
+from .losses import forget_loss, per_sequence, retain_kl, retain_nll, target_logprobs
+from .model import AttnMask, Transformer
+
+
+@dataclass
+class TrainSettings:
+    objective: str = "npo"
+    lr: float = 1e-3
+    steps: int = 60
+    beta: float | None = None
+    stop_prob: float = 0.05  # suppress: every answer's mean token probability below this
+    replace_prob: float = 0.9  # replace: every replacement's mean token probability above this
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine
+    seed: int = 0
+    per_example_stop: bool = False  # an answer already past the threshold stops contributing gradient
+    retain_weight: float = 1.0
+    retain_loss: str = "nll"  # nll | kl
+    checkpoint_every: int = 0
+
+
+@dataclass
+class TrainOutcome:
+    steps: int
+    stopped: str  # criterion | max_steps
+    seconds: float
+    tokens: int
+    final_mean_prob: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+
+class TrainingDiverged(RuntimeError):
+    def __init__(self, step: int, lr: float):
+        self.step = step
+        super().__init__(f"the loss became NaN/inf at step {step}; the adapter of step {step - 1} was kept. "
+                         f"Lower the learning rate (now --lr {lr:g}) or the number of targets/rank.")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    def __init__(self, step: int, checkpoint: Path | None):
+        self.step, self.checkpoint = step, checkpoint
+        where = f"a checkpoint of step {step} is in {checkpoint}; rerun the same command with --resume" \
+            if checkpoint else "no checkpoint was kept (no output folder)"
+        super().__init__(f"interrupted at step {step}: {where}")
+
+
+@dataclass
+class _Part:
+    """One micro-batch with its cached prefix hidden states and reference log-probs."""
+    batch: Batch
+    h0: torch.Tensor
+    ref_sum: torch.Tensor
+
+
+def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSettings, settings: TrainSettings,
+          replace: bool = False, retain: Batch | None = None, checkpoint_dir: Path | None = None,
+          resume: bool = False, progress: bool = True, on_step=None) -> TrainOutcome:
+    t_start = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    lora.attach(model, lora_settings, seed=settings.seed)
+    params = lora.trainable_parameters(model)
+    L0 = min(lora_settings.layers) if lora_settings.layers else 0
+
+    # 2. precompute once, adapters off
+    parts = [_precompute(model, b, L0) for b in batches]
+    retain_part = _precompute(model, retain, L0) if retain is not None else None
+    retain_ref = None
+    if retain_part is not None and settings.retain_loss == "kl":
+        with torch.no_grad():
+            retain_ref = torch.log_softmax(_hidden_at_answers(model, retain_part, L0).float()
+                                           @ model.head_weight.float().t(), -1)
+    n_seq = sum(p.batch.n_seq for p in parts)
+
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(settings))
+    start = 0
+    if resume and checkpoint_dir is not None and (checkpoint_dir / "state.json").exists():
+        start = load_checkpoint(checkpoint_dir, model, opt, sched, settings, lora_settings)
+    last_good = [p.detach().clone() for p in params]
+    weights = [torch.ones(p.batch.n_seq, device=model.device) for p in parts]
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=settings.steps, initial=start, desc="unlearning", unit="step", leave=False)
+    outcome = TrainOutcome(steps=start, stopped="max_steps", seconds=0.0,
+                           tokens=sum(p.batch.n_tokens for p in parts) * start)
+    probs_all = torch.zeros(0)
+    with _InterruptFlag() as interrupt:
+        try:
+            for step in range(start, settings.steps):
+                # 3. forward each micro-batch; the stop check reads the same log-probs
+                mean_probs, losses = [], []
+                for part, w in zip(parts, weights):
+                    tok = target_logprobs(_hidden_at_answers(model, part, L0), model.head_weight,
+                                          part.batch.targets)
+                    probs = _mean_token_prob(tok, part.batch)
+                    mean_probs.append(probs)
+                    if settings.per_example_stop:
+                        done = probs > settings.replace_prob if replace else probs < settings.stop_prob
+                        w.copy_((~done).float())
+                    loss = forget_loss("replace" if replace else settings.objective, tok, part.batch.seq,
+                                       part.batch.n_seq, part.ref_sum,
+                                       weights=w if settings.per_example_stop else None, beta=settings.beta)
+                    losses.append(loss * (part.batch.n_seq / n_seq))
+                probs_all = torch.cat(mean_probs)
+                # 4. stop on the criterion, before any update of this step
+                if (bool((probs_all > settings.replace_prob).all()) if replace
+                        else bool((probs_all < settings.stop_prob).all())):
+                    outcome.stopped = "criterion"
+                    break
+                loss = torch.stack(losses).sum()
+                if retain_part is not None:
+                    loss = loss + settings.retain_weight * _retain_term(model, retain_part, L0, settings, retain_ref)
+                if not torch.isfinite(loss):
+                    _copy(last_good, params)
+                    raise TrainingDiverged(step, settings.lr)
+                loss.backward()
+                if settings.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                _copy(params, last_good)
+                outcome.losses.append(loss.item())
+                outcome.steps = step + 1
+                outcome.tokens += sum(p.batch.n_tokens for p in parts)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{outcome.losses[-1]:.3f}", max_p=f"{float(probs_all.max()):.3f}")
+                if on_step is not None:
+                    on_step(step + 1)
+                every = settings.checkpoint_every
+                if checkpoint_dir is not None and (interrupt.requested or (every and (step + 1) % every == 0)):
+                    save_checkpoint(checkpoint_dir, step + 1, model, opt, sched, settings, lora_settings)
+                if interrupt.requested:
+                    raise TrainingInterrupted(step + 1, checkpoint_dir)
+            else:
+                probs_all = _final_probs(model, parts, L0)
+        finally:
+            if bar is not None:
+                bar.close()
+    outcome.final_mean_prob = [float(x) for x in probs_all]
+    outcome.seconds = time.perf_counter() - t_start
+    return outcome
+
+
+class _InterruptFlag:
+    """Ctrl-C during training asks for a stop at the end of the current step (so the checkpoint is exactly
+    a completed step); a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        self.requested = True
+        signal.signal(signal.SIGINT, self._old or signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+@torch.no_grad()
+def _copy(src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
+    for a, b in zip(src, dst):
+        b.copy_(a)
+
+
+# -- pieces of a step ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def _precompute(model: Transformer, batch: Batch, L0: int) -> _Part:
+    batch = batch.to(model.device)
+    B, T = batch.input_ids.shape
+    h0 = model.embed(batch.input_ids)
+    if L0 > 0:
+        h0 = model.run_layers(h0, _positions(B, T, model.device), AttnMask(), start=0, end=L0)
+    with lora.disabled(model):
+        tok = target_logprobs(model.norm(model.run_layers(h0, _positions(B, T, model.device), AttnMask(), start=L0)
+                                         .reshape(-1, h0.shape[-1])[batch.sel]), model.head_weight, batch.targets)
+    ref_sum, _ = per_sequence(tok, batch.seq, batch.n_seq)
+    return _Part(batch, h0, ref_sum)
+
+
+def _positions(B: int, T: int, device) -> torch.Tensor:
+    return torch.arange(T, device=device).expand(B, T)
+
+
+def _hidden_at_answers(model: Transformer, part: _Part, L0: int) -> torch.Tensor:
+    """Final-norm hidden states at the positions that predict answer tokens [n_answer_tokens, H]."""
+    B, T, H = part.h0.shape
+    h = model.run_layers(part.h0, _positions(B, T, part.h0.device), AttnMask(), start=L0)
+    return model.norm(h.reshape(-1, H)[part.batch.sel])
+
+
+def _mean_token_prob(tok_logp: torch.Tensor, batch: Batch) -> torch.Tensor:
+    sums, counts = per_sequence(tok_logp.detach().exp(), batch.seq, batch.n_seq)
+    return sums / counts
+
+
+def _retain_term(model, part: _Part, L0: int, settings: TrainSettings, ref: torch.Tensor | None):
+    h = _hidden_at_answers(model, part, L0)
+    if settings.retain_loss == "kl":
+        return retain_kl(h @ model.head_weight.t(), ref)
+    return retain_nll(target_logprobs(h, model.head_weight, part.batch.targets))
+
+
+@torch.no_grad()
+def _final_probs(model, parts, L0) -> torch.Tensor:
+    return torch.cat([_mean_token_prob(target_logprobs(_hidden_at_answers(model, p, L0), model.head_weight,
+                                                       p.batch.targets), p.batch) for p in parts])
+
+
+def _schedule(s: TrainSettings):
+    def factor(step: int) -> float:
+        if s.warmup_steps and step < s.warmup_steps:
+            return (step + 1) / s.warmup_steps
+        if s.schedule == "cosine":
+            span = max(1, s.steps - s.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - s.warmup_steps) / span)))
+        return 1.0
+    return factor
+
+
+# -- checkpoints: safetensors + JSON, atomic ----------------------------------------------------------------
+def _fingerprint(settings: TrainSettings, lora_settings: lora.LoraSettings) -> dict:
+    d = asdict(settings)
+    d.pop("checkpoint_every", None)
+    return {"train": d, "lora": lora.settings_dict(lora_settings)}
+
+
+def save_checkpoint(folder: Path, step: int, model, opt, sched, settings, lora_settings) -> None:
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        tensors, opt_steps = {}, {}
+        for name, m in lora.adapters_of(model).items():
+            for part in ("lora_A", "lora_B"):
+                p = getattr(m, part)
+                tensors[f"{name}.{part}"] = p.detach().cpu().contiguous()
+                st = opt.state.get(p, {})
+                if st:
+                    tensors[f"{name}.{part}.exp_avg"] = st["exp_avg"].cpu().contiguous()
+                    tensors[f"{name}.{part}.exp_avg_sq"] = st["exp_avg_sq"].cpu().contiguous()
+                    opt_steps[f"{name}.{part}"] = float(st["step"])
+        save_file(tensors, str(tmp / "state.safetensors"))
+        meta = {"step": step, "opt_steps": opt_steps, "scheduler": sched.state_dict(),
+                "fingerprint": _fingerprint(settings, lora_settings)}
+        meta["scheduler"].pop("lr_lambdas", None)
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class CheckpointMismatch(ValueError):
+    pass
+
+
+def load_checkpoint(folder: Path, model, opt, sched, settings, lora_settings) -> int:
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "state.json").read_text())
+    if meta.get("fingerprint") != _fingerprint(settings, lora_settings):
+        raise CheckpointMismatch(f"{folder}: the checkpoint was made with other settings; rerun with the same "
+                                 f"options, or remove the folder to start again")
+    tensors = load_file(str(folder / "state.safetensors"))
+    with torch.no_grad():
+        for name, m in lora.adapters_of(model).items():
+            for part in ("lora_A", "lora_B"):
+                p = getattr(m, part)
+                p.copy_(tensors[f"{name}.{part}"])
+                key = f"{name}.{part}"
+                if key in meta["opt_steps"]:
+                    opt.state[p] = {"step": torch.tensor(meta["opt_steps"][key]),
+                                    "exp_avg": tensors[f"{key}.exp_avg"].to(p.device).clone(),
+                                    "exp_avg_sq": tensors[f"{key}.exp_avg_sq"].to(p.device).clone()}
+    sched_state = meta["scheduler"]
+    sched.last_epoch = sched_state["last_epoch"]
+    sched._step_count = sched_state.get("_step_count", sched.last_epoch + 1)
+    for group, lr in zip(opt.param_groups, sched_state.get("_last_lr", [])):
+        group["lr"] = lr
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+    return int(meta["step"])

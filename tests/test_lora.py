@@ -1,0 +1,91 @@
+"""LoRA: the CPU autograd.Function against float64 autograd, target/layer parsing, merge/unmerge."""
+import pytest
+import torch
+
+from conftest import make_tiny_hf, rel_err
+from lune_fast import lora
+from lune_fast.weights import load_model
+
+
+def _plain(x, w, b, A, B, s):
+    y = x @ w.t() + s * (x @ A.t()) @ B.t()
+    return y + b if b is not None else y
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("r", [4, 16])
+def test_function_matches_float64_autograd(bias, r):
+    torch.manual_seed(0)
+    N, din, dout, s = 37, 48, 40, 2.0
+    x = torch.randn(3, N, din)
+    w, b = torch.randn(dout, din), (torch.randn(dout) if bias else None)
+    A, B = torch.randn(r, din) * 0.1, torch.randn(dout, r) * 0.1
+    dy = torch.randn(3, N, dout)
+
+    def run(fn, dt):
+        xs = x.detach().to(dt).clone().requires_grad_()
+        As, Bs = A.detach().to(dt).clone().requires_grad_(), B.detach().to(dt).clone().requires_grad_()
+        y = fn(xs, w.to(dt), None if b is None else b.to(dt), As, Bs, s)
+        y.backward(dy.to(dt))
+        return y, xs.grad, As.grad, Bs.grad
+
+    ours = run(lora.LoRAFunctionTorch.apply, torch.float32)
+    ref = run(_plain, torch.float64)
+    for name, a, e in zip(("y", "dx", "dA", "dB"), ours, ref):
+        assert rel_err(a, e) <= 1e-5, name
+
+
+def test_bf16_activations_keep_fp32_master_grads():
+    torch.manual_seed(0)
+    x = torch.randn(20, 32).bfloat16().requires_grad_()
+    w = torch.randn(24, 32).bfloat16()
+    A = (torch.randn(8, 32) * 0.1).requires_grad_()
+    B = (torch.randn(24, 8) * 0.1).requires_grad_()
+    y = lora.LoRAFunctionTorch.apply(x, w, None, A, B, 2.0)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert A.grad.dtype == torch.float32 and B.grad.dtype == torch.float32
+    xa, wa = x.detach().double(), w.double()
+    Ad, Bd = A.detach().double().requires_grad_(), B.detach().double().requires_grad_()
+    _plain(xa, wa, None, Ad, Bd, 2.0).sum().backward()
+    # bf16 products: 8 mantissa bits, so ~1e-2 relative is the expected size of the error
+    assert rel_err(A.grad, Ad.grad) <= 2e-2 and rel_err(B.grad, Bd.grad) <= 2e-2
+
+
+def test_parse_targets_and_layers():
+    assert lora.parse_targets("q,v") == ("q", "v")
+    assert lora.parse_targets("mlp") == ("gate", "up", "down")
+    assert lora.parse_targets(["down_proj", "q_proj"]) == ("q", "down")
+    assert lora.parse_layers("8-10,3", 30) == (3, 8, 9, 10)
+    with pytest.raises(lora.AdapterError, match="unknown LoRA target 'qq'"):
+        lora.parse_targets("qq")
+    with pytest.raises(lora.AdapterError, match=r"layers \[30, 31\] are outside the model's 0-29"):
+        lora.parse_layers("28-31", 30)
+    with pytest.raises(lora.AdapterError, match="empty"):
+        lora.parse_layers("9-3", 30)
+
+
+def test_attach_starts_as_base_and_merge_roundtrip(tmp_path):
+    make_tiny_hf("qwen2", tmp_path)  # q/k/v biases
+    model = load_model(tmp_path)
+    ids = torch.randint(0, 211, (2, 11))
+    with torch.no_grad():
+        base = model(ids)
+    adapters = lora.attach(model, lora.LoraSettings(rank=4, alpha=8, targets=("q", "v", "down"), layers=(1, 2)))
+    assert sorted(adapters) == ["layers.1.mlp.down_proj", "layers.1.self_attn.q_proj", "layers.1.self_attn.v_proj",
+                                "layers.2.mlp.down_proj", "layers.2.self_attn.q_proj", "layers.2.self_attn.v_proj"]
+    with torch.no_grad():
+        assert rel_err(model(ids), base) == 0.0  # B = 0
+        for m in adapters.values():
+            m.lora_B.normal_(0, 0.5)
+        adapted = model(ids)
+        assert rel_err(adapted, base) > 1e-3
+        with lora.disabled(model):
+            assert rel_err(model(ids), base) <= 1e-6
+        lora.merge(model)
+        assert rel_err(model(ids), adapted) <= 1e-5
+        lora.unmerge(model)
+        assert rel_err(model(ids), adapted) <= 1e-5
+        lora.detach(model)
+        assert rel_err(model(ids), base) <= 1e-6
+    assert not lora.adapters_of(model)

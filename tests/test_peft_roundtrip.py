@@ -1,0 +1,80 @@
+"""Adapters are checked by loading them into real PEFT, not by reading our own files back."""
+import pytest
+import torch
+
+from conftest import make_tiny_hf, rel_err
+from lune_fast import lora
+from lune_fast.weights import load_model, save_model
+
+
+def _random_adapter(model, settings, seed=0):
+    adapters = lora.attach(model, settings, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in adapters.values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.2)
+    return adapters
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_saved_adapter_loads_in_peft_and_matches(tmp_path, kind, rslora):
+    from peft import PeftModel
+
+    hf = make_tiny_hf(kind, tmp_path / "base")
+    model = load_model(tmp_path / "base")
+    settings = lora.LoraSettings(rank=4, alpha=12, targets=("q", "k", "v", "o", "gate", "up", "down"),
+                                 layers=(0, 2), rslora=rslora)
+    _random_adapter(model, settings)
+    (tmp_path / "ad").mkdir()
+    lora.save_adapter(tmp_path / "ad", lora.adapter_state(model), lora.peft_config(settings, str(tmp_path / "base"), 3))
+    peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "ad")).eval()
+    ids = torch.randint(0, 211, (2, 13))
+    with torch.no_grad():
+        ref = peft_model(ids).logits
+        got = model(ids)
+    assert rel_err(got, ref) <= 1e-5
+    with torch.no_grad(), peft_model.disable_adapter():
+        assert rel_err(peft_model(ids).logits, ref) > 1e-3  # the adapter really changes the output
+
+
+def test_merged_export_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    make_tiny_hf("llama", tmp_path / "base")
+    model = load_model(tmp_path / "base")
+    _random_adapter(model, lora.LoraSettings(rank=8, alpha=16, targets=("gate", "up", "down", "q"), layers=(1,)))
+    ids = torch.randint(0, 211, (2, 9))
+    with torch.no_grad():
+        adapted = model(ids)
+    lora.merge_and_unload(model)
+    (tmp_path / "merged").mkdir()
+    save_model(model, tmp_path / "base", tmp_path / "merged")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert rel_err(hf(ids).logits, adapted) <= 1e-5
+
+
+def test_load_adapter_validates_before_use(tmp_path):
+    import json
+
+    make_tiny_hf("llama", tmp_path / "base")
+    model = load_model(tmp_path / "base")
+    settings = lora.LoraSettings(rank=4, alpha=8, targets=("q", "v"), layers=(0, 1))
+    _random_adapter(model, settings)
+    (tmp_path / "ad").mkdir()
+    lora.save_adapter(tmp_path / "ad", lora.adapter_state(model), lora.peft_config(settings, "x", 3))
+    lora.detach(model)
+    cfg_path = tmp_path / "ad" / "adapter_config.json"
+    good = json.loads(cfg_path.read_text())
+
+    cfg_path.write_text(json.dumps({**good, "target_modules": ["q_proj", "lm_head"]}))
+    with pytest.raises(lora.AdapterError, match=r"unknown target module\(s\) \['lm_head'\]"):
+        lora.load_adapter(model, tmp_path / "ad")
+    cfg_path.write_text(json.dumps({**good, "r": 8}))
+    with pytest.raises(lora.AdapterError, match=r"has shape \(4, 64\), expected \(8, 64\) \(r=8"):
+        lora.load_adapter(model, tmp_path / "ad")
+    assert not lora.adapters_of(model)  # a refused adapter leaves the model clean
+    cfg_path.write_text(json.dumps(good))
+    loaded = lora.load_adapter(model, tmp_path / "ad")
+    assert loaded.rank == 4 and loaded.targets == ("q", "v")
