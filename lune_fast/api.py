@@ -160,7 +160,7 @@ class Unlearner:
                                 resume=resume, progress=progress)
             except TrainingDiverged as e:  # the model holds the last good adapter: evaluate and keep it
                 error = str(e)
-                outcome = TrainOutcome(steps=e.step, stopped="diverged", seconds=0.0, tokens=0)
+                outcome = TrainOutcome(steps=e.step - 1, stopped="diverged", seconds=0.0, tokens=0)
             train_seconds = time.perf_counter() - t_train
             after = evaluate(self.model, self.encoder, facts, texts, replace_mode, s.max_new_tokens, progress) \
                 if evaluate_after else None

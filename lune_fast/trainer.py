@@ -145,7 +145,7 @@ def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSett
                     loss = loss + settings.retain_weight * _retain_term(model, retain_part, L0, settings, retain_ref)
                 if not torch.isfinite(loss):
                     _copy(last_good, params)
-                    raise TrainingDiverged(step, settings.lr)
+                    raise TrainingDiverged(step + 1, settings.lr)  # 1-based: the step that failed
                 loss.backward()
                 if settings.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)

@@ -1,0 +1,100 @@
+"""The trainer: stop criterion, prefix cache, checkpoints and resume, Ctrl-C, divergence."""
+import os
+import signal
+
+import pytest
+import torch
+
+from conftest import make_tiny_hf
+from lune_fast import lora, trainer
+from lune_fast.data import make_batch
+from lune_fast.trainer import TrainingDiverged, TrainingInterrupted, TrainSettings, train
+from lune_fast.weights import load_model
+
+PAIRS = [([3, 17, 42, 9], [100, 7]), ([5, 6], [11, 12, 13]), ([88, 1, 2], [150])]
+LS = lora.LoraSettings(rank=4, alpha=8, targets=("gate", "up", "down", "q"), layers=(1, 2))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    f = tmp_path_factory.mktemp("tiny")
+    make_tiny_hf("llama", f)
+    return f
+
+
+def _run(folder, **kw):
+    model = load_model(folder)
+    settings = TrainSettings(**{"lr": 5e-3, "steps": 6, "stop_prob": 1e-9, **kw.pop("settings", {})})
+    out = train(model, [make_batch(PAIRS)], LS, settings, progress=False, **kw)
+    return model, out
+
+
+def test_probabilities_fall_and_criterion_stops(folder):
+    model, out = _run(folder, settings={"stop_prob": 0.002, "steps": 200, "lr": 1e-2})
+    assert out.stopped == "criterion" and out.steps < 200
+    assert max(out.final_mean_prob) < 0.002
+    assert out.tokens == out.steps * make_batch(PAIRS).n_tokens
+
+
+def test_prefix_cache_equals_full_forward(folder):
+    model = load_model(folder)
+    adapters = lora.attach(model, LS)
+    with torch.no_grad():
+        for a in adapters.values():
+            a.lora_B.normal_(0, 0.3)
+        batch = make_batch(PAIRS)
+        part = trainer._precompute(model, batch, L0=1)
+        cached = trainer._hidden_at_answers(model, part, 1)
+        full = model(batch.input_ids, return_hidden=True, select=batch.sel)
+    assert torch.allclose(cached, full, rtol=1e-5, atol=1e-6)
+
+
+def test_interrupt_then_resume_is_bit_identical(folder, tmp_path):
+    ref_model, ref = _run(folder)
+    want = lora.adapter_state(ref_model)
+
+    ckpt = tmp_path / "run.ckpt"
+
+    def ctrl_c(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # handled at the end of this step
+
+    with pytest.raises(TrainingInterrupted, match=r"interrupted at step 3: a checkpoint .* --resume"):
+        _run(folder, checkpoint_dir=ckpt, on_step=ctrl_c)
+    assert (ckpt / "state.json").exists() and (ckpt / "state.safetensors").exists()
+    model, out = _run(folder, checkpoint_dir=ckpt, resume=True)
+    assert out.steps == 6
+    got = lora.adapter_state(model)
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_resume_with_other_settings_is_refused(folder, tmp_path):
+    ckpt = tmp_path / "c.ckpt"
+    _run(folder, checkpoint_dir=ckpt, settings={"checkpoint_every": 2})
+    with pytest.raises(trainer.CheckpointMismatch, match="other settings"):
+        _run(folder, checkpoint_dir=ckpt, resume=True, settings={"lr": 1e-4})
+
+
+def test_nan_loss_keeps_last_good_adapter(folder, monkeypatch):
+    real = trainer.forget_loss
+    calls = {"n": 0}
+    snapshots = {}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(trainer, "forget_loss", flaky)
+    model = load_model(folder)
+
+    def snap(step):
+        snapshots[step] = {k: v.clone() for k, v in lora.adapter_state(model).items()}
+
+    with pytest.raises(TrainingDiverged, match=r"NaN/inf at step 4; the adapter of step 3 was kept\. Lower the "
+                                               r"learning rate \(now --lr 0\.005\)"):
+        train(model, [make_batch(PAIRS)], LS, TrainSettings(lr=5e-3, steps=6, stop_prob=1e-9), progress=False,
+              on_step=snap)
+    now = lora.adapter_state(model)
+    assert all(torch.equal(now[k], snapshots[3][k]) for k in now)

@@ -1,0 +1,20 @@
+"""A short real unlearning run on the embedded default model (SmolLM2-135M-Instruct)."""
+import json
+
+from lune_fast.api import Unlearner, asset
+
+
+def test_forgetting_real_facts_lowers_recall(tmp_path):
+    records = [json.loads(l) for l in asset("facts.jsonl").read_text().splitlines()][::12][:4]
+    u = Unlearner("default")
+    result = u.forget(records, progress=False)
+    assert result.before["forget_recall"] == 1.0  # the shipped facts are ones the model knows
+    assert result.after["forget_recall"] <= 0.25
+    assert result.after["forget_target_logprob"] < result.before["forget_target_logprob"] - 2
+    assert result.cost["steps"] >= 1 and result.stopped in ("criterion", "max_steps")
+    # the model object is left as it was: no adapters attached
+    from lune_fast import lora
+
+    assert not lora.adapters_of(u.model)
+    out = result.save(tmp_path / "o")
+    assert json.loads((out / "report.json").read_text())["after"]["forget_recall"] == result.after["forget_recall"]
