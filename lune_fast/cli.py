@@ -16,7 +16,8 @@ EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="model folder (config.json + safetensors) or 'default'")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="frozen weights' dtype; auto = bfloat16 where the hardware runs it natively")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 

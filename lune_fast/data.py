@@ -259,10 +259,13 @@ class Encoder:
 
 @dataclass
 class Batch:
-    """Right-padded sequences (causal attention is exact for real tokens) and where the answers are.
+    """Sequences laid out in rows and where the answers are.
 
-    sel: flat indices into B*T of the positions whose next token is an answer token; targets: those answer
-    tokens; seq: which sequence each belongs to.
+    Unpacked: one right-padded sequence per row (causal attention is exact for real tokens). Packed: several
+    sequences per row, `positions` restarting at 0 for each and `segments` holding each token's sequence
+    id (-1 for padding), for block-diagonal attention — padding then costs almost nothing.
+    sel: flat indices into rows*T of the positions whose next token is an answer token; targets: those
+    answer tokens; seq: which sequence each belongs to.
     """
     input_ids: torch.Tensor
     sel: torch.Tensor
@@ -270,24 +273,57 @@ class Batch:
     seq: torch.Tensor
     n_seq: int
     n_tokens: int  # real (non-pad) tokens
+    positions: torch.Tensor | None = None
+    segments: torch.Tensor | None = None
 
     def to(self, device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.sel.to(device), self.targets.to(device), self.seq.to(device),
-                     self.n_seq, self.n_tokens)
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.sel), move(self.targets), move(self.seq), self.n_seq,
+                     self.n_tokens, move(self.positions), move(self.segments))
 
 
-def make_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int = 0) -> Batch:
-    T = max(len(p) + len(a) for p, a in pairs) - 1  # the last answer token is never an input
-    ids = torch.full((len(pairs), max(T, 1)), pad_id, dtype=torch.long)
-    sel, targets, seq = [], [], []
-    for i, (p, a) in enumerate(pairs):
+def make_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int = 0, pack: int | None = None) -> Batch:
+    """(prompt ids, answer ids) pairs -> Batch. The last answer token is never an input. With `pack`,
+    sequences are packed first-fit (longest first) into rows of max(pack, longest) tokens."""
+    seqs = []
+    for p, a in pairs:
         if not p or not a:
             raise DataError("a prompt or an answer tokenized to nothing")
-        full = (p + a)[:-1]
-        ids[i, : len(full)] = torch.tensor(full)
-        for j, tok in enumerate(a):
-            sel.append(i * ids.shape[1] + len(p) - 1 + j)
-            targets.append(tok)
-            seq.append(i)
-    return Batch(ids, torch.tensor(sel), torch.tensor(targets), torch.tensor(seq), len(pairs),
-                 sum(len(p) + len(a) - 1 for p, a in pairs))
+        seqs.append(((p + a)[:-1], len(p), a))
+    longest = max(len(s[0]) for s in seqs)
+    if pack is None:
+        rows = [[i] for i in range(len(seqs))]
+        T = longest
+    else:
+        T = max(pack, longest)
+        rows, room = [], []
+        for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0])):
+            n = len(seqs[i][0])
+            r = next((j for j, free in enumerate(room) if free >= n), None)
+            if r is None:
+                rows.append([])
+                room.append(T)
+                r = len(rows) - 1
+            rows[r].append(i)
+            room[r] -= n
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    positions = torch.zeros(len(rows), T, dtype=torch.long)
+    segments = torch.full((len(rows), T), -1, dtype=torch.long)
+    sel, targets, seq = [], [], []
+    for r, members in enumerate(rows):
+        off = 0
+        for i in members:
+            full, n_prompt, answer = seqs[i]
+            ids[r, off:off + len(full)] = torch.tensor(full)
+            positions[r, off:off + len(full)] = torch.arange(len(full))
+            segments[r, off:off + len(full)] = i
+            for j, tok in enumerate(answer):
+                sel.append(r * T + off + n_prompt - 1 + j)
+                targets.append(tok)
+                seq.append(i)
+            off += len(full)
+    n_tokens = sum(len(s[0]) for s in seqs)
+    if pack is None:
+        return Batch(ids, torch.tensor(sel), torch.tensor(targets), torch.tensor(seq), len(seqs), n_tokens)
+    return Batch(ids, torch.tensor(sel), torch.tensor(targets), torch.tensor(seq), len(seqs), n_tokens,
+                 positions, segments)

@@ -189,9 +189,18 @@ class LoRALinear(nn.Module):
 
 
 # -- attaching, toggling, removing ------------------------------------------------------------------------
-def attach(model: Transformer, settings: LoraSettings, seed: int = 0) -> dict[str, LoRALinear]:
+GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj"), "project_qkv"), ("mlp", ("gate_proj", "up_proj"),
+                                                                          "project_gate_up"))
+
+
+def attach(model: Transformer, settings: LoraSettings, seed: int = 0, grouped: bool | None = None
+           ) -> dict[str, LoRALinear]:
     """Replace the chosen projections with LoRALinear modules; returns them by PEFT module path
-    (e.g. 'layers.12.mlp.down_proj'). Existing adapters are removed first."""
+    (e.g. 'layers.12.mlp.down_proj'). Existing adapters are removed first.
+
+    grouped (default: on CUDA with Triton): projections that share their input and are all adapted (q/k/v,
+    gate/up) run as one fused kernel over their stacked weights; the frozen weights become views of one
+    stacked tensor (no extra memory)."""
     detach(model)
     layers = settings.layers or tuple(range(model.config.num_hidden_layers))
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -204,8 +213,50 @@ def attach(model: Transformer, settings: LoraSettings, seed: int = 0) -> dict[st
             lora = LoRALinear(getattr(parent, mod_name), settings.rank, settings.scale, gen)
             setattr(parent, mod_name, lora)
             adapters[f"layers.{i}.{parent_name}.{mod_name}"] = lora
+    if grouped is None:
+        from .kernels import lora_linear as triton_lora
+
+        grouped = model.device.type == "cuda" and triton_lora.available()
+    if grouped:
+        for i in layers:
+            _group_layer(model.layers[i])
     model.lora_settings = settings
     return adapters
+
+
+def _group_layer(block) -> None:
+    for parent_name, names, hook in GROUPS:
+        parent = getattr(block, parent_name)
+        mods = [getattr(parent, n) for n in names]
+        if not all(isinstance(m, LoRALinear) for m in mods):
+            continue
+        with torch.no_grad():  # stack the frozen weights once; each module keeps a view of its rows
+            w_cat = torch.cat([m.base.weight for m in mods])
+            offset = 0
+            for m in mods:
+                n = m.base.out_features
+                m.base.weight.data = w_cat[offset:offset + n]
+                offset += n
+        bias = [m.base.bias for m in mods]
+        b_cat = torch.cat(bias) if all(b is not None for b in bias) else None
+        setattr(parent, hook, _GroupedProjection(mods, w_cat, b_cat))
+
+
+class _GroupedProjection:
+    """Callable installed as Attention.project_qkv / MLP.project_gate_up: one fused LoRA kernel for all."""
+
+    def __init__(self, mods: list[LoRALinear], w_cat: torch.Tensor, b_cat: torch.Tensor | None):
+        self.mods, self.w_cat, self.b_cat = mods, w_cat, b_cat
+        self.splits = [m.out_features for m in mods]
+
+    def __call__(self, x):
+        if any(m.merged or not m.enabled for m in self.mods):
+            return tuple(m(x) for m in self.mods)
+        from .kernels import lora_linear as triton_lora
+
+        return triton_lora.grouped_lora_linear(x, self.w_cat, self.b_cat, [m.lora_A for m in self.mods],
+                                               [m.lora_B for m in self.mods], [m.scale for m in self.mods],
+                                               self.splits)
 
 
 def adapters_of(model: Transformer) -> dict[str, LoRALinear]:
@@ -218,7 +269,14 @@ def detach(model: Transformer) -> None:
         m.unmerge()
         parent_path, attr = name.rsplit(".", 1)
         setattr(model.get_submodule(parent_path), attr, m.base)
+    _ungroup(model)
     model.lora_settings = None
+
+
+def _ungroup(model: Transformer) -> None:
+    for block in model.layers:
+        for parent_name, _, hook in GROUPS:
+            getattr(block, parent_name).__dict__.pop(hook, None)
 
 
 @contextmanager
@@ -250,6 +308,7 @@ def merge_and_unload(model: Transformer) -> None:
         m.merge()
         parent_path, attr = name.rsplit(".", 1)
         setattr(model.get_submodule(parent_path), attr, m.base)
+    _ungroup(model)
     model.lora_settings = None
 
 

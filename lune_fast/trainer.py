@@ -80,6 +80,8 @@ class _Part:
     batch: Batch
     h0: torch.Tensor
     ref_sum: torch.Tensor
+    positions: torch.Tensor
+    mask: AttnMask
 
 
 def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSettings, settings: TrainSettings,
@@ -216,25 +218,29 @@ def _copy(src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
 @torch.no_grad()
 def _precompute(model: Transformer, batch: Batch, L0: int) -> _Part:
     batch = batch.to(model.device)
-    B, T = batch.input_ids.shape
+    positions, mask = _layout(batch)
     h0 = model.embed(batch.input_ids)
     if L0 > 0:
-        h0 = model.run_layers(h0, _positions(B, T, model.device), AttnMask(), start=0, end=L0)
+        h0 = model.run_layers(h0, positions, mask, start=0, end=L0)
+    part = _Part(batch, h0, torch.zeros(0), positions, mask)
     with lora.disabled(model):
-        tok = target_logprobs(model.norm(model.run_layers(h0, _positions(B, T, model.device), AttnMask(), start=L0)
-                                         .reshape(-1, h0.shape[-1])[batch.sel]), model.head_weight, batch.targets)
-    ref_sum, _ = per_sequence(tok, batch.seq, batch.n_seq)
-    return _Part(batch, h0, ref_sum)
+        tok = target_logprobs(_hidden_at_answers(model, part, L0), model.head_weight, batch.targets)
+    part.ref_sum, _ = per_sequence(tok, batch.seq, batch.n_seq)
+    return part
 
 
-def _positions(B: int, T: int, device) -> torch.Tensor:
-    return torch.arange(T, device=device).expand(B, T)
+def _layout(batch: Batch) -> tuple[torch.Tensor, AttnMask]:
+    """Positions and attention mask of a batch: causal over right-padded rows, or block-diagonal when packed."""
+    if batch.segments is not None:
+        return batch.positions, AttnMask.packed(batch.segments)
+    B, T = batch.input_ids.shape
+    return torch.arange(T, device=batch.input_ids.device).expand(B, T), AttnMask()
 
 
 def _hidden_at_answers(model: Transformer, part: _Part, L0: int) -> torch.Tensor:
     """Final-norm hidden states at the positions that predict answer tokens [n_answer_tokens, H]."""
-    B, T, H = part.h0.shape
-    h = model.run_layers(part.h0, _positions(B, T, part.h0.device), AttnMask(), start=L0)
+    H = part.h0.shape[-1]
+    h = model.run_layers(part.h0, part.positions, part.mask, start=L0)
     return model.norm(h.reshape(-1, H)[part.batch.sel])
 
 

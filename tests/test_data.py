@@ -99,3 +99,26 @@ def test_make_batch_positions_predict_the_answer():
         row, col = divmod(pos, T)
         assert row == s and full[row][col + 1] == tgt and flat[pos] == full[row][col]
     assert b.n_seq == 3 and b.n_tokens == 4 + 3 + 2
+
+
+def test_packed_batch_matches_padded_log_probs(tmp_path):
+    """Packing several sequences per row (block-diagonal attention, positions restarting) gives the same
+    answer log-probs as one padded sequence per row."""
+    import torch
+
+    from conftest import make_tiny_hf
+    from lune_fast import trainer
+    from lune_fast.weights import load_model
+
+    make_tiny_hf("llama", tmp_path)
+    model = load_model(tmp_path)
+    pairs = [([3, 17, 42, 9], [100, 7]), ([5, 6], [11, 12, 13]), ([88, 1, 2], [150]), ([4] * 9, [5, 6])]
+    padded, packed = make_batch(pairs), make_batch(pairs, pack=12)
+    assert packed.input_ids.shape[0] < padded.input_ids.shape[0]
+    out = []
+    for b in (padded, packed):
+        part = trainer._precompute(model, b, L0=1)
+        tok = trainer.target_logprobs(trainer._hidden_at_answers(model, part, 1), model.head_weight, b.targets)
+        order = torch.argsort(b.seq * 1000 + torch.arange(len(b.seq)), stable=True)
+        out.append((tok[order], part.ref_sum))
+    assert torch.allclose(out[0][0], out[1][0], atol=1e-5) and torch.allclose(out[0][1], out[1][1], atol=1e-5)

@@ -1,0 +1,333 @@
+"""Fused LoRA linear: y = x Wᵀ (+ b) + s·(x Aᵀ) Bᵀ with W frozen — Triton kernels, autograd.Function,
+and the plain torch reference, in one file.
+
+Forward (one kernel): each program owns a [BM, BN] tile of y; its K loop loads each x tile once and
+feeds it to both products, x·Wᵀ into the tile accumulator and x·Aᵀ into a [BM, r] accumulator; the rank-r
+term is added in the epilogue as one more tensor-core dot. The programs of the first column tile write
+x·Aᵀ (fp32, N×r), the only activation saved besides x itself. Recomputing x·Aᵀ in every column tile costs
+r_pad/BN of the main product's FLOPs (16/256 = 6% on Hopper's 128×256 tiles) and saves a second launch
+and a second pass over x.
+
+Backward (one kernel): each program owns a [BM, BK] tile of dx; its loop over the output features loads
+each dy tile once for dx += dy·W and (dy·B) += dy·B; the epilogue adds s·(dy·B)·A, then reads the x tile
+once for this tile's share of dA = s·(dy·B)ᵀ·x. Programs of the first dx column also form
+dB = s·dyᵀ·(x·Aᵀ) from the dy tiles they already hold. dA and dB are written as per-row-tile partial sums
+and reduced with one torch.sum each: deterministic, no atomics, and no extra pass over x or dy.
+
+The scale s is folded into B before the call (B_s = s·B), so grouped projections that share x (q/k/v,
+gate/up) run as ONE kernel over their stacked weights with a block-diagonal B_s (see grouped_lora_linear).
+Under TRITON_INTERPRET=1 (CPU tests) bf16 tl.dot is wrong in the interpreter (triton #11584), so operands
+are upcast to fp32 there (UPCAST); on a GPU they stay bf16/fp16 for the tensor cores.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # the package works without triton; only the CUDA fast path needs it
+    HAVE_TRITON = False
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available() -> bool:
+    return HAVE_TRITON and (torch.cuda.is_available() or interpreting())
+
+
+def rank_pad(r: int) -> int:
+    """tl.dot needs every dimension ≥ 16 and a power of two."""
+    return max(16, triton.next_power_of_2(r))
+
+
+# (BM, BN, BK, warps, stages, largest padded rank) per target and kernel; for the backward, (BN, BK) are
+# (dx tile width, reduction chunk). Chosen so that every config compiles without register spills and fits
+# shared memory at every rank it admits (tests/test_lora_kernels.py checks this from the cubins).
+# Hopper: 128x256 forward tiles keep wgmma busy and make the recomputed x·Aᵀ 6% of the work.
+CONFIGS = {
+    ("hopper", "fwd"): [(128, 256, 64, 8, 3, 64), (128, 128, 64, 8, 4, 64), (64, 128, 64, 4, 4, 64)],
+    ("hopper", "bwd"): [(128, 128, 64, 8, 3, 64), (64, 256, 64, 8, 3, 64), (128, 64, 64, 4, 4, 64),
+                        (64, 64, 64, 4, 4, 64)],
+    ("ampere", "fwd"): [(128, 128, 32, 4, 4, 16), (128, 128, 64, 8, 3, 16), (64, 128, 32, 4, 4, 16),
+                        (128, 128, 32, 8, 4, 64), (64, 64, 32, 4, 4, 64)],
+    ("ampere", "bwd"): [(128, 128, 32, 8, 4, 16), (64, 128, 32, 4, 3, 16), (64, 64, 32, 4, 4, 64)],
+    ("interpreter", "fwd"): [(32, 32, 32, 4, 1, 64)],
+    ("interpreter", "bwd"): [(32, 32, 32, 4, 1, 64)],
+}
+
+
+def target_family() -> str:
+    if interpreting() or not torch.cuda.is_available():
+        return "interpreter"
+    return "hopper" if torch.cuda.get_device_capability()[0] >= 9 else "ampere"
+
+
+def _configs(family: str, kind: str, names: tuple[str, str, str]):
+    return [triton.Config(dict(zip(names, c[:3]), GROUP_M=8, MAX_RP=c[5]), num_warps=c[3], num_stages=c[4])
+            for c in CONFIGS[(family, kind)]]
+
+
+def _fits_rank(configs, named_args, **kwargs):
+    """Drop configs that would spill at this rank (their MAX_RP is below the padded rank)."""
+    rp = named_args.get("RP", kwargs.get("RP"))
+    kept = [c for c in configs if c.kwargs["MAX_RP"] >= rp]
+    return kept or configs[-1:]
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
+        """Grouped ordering: GROUP_M row tiles sweep the columns together so their operands stay in L2."""
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        size = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % size
+        pid_n = (pid % per_group) // size
+        return pid_m, pid_n
+
+    @triton.jit
+    def _fwd_kernel(x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, xa_ptr, M, N, K, R, M_BUCKET,
+                    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, RP: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                    MAX_RP: tl.constexpr):
+        pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
+        rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+        rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
+        rr = tl.arange(0, RP)
+        rk = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        xa = tl.zeros((BM, RP), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            kk = k0 + rk
+            x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
+            a = tl.load(a_ptr + rr[:, None] * K + kk[None, :], mask=(rr[:, None] < R) & (kk[None, :] < K), other=0.0)
+            if UPCAST:
+                x, w, a = x.to(tl.float32), w.to(tl.float32), a.to(tl.float32)
+            acc = tl.dot(x, tl.trans(w), acc)
+            xa = tl.dot(x, tl.trans(a), xa)
+        b = tl.load(b_ptr + rn[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
+        if UPCAST:
+            acc = tl.dot(xa, tl.trans(b.to(tl.float32)), acc)
+        else:
+            acc = tl.dot(xa.to(b.dtype), tl.trans(b), acc)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+        if pid_n == 0:
+            tl.store(xa_ptr + rm[:, None] * R + rr[None, :], xa, mask=(rm[:, None] < M) & (rr[None, :] < R))
+
+    @triton.jit
+    def _bwd_kernel(dy_ptr, w_ptr, a_ptr, b_ptr, x_ptr, xa_ptr, dx_ptr, pa_ptr, pb_ptr, M, N, K, R, M_BUCKET,
+                    UPCAST: tl.constexpr, RP: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                    MAX_RP: tl.constexpr):
+        # tile of dx: rows rm, input features rk; reduction over the N output features in chunks of BN
+        pid_m, pid_k = _tile_ids(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(K, BK), GROUP_M)
+        rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+        rk = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
+        rr = tl.arange(0, RP)
+        rn0 = tl.arange(0, BN)
+        acc = tl.zeros((BM, BK), dtype=tl.float32)
+        dyb = tl.zeros((BM, RP), dtype=tl.float32)
+        xa = tl.load(xa_ptr + rm[:, None] * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+        for n0 in range(0, N, BN):
+            rn = (n0 + rn0).to(tl.int64)
+            dy = tl.load(dy_ptr + rm[:, None] * N + rn[None, :], mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
+            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+            b = tl.load(b_ptr + rn[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
+            if UPCAST:
+                dy, w, b = dy.to(tl.float32), w.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(dy, w, acc)
+            dyb = tl.dot(dy, b, dyb)
+            if pid_k == 0:  # dB partial of this row tile: dyᵀ·(x·Aᵀ), from the dy tile already in registers
+                pb = tl.dot(tl.trans(dy), xa.to(dy.dtype))
+                tl.store(pb_ptr + pid_m.to(tl.int64) * N * RP + rn[:, None] * RP + rr[None, :], pb,
+                         mask=rn[:, None] < N)
+        a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        if UPCAST:
+            a, x = a.to(tl.float32), x.to(tl.float32)
+        dyb_c = dyb.to(a.dtype)
+        acc = tl.dot(dyb_c, a, acc)
+        tl.store(dx_ptr + rm[:, None] * K + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rk[None, :] < K))
+        pa = tl.dot(tl.trans(dyb_c), x)  # this tile's share of dA: (dy·B_s)ᵀ·x, [RP, BK]
+        tl.store(pa_ptr + pid_m.to(tl.int64) * RP * K + rr[:, None] * K + rk[None, :], pa, mask=rk[None, :] < K)
+
+    @functools.lru_cache(maxsize=None)
+    def _tuned(kind: str, family: str):
+        """The kernel wrapped in triton.autotune over the family's configs (one config under the
+        interpreter). Keyed on the row-count bucket and the shapes, so a new batch size re-tunes once."""
+        prune = {"early_config_prune": _fits_rank}
+        if kind == "fwd":
+            return triton.autotune(_configs(family, "fwd", ("BM", "BN", "BK")), key=["M_BUCKET", "N", "K", "RP"],
+                                   prune_configs_by=prune)(_fwd_kernel)
+        # the backward's output tile is [BM, BK] over input features, reduced over N in chunks of BN
+        return triton.autotune(_configs(family, "bwd", ("BM", "BK", "BN")), key=["M_BUCKET", "N", "K", "RP"],
+                               prune_configs_by=prune)(_bwd_kernel)
+
+
+def _bucket(m: int) -> int:
+    return triton.next_power_of_2(max(m, 16))
+
+
+def forward(x2, w, a, b_s, bias=None, y=None, xa=None):
+    """Launch the forward kernel on 2-D contiguous operands. Returns (y [M,N] in x's dtype, xa [M,r] fp32).
+    y and xa may be passed in (tests poison them to catch unwritten elements)."""
+    M, K = x2.shape
+    N, R = w.shape[0], a.shape[0]
+    y = torch.empty(M, N, device=x2.device, dtype=x2.dtype) if y is None else y
+    xa = torch.empty(M, R, device=x2.device, dtype=torch.float32) if xa is None else xa
+    kern = _tuned("fwd", target_family())
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
+    kern[grid](x2, w, a, b_s, bias if bias is not None else y, y, xa, M, N, K, R, _bucket(M),
+               HAS_BIAS=bias is not None, UPCAST=interpreting(), RP=rank_pad(R))
+    return y, xa
+
+
+def backward(dy2, x2, xa, w, a, b_s, dx=None):
+    """Launch the backward kernel. Returns dx [M,K] (x's dtype), dA_s = (dy·B_s)ᵀx [r,K] fp32 and
+    G = dyᵀ·xa [N,r] fp32 (the caller multiplies G by s for dB)."""
+    M, K = x2.shape
+    N, R = w.shape[0], a.shape[0]
+    RP = rank_pad(R)
+    family = target_family()
+    kern = _tuned("bwd", family)
+    dx = torch.empty(M, K, device=x2.device, dtype=x2.dtype) if dx is None else dx
+    # partial sums per row tile; sized for the smallest BM of the family (a larger BM leaves rows unused)
+    min_bm = min(c[0] for c in CONFIGS[(family, "bwd")])
+    tiles = triton.cdiv(M, min_bm)
+    pa = torch.zeros(tiles, RP, K, device=x2.device, dtype=torch.float32)
+    pb = torch.zeros(tiles, N, RP, device=x2.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(K, meta["BK"]),)  # noqa: E731
+    kern[grid](dy2, w, a, b_s, x2, xa, dx, pa, pb, M, N, K, R, _bucket(M), UPCAST=interpreting(), RP=RP)
+    return dx, pa.sum(0)[:R], pb.sum(0)[:, :R]
+
+
+class LoRALinearTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scale):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        a = A.to(x.dtype).contiguous()
+        b_s = (B * scale).to(x.dtype).contiguous()
+        y, xa = forward(x2, weight.contiguous(), a, b_s, bias)
+        ctx.save_for_backward(x2, xa, weight, A, B)
+        ctx.scale, ctx.shape = scale, shape
+        return y.view(*shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xa, weight, A, B = ctx.saved_tensors
+        s = ctx.scale
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype).contiguous()
+        a = A.to(x2.dtype).contiguous()
+        b_s = (B * s).to(x2.dtype).contiguous()
+        dx, da, g = backward(dy2, x2, xa, weight.contiguous(), a, b_s)
+        dA = da.to(A.dtype) if ctx.needs_input_grad[3] else None
+        dB = (g * s).to(B.dtype) if ctx.needs_input_grad[4] else None
+        return dx.view(ctx.shape) if ctx.needs_input_grad[0] else None, None, None, dA, dB, None
+
+
+def lora_linear(x, weight, bias, A, B, scale: float):
+    return LoRALinearTriton.apply(x, weight, bias, A, B, scale)
+
+
+def grouped_lora_linear(x, weight_cat, bias_cat, As, Bs, scales, splits):
+    """Projections that share x (q/k/v, gate/up) in ONE kernel: weight_cat is their stacked frozen weights
+    [ΣN_i, K] (contiguous), As/Bs their adapters. The stacked A is [Σr_i, K]; the block-diagonal B_s places
+    s_i·B_i in its own rank columns, so one epilogue dot adds every adapter's term. Returns the outputs
+    split per projection. Differentiable through A_i and B_i (the stacking ops are tracked by autograd)."""
+    a_cat = torch.cat(list(As), 0)
+    rows, cols = [], 0
+    for b, s in zip(Bs, scales):
+        rows.append((b, s, cols))
+        cols += b.shape[1]
+    blocks = []
+    for b, s, c0 in rows:
+        blocks.append(torch.nn.functional.pad(b * s, (c0, cols - c0 - b.shape[1])))
+    b_bd = torch.cat(blocks, 0)
+    y = LoRALinearTriton.apply(x, weight_cat, bias_cat, a_cat, b_bd, 1.0)
+    return y.split(list(splits), dim=-1)
+
+
+def lora_linear_reference(x, weight, bias, A, B, scale: float):
+    """Plain torch: what every path must equal."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y + scale * (x @ A.to(x.dtype).t()) @ B.to(x.dtype).t()
+
+
+# -- compiling for real GPUs without one (tests read PTX, SASS and resource usage) --------------------------
+def compile_for(kind: str, cap: int, config: tuple, dtype: str = "bf16", rank: int = 16, has_bias: bool = False):
+    """config: an entry of CONFIGS[(family, kind)]."""
+    """triton.compile the fwd/bwd kernel for CUDA capability `cap` (80, 90) at one config, no GPU needed."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    BM, BN, BK, warps, stages = config[:5]
+    p = f"*{dtype}"
+    if kind == "fwd":
+        sig = {"x_ptr": p, "w_ptr": p, "a_ptr": p, "b_ptr": p, "bias_ptr": p, "y_ptr": p, "xa_ptr": "*fp32",
+               "M": "i32", "N": "i32", "K": "i32", "R": "i32", "M_BUCKET": "i32", "HAS_BIAS": "constexpr",
+               "UPCAST": "constexpr", "RP": "constexpr", "BM": "constexpr", "BN": "constexpr", "BK": "constexpr",
+               "GROUP_M": "constexpr", "MAX_RP": "constexpr"}
+        consts = {"HAS_BIAS": has_bias, "UPCAST": False, "RP": rank_pad(rank), "BM": BM, "BN": BN, "BK": BK,
+                  "GROUP_M": 8, "MAX_RP": 64}
+        fn = _fwd_kernel
+    else:
+        sig = {"dy_ptr": p, "w_ptr": p, "a_ptr": p, "b_ptr": p, "x_ptr": p, "xa_ptr": "*fp32", "dx_ptr": p,
+               "pa_ptr": "*fp32", "pb_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
+               "M_BUCKET": "i32", "UPCAST": "constexpr", "RP": "constexpr", "BM": "constexpr", "BN": "constexpr",
+               "BK": "constexpr", "GROUP_M": "constexpr", "MAX_RP": "constexpr"}
+        # a backward config is (BM, dx tile width, reduction chunk) = (BM, BK, BN) of the kernel
+        consts = {"UPCAST": False, "RP": rank_pad(rank), "BM": BM, "BN": BK, "BK": BN, "GROUP_M": 8, "MAX_RP": 64}
+        fn = _bwd_kernel
+    # What the JIT would specialise at a real launch: 16-byte aligned pointers, and N, K (row strides) and r
+    # divisible by 16 where they are. Without these hints no load can become an async copy.
+    names = list(sig)
+    aligned = [i for i, n in enumerate(names) if sig[n].startswith("*") or n in ("N", "K") or (n == "R" and rank % 16 == 0)]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def _cuobjdump(cubin: bytes, *flags: str) -> str:
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, *flags, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def compile_report(families=("hopper", "ampere")) -> list[dict]:
+    """Compile every kernel at every config (at the largest rank it admits) for its chip and read off what
+    matters: wgmma in the PTX and HGMMA in the SASS (Hopper), shared memory, registers, stack (spills)."""
+    import re
+
+    rows = []
+    for family in families:
+        cap = 90 if family == "hopper" else 80
+        for kind in ("fwd", "bwd"):
+            for cfg in CONFIGS[(family, kind)]:
+                c = compile_for(kind, cap, cfg, rank=cfg[5])
+                res = _cuobjdump(c.asm["cubin"], "-res-usage")
+                reg, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", res).groups())
+                rows.append({"family": family, "kind": kind, "config": list(cfg), "cap": cap,
+                             "wgmma_ptx": "wgmma" in c.asm["ptx"],
+                             "hgmma_sass": "HGMMA" in _cuobjdump(c.asm["cubin"], "-sass"),
+                             "shared_bytes": c.metadata.shared, "registers": reg, "stack_bytes": stack})
+    return rows

@@ -1,0 +1,178 @@
+"""Quality frontier: forget vs paraphrase vs neighbour recall, retain perplexity and train time, over settings.
+
+    lune-fast bench quality [--facts FILE] [--n 32] [--grid NAME | --settings JSON ...] [--mode suppress]
+                            [--json OUT] [--md OUT] [--plot OUT.png]
+
+One model load; the base model's evaluation is computed once and reused; each setting trains a fresh adapter.
+Grids are named lists of overrides of lune_fast.api.Settings (see GRIDS) or given inline as JSON objects.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ..benchmarking import machine, markdown_table, write_json
+
+GRIDS: dict[str, list[dict]] = {
+    # objective x learning rate, the rest at the calibration's setting
+    "objective": [
+        {"objective": "npo", "lr": 3e-4}, {"objective": "npo", "lr": 1e-3}, {"objective": "npo", "lr": 3e-3},
+        {"objective": "ga", "lr": 1e-4}, {"objective": "ga", "lr": 3e-4},
+        {"objective": "ul", "lr": 1e-3}, {"objective": "ul", "lr": 3e-3},
+        {"objective": "simnpo", "lr": 1e-3}, {"objective": "simnpo", "lr": 3e-3},
+    ],
+    # where the adapter sits and how big it is
+    "placement": [
+        {"targets": "gate,up,down", "layers": "8-20"}, {"targets": "all", "layers": "8-20"},
+        {"targets": "down", "layers": "8-20"}, {"targets": "q,v", "layers": "8-20"},
+        {"targets": "gate,up,down", "layers": "10-14"}, {"targets": "gate,up,down", "layers": "12"},
+        {"targets": "gate,up,down", "layers": "0-29"}, {"targets": "gate,up,down", "layers": "20-26"},
+        {"targets": "gate,up,down", "layers": "8-20", "rank": 4},
+        {"targets": "gate,up,down", "layers": "8-20", "rank": 16},
+    ],
+    # how the negatives are built and when an example stops
+    "negatives": [
+        {"negatives": "gold"}, {"negatives": "self"}, {"negatives": "both"},
+        {"per_example_stop": True}, {"per_example_stop": True, "negatives": "self"},
+        {"stop_prob": 0.1}, {"stop_prob": 0.02},
+    ],
+    "replace": [
+        {"mode": "replace", "lr": 3e-4}, {"mode": "replace", "lr": 1e-3}, {"mode": "replace", "lr": 3e-3},
+        {"mode": "replace", "lr": 1e-3, "per_example_stop": True},
+        {"mode": "replace", "lr": 1e-3, "targets": "all"},
+        {"mode": "replace", "lr": 1e-3, "layers": "10-14"},
+    ],
+}
+
+
+def load_records(path: str | None, n: int, known_ids: str | None = None) -> list[dict]:
+    from ..api import asset
+    from ..data import _json_lines
+
+    src = Path(path) if path else asset("facts.jsonl")
+    items = [obj for _, obj in _json_lines(src)]
+    if known_ids:
+        keep = set(json.loads(Path(known_ids).read_text()))
+        items = [r for r in items if r.get("case_id") in keep]
+    return items[:n]
+
+
+def run(unlearner, records: list[dict], grid: list[dict], base: dict, progress: bool = True,
+        on_row=None) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    rows = []
+    for overrides in tqdm(grid, desc="settings", unit="run", disable=not progress):
+        settings = {**base, **overrides}
+        t0 = time.perf_counter()
+        r = unlearner.forget(records, progress=False, **settings)
+        row = {"setting": json.dumps(overrides, sort_keys=True), **_flat(r), "wall_s": time.perf_counter() - t0}
+        rows.append(row)
+        if on_row:
+            on_row(row)
+    return rows
+
+
+def _flat(r) -> dict:
+    b, a = r.before, r.after
+    rel = lambda k: (a[k] / b[k]) if (a.get(k) is not None and b.get(k)) else None  # noqa: E731
+    return {
+        "forget": a["forget_recall"], "para": a["paraphrase_recall"], "neigh": a["neighbor_recall"],
+        "neigh_rel": rel("neighbor_recall"), "replace": a["replacement_rate"], "ppl_rel": rel("retain_ppl"),
+        "steps": r.cost["steps"], "train_s": r.cost["train_seconds"], "stopped": r.stopped,
+        "before_forget": b["forget_recall"], "before_para": b["paraphrase_recall"],
+        "before_neigh": b["neighbor_recall"],
+    }
+
+
+def meets_goals(row: dict, mode: str = "suppress") -> bool:
+    """The trainer issue's quality goals (suppress: forget ≤ .05, para ≤ .2; replace: replacement ≥ .9;
+    both: neighbours ≥ .9 × before, retain perplexity ≤ 1.1 × before)."""
+    local = (row["neigh_rel"] is None or row["neigh_rel"] >= 0.9) and (row["ppl_rel"] is None or row["ppl_rel"] <= 1.1)
+    if mode == "replace":
+        return local and (row["replace"] or 0) >= 0.9
+    return local and row["forget"] <= 0.05 and (row["para"] is None or row["para"] <= 0.2)
+
+
+def plot(rows: list[dict], path: str, title: str, baseline: list[tuple[str, float, float]] | None = None) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return False
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for r in rows:
+        ax.scatter(r["forget"], r["neigh"] if r["neigh"] is not None else 0, color="tab:blue")
+        ax.annotate(_short(r["setting"]), (r["forget"], r["neigh"] or 0), fontsize=6, alpha=0.8)
+    for label, f, n in baseline or []:
+        ax.scatter(f, n, color="tab:red", marker="x")
+        ax.annotate(label, (f, n), fontsize=6, color="tab:red")
+    ax.set_xlabel("forget recall (lower is better)")
+    ax.set_ylabel("neighbour recall (higher is better)")
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(-0.03, 1.03)
+    ax.axvline(0.05, ls=":", color="gray")
+    ax.axhline(0.9, ls=":", color="gray")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    return True
+
+
+def _short(setting: str) -> str:
+    d = json.loads(setting)
+    return ",".join(f"{k}={v}" for k, v in d.items()) or "default"
+
+
+COLUMNS = ["setting", "forget", "para", "neigh", "neigh_rel", "replace", "ppl_rel", "steps", "train_s", "stopped"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lune-fast bench quality", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--facts", help="records file (default: the package's facts)")
+    ap.add_argument("--known-ids", help="JSON list of case_ids to keep (CounterFact's default-model-knows.json)")
+    ap.add_argument("--n", type=int, default=32, help="forget this many records at once")
+    ap.add_argument("--grid", action="append", choices=sorted(GRIDS), help="named grid(s) of settings")
+    ap.add_argument("--settings", action="append", default=[], help="a JSON object of overrides (repeatable)")
+    ap.add_argument("--base", default="{}", help="JSON overrides applied to every setting")
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--json", help="write rows here (JSON)")
+    ap.add_argument("--jsonl", help="append each row here as it finishes")
+    ap.add_argument("--md", help="write the Markdown table here")
+    ap.add_argument("--plot", help="PNG of forget vs neighbour recall")
+    a = ap.parse_args(argv)
+    from ..api import Unlearner
+
+    grid = [g for name in (a.grid or []) for g in GRIDS[name]] + [json.loads(s) for s in a.settings]
+    if not grid:
+        grid = [{}]
+    records = load_records(a.facts, a.n, a.known_ids)
+    u = Unlearner(a.model, dtype=a.dtype)
+    base = json.loads(a.base)
+    mode = base.get("mode", "suppress")
+
+    def append(row):
+        if a.jsonl:
+            with open(a.jsonl, "a") as fh:
+                fh.write(json.dumps({**row, "facts": a.facts, "n": len(records), "base": base}) + "\n")
+
+    rows = run(u, records, grid, base, on_row=append)
+    for r in rows:
+        r["goals"] = "yes" if meets_goals(r, json.loads(r["setting"]).get("mode", mode)) else "no"
+    table = markdown_table(rows, COLUMNS + ["goals"])
+    print(f"{len(records)} records from {a.facts or 'the package facts'}, dtype {u.dtype}, base {base}")
+    print(table)
+    if a.md:
+        Path(a.md).write_text(table + "\n")
+    if a.json:
+        write_json(a.json, {"machine": machine(), "facts": a.facts, "n": len(records), "base": base, "rows": rows})
+    if a.plot:
+        plot(rows, a.plot, f"{len(records)} facts, {Path(a.facts).name if a.facts else 'package facts'}")
+    return 0
