@@ -35,7 +35,7 @@ def extension():
 setup(
     packages=["lune_fast", "lune_fast.kernels", "lune_fast.assets"],
     package_dir={"lune_fast": "lune_fast", "lune_fast.kernels": "kernels"},
-    package_data={"lune_fast.assets": ["*.jsonl", "*.txt"]},
+    package_data={"lune_fast.assets": ["*.jsonl", "*.txt", "*.json"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 
 from . import lora
+from .anchors import build_anchors
 from .data import DataError, Encoder, Fact, make_batch, read_facts, read_lines
 from .evaluate import answers_with, evaluate, metrics_table, report_markdown
 from .io import atomic_output_dir
+from .limits import check_context, check_memory, split_by_tokens
 from .model import generate
 from .trainer import TrainingDiverged, TrainOutcome, TrainSettings, train
 from .weights import load_model, load_tokenizer, resolve_model_dir
@@ -59,9 +61,13 @@ class Settings:
     per_example_stop: bool = False
     retain_weight: float = 1.0
     retain_loss: str = "nll"
+    anchors: int = 0  # per forget fact: same-template prompts with other subjects kept by the retain term
+    anchor_candidates: int = 12
+    anchor_min_prob: float = 0.5
     refusals: str | None = None  # replace mode without a record replacement: file of refusal strings
     max_new_tokens: int = 24
     checkpoint_every: int = 0
+    max_batch_tokens: int = 4096  # per micro-batch; larger forget sets accumulate gradients over several
 
     def check(self) -> None:
         if self.mode not in ("suppress", "replace"):
@@ -91,6 +97,10 @@ class ForgetResult:
     examples: list[tuple[str, str, str]] = field(default_factory=list)
     stopped: str = ""
     error: str | None = None  # set when training diverged (the adapter is the last good step's)
+    anchors: list[str] = field(default_factory=list)
+    evaluation_before: object = field(default=None, repr=False)
+    evaluation_after: object = field(default=None, repr=False)
+    outcome: object = field(default=None, repr=False)  # the trainer's TrainOutcome (per-step times, losses)
 
     def report(self) -> dict:
         return {"model": self.model, "config": self.config, "before": self.before, "after": self.after,
@@ -171,10 +181,21 @@ class Unlearner:
         replace_mode = s.mode == "replace"
 
         t0 = time.perf_counter()
+        pairs, facts = self._training_pairs(facts, s, read.skipped)  # refuses what cannot fit, before any work
         before = self.base_evaluation(facts, texts, replace_mode, s.max_new_tokens, progress) \
             if evaluate_before else None
-        pairs = self._training_pairs(facts, s, before)
-        retain_batch = self._retain_batch(retain, s) if retain is not None else None
+        anchors = build_anchors(self.model, self.encoder, facts, s.anchors, s.anchor_candidates, s.anchor_min_prob,
+                                s.seed) if s.anchors > 0 else []
+        retain_pairs = [(self.encoder.prompt_ids(a.prompt, a.chat), a.answer_ids) for a in anchors]
+        if retain is not None:
+            retain_pairs += [self.encoder.pair(f.prompt, f.target, f.chat) for f in read_facts(retain).facts]
+        retain_batch = make_batch(retain_pairs, self._pad_id(), pack=PACK_TOKENS) if retain_pairs else None
+        batches = [make_batch(g, self._pad_id(), pack=PACK_TOKENS) for g in split_by_tokens(pairs, s.max_batch_tokens)]
+        layers_run = self.model.config.num_hidden_layers - min(lora.parse_layers(
+            s.layers, self.model.config.num_hidden_layers))
+        check_memory(self.model.config, max(b.input_ids.numel() for b in batches) +
+                     (retain_batch.input_ids.numel() if retain_batch is not None else 0), layers_run, self.dtype,
+                     self.device)
         lora_settings = lora.LoraSettings(rank=s.rank, alpha=s.alpha, targets=lora.parse_targets(s.targets),
                                           layers=lora.parse_layers(s.layers, self.model.config.num_hidden_layers),
                                           rslora=s.rslora)
@@ -184,8 +205,7 @@ class Unlearner:
         error = None
         try:
             try:
-                outcome = train(self.model, [make_batch(pairs, self._pad_id(), pack=PACK_TOKENS)], lora_settings,
-                                train_settings,
+                outcome = train(self.model, batches, lora_settings, train_settings,
                                 replace=replace_mode, retain=retain_batch, checkpoint_dir=checkpoint_dir,
                                 resume=resume, progress=progress)
             except TrainingDiverged as e:  # the model holds the last good adapter: evaluate and keep it
@@ -198,7 +218,7 @@ class Unlearner:
         finally:
             lora.detach(self.model)
         known = before.known_mask() if before is not None else None
-        config = {**asdict(s), "targets": list(lora_settings.targets), "layers": list(lora_settings.layers),
+        config = {**asdict(s), "anchors_built": len(anchors), "targets": list(lora_settings.targets), "layers": list(lora_settings.layers),
                   "layers_spec": s.layers, "dtype": str(self.dtype).replace("torch.", ""), "facts": len(facts)}
         cost = {"train_seconds": round(train_seconds, 3), "steps": outcome.steps, "train_tokens": outcome.tokens,
                 "peak_memory_mb": round(_peak_memory_mb(self.device), 1),
@@ -214,7 +234,8 @@ class Unlearner:
             before=before.metrics(known) if before is not None else None,
             after=after.metrics(known) if after is not None else None,
             cost=cost, config=config, model=self.model_name, skipped=read.skipped, examples=examples,
-            stopped=outcome.stopped, error=error)
+            stopped=outcome.stopped, error=error, anchors=[a.prompt for a in anchors],
+            evaluation_before=before, evaluation_after=after, outcome=outcome)
 
     def base_evaluation(self, facts: list[Fact], texts: list[str], replace_mode: bool, max_new_tokens: int,
                         progress: bool = False):
@@ -240,12 +261,26 @@ class Unlearner:
             self._retain_texts = read_lines(asset("retain_text.jsonl"))
         return self._retain_texts
 
-    def _training_pairs(self, facts: list[Fact], s: Settings, before) -> list[tuple[list[int], list[int]]]:
+    def _training_pairs(self, facts: list[Fact], s: Settings, skipped: list[str]):
+        """(prompt ids, answer ids) to train on, and the facts kept: a record whose answer tokenizes to
+        nothing is skipped with its source; one longer than the model's context refuses the whole request."""
         enc = self.encoder
+        refusals = (read_lines(s.refusals) if s.refusals else read_lines(asset("refusals.txt"))) \
+            if s.mode == "replace" else []
+        kept = []
+        for i, f in enumerate(facts):
+            answer = (f.replacement or refusals[i % len(refusals)]) if s.mode == "replace" else f.target
+            if not enc.answer_ids(f.prompt, answer, f.chat):
+                skipped.append(f"{f.source}: the answer {answer!r} tokenizes to no tokens")
+            else:
+                kept.append((f, answer))
+        if not kept:
+            raise DataError("no usable records: every answer tokenizes to no tokens")
+        check_context([(f.source, len(enc.prompt_ids(f.prompt, f.chat)) + len(enc.answer_ids(f.prompt, a, f.chat)))
+                       for f, a in kept], self.model.config)
+        facts = [f for f, _ in kept]
         if s.mode == "replace":
-            refusals = read_lines(s.refusals) if s.refusals else read_lines(asset("refusals.txt"))
-            return [enc.pair(f.prompt, f.replacement or refusals[i % len(refusals)], f.chat)
-                    for i, f in enumerate(facts)]
+            return [enc.pair(f.prompt, a, f.chat) for f, a in kept], facts
         pairs = []
         own = self.self_negatives(facts, s.max_new_tokens) if s.negatives in ("self", "both") else [None] * len(facts)
         for f, neg in zip(facts, own):
@@ -254,7 +289,7 @@ class Unlearner:
                 pairs.append((prompt_ids, enc.answer_ids(f.prompt, f.target, f.chat)))
             if neg is not None and (s.negatives == "self" or neg != pairs[-1][1]):
                 pairs.append((prompt_ids, neg))
-        return pairs
+        return pairs, facts
 
     @torch.no_grad()
     def self_negatives(self, facts: list[Fact], max_new_tokens: int = 24) -> list[list[int] | None]:
@@ -268,11 +303,6 @@ class Unlearner:
             cut = next((k for k in range(1, len(g) + 1) if answers_with(self.encoder.decode(g[:k]), f.target)), None)
             out.append(g[:cut] if cut else None)
         return out
-
-    def _retain_batch(self, retain, s: Settings):
-        facts = read_facts(retain).facts
-        return make_batch([self.encoder.pair(f.prompt, f.target, f.chat) for f in facts], self._pad_id(),
-                          pack=PACK_TOKENS)
 
 
 def load_settings_file(path: str | Path) -> dict:

@@ -49,6 +49,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retain-weight", type=float, default=d.retain_weight)
     p.add_argument("--refusals", help="replace mode: file of refusal answers for records without a replacement")
     p.add_argument("--checkpoint-every", type=int, default=10)
+    p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
+                   help="tokens per micro-batch (gradients are accumulated over micro-batches)")
+    p.add_argument("--anchors", type=int, default=d.anchors,
+                   help="retain anchors per fact: its prompt with other subjects, kept by the retain term")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,7 +167,8 @@ def cmd_merge(a) -> int:
     from .weights import load_model, resolve_model_dir, save_model
 
     folder = resolve_model_dir(a.model)
-    model = load_model(folder, dtype=getattr(torch, a.dtype))
+    # the export keeps full precision unless a dtype is asked for
+    model = load_model(folder, dtype=torch.float32 if a.dtype == "auto" else getattr(torch, a.dtype))
     lora.load_adapter(model, a.adapter)
     lora.merge_and_unload(model)
     with atomic_output_dir(Path(a.out), overwrite=a.overwrite) as tmp:
@@ -218,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     from .api import SettingsError
     from .data import DataError
     from .io import OutputExistsError
+    from .limits import ResourceError
     from .lora import AdapterError
     from .model import ConfigError
     from .trainer import CheckpointMismatch, TrainingInterrupted
@@ -228,8 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(f"lune-fast: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("lune-fast: interrupted before training started; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (DataError, WeightsError, ConfigError, AdapterError, OutputExistsError, CheckpointMismatch,
-            SettingsError) as e:
+            SettingsError, ResourceError) as e:
         print(f"lune-fast: error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

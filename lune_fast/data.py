@@ -33,6 +33,7 @@ class Fact:
     neighbors: list[tuple[str, str]] = field(default_factory=list)
     chat: bool = False  # the prompt is a question for the chat template (TOFU)
     source: str = ""
+    subject: str | None = None  # where known (CounterFact): anchors swap it for other subjects
 
 
 @dataclass
@@ -114,7 +115,8 @@ def parse_record(obj, source: str = "") -> Fact:
         target = _text(true, "str")
         return Fact(prompt=tmpl.replace("{}", subject), target=target, replacement=_text(new, "str"),
                     paraphrases=_str_list(obj, "paraphrase_prompts"),
-                    neighbors=[(p, target) for p in _str_list(obj, "neighborhood_prompts")], source=source)
+                    neighbors=[(p, target) for p in _str_list(obj, "neighborhood_prompts")], source=source,
+                    subject=subject)
     if "question" in obj or "answer" in obj:  # TOFU QA through the chat template
         perturbed = _str_list(obj, "perturbed_answer")
         para = _text(obj, "paraphrased_question", required=False)
@@ -133,11 +135,13 @@ def parse_record(obj, source: str = "") -> Fact:
             raise RecordError("field 'target_new' must be a string")
         para = _text(obj, "rephrase_prompt", required=False)
         return Fact(prompt=_text(obj, "prompt"), target=_text(obj, "ground_truth"), replacement=new or None,
-                    paraphrases=[para] if para else [], neighbors=neighbors, source=source)
+                    paraphrases=[para] if para else [], neighbors=neighbors, source=source,
+                    subject=_text(obj, "subject", required=False))
     if "prompt" in obj or "target" in obj:
         return Fact(prompt=_text(obj, "prompt"), target=_text(obj, "target"),
                     replacement=_text(obj, "replacement", required=False),
-                    paraphrases=_str_list(obj, "paraphrases"), neighbors=_neighbors(obj), source=source)
+                    paraphrases=_str_list(obj, "paraphrases"), neighbors=_neighbors(obj), source=source,
+                    subject=_text(obj, "subject", required=False))
     keys = ", ".join(sorted(obj)[:6]) or "none"
     raise RecordError(f"unrecognised record (fields: {keys}); expected prompt/target, question/answer, "
                       f"requested_rewrite, or prompt/ground_truth/target_new")

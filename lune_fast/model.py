@@ -345,11 +345,12 @@ def _allowed(key_mask: torch.Tensor, Tq: int, window: int | None, offset: int = 
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 24,
-             eos_token_id: int | list[int] | None = None, pad_token_id: int = 0) -> list[list[int]]:
+             eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, return_logprobs: bool = False):
     """Greedy decoding for a batch of token-id prompts (left padded, KV cache). Returns the new tokens of
-    each prompt, cut after the first end-of-sequence token."""
+    each prompt, cut after the first end-of-sequence token (and, with return_logprobs, each chosen token's
+    log-probability)."""
     if not prompts:
-        return []
+        return ([], []) if return_logprobs else []
     cfg, dev = model.config, model.device
     eos = set(cfg.eos_token_id if eos_token_id is None else
               ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
@@ -370,15 +371,19 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     h = model.run_layers(model.embed(ids), positions, mask, cache=cache)
     cache.length = T
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=dev)
+    scores = torch.empty(B, max_new_tokens, dtype=torch.float32, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=dev)
     next_pos = positions[:, -1:] + 1
     for t in range(max_new_tokens):
-        tok = model.logits(model.norm(h[:, -1])).argmax(-1)
+        logits = model.logits(model.norm(h[:, -1])).float()
+        tok = logits.argmax(-1)
         out[:, t] = tok
+        if return_logprobs:
+            scores[:, t] = logits.max(-1).values - torch.logsumexp(logits, -1)
         done |= torch.isin(tok, eos_t)
         if t == max_new_tokens - 1 or bool(done.all()):
-            out = out[:, :t + 1]
+            out, scores = out[:, :t + 1], scores[:, :t + 1]
             break
         L = cache.length + 1
         step_mask = AttnMask(False, _allowed(key_mask[:, :L], 1, cfg.sliding_window, offset=L - 1)) \
@@ -386,8 +391,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
         h = model.run_layers(model.embed(tok[:, None]), next_pos, step_mask, cache=cache)
         cache.length = L
         next_pos = next_pos + 1
-    result = []
-    for row in out.tolist():
+    result, logps = [], []
+    for row, lp in zip(out.tolist(), scores.tolist()):
         cut = next((i + 1 for i, x in enumerate(row) if x in eos), len(row))
         result.append(row[:cut])
-    return result
+        logps.append(lp[:cut])
+    return (result, logps) if return_logprobs else result

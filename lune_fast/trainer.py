@@ -57,6 +57,8 @@ class TrainOutcome:
     tokens: int
     final_mean_prob: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    precompute_seconds: float = 0.0
 
 
 class TrainingDiverged(RuntimeError):
@@ -102,6 +104,7 @@ def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSett
             retain_ref = torch.log_softmax(_hidden_at_answers(model, retain_part, L0).float()
                                            @ model.head_weight.float().t(), -1)
     n_seq = sum(p.batch.n_seq for p in parts)
+    t_precomputed = time.perf_counter()
 
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(settings))
@@ -119,9 +122,11 @@ def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSett
     outcome = TrainOutcome(steps=start, stopped="max_steps", seconds=0.0,
                            tokens=sum(p.batch.n_tokens for p in parts) * start)
     probs_all = torch.zeros(0)
+    outcome.precompute_seconds = t_precomputed - t_start
     with _InterruptFlag() as interrupt:
         try:
             for step in range(start, settings.steps):
+                t_step = time.perf_counter()
                 # 3. forward each micro-batch; the stop check reads the same log-probs
                 mean_probs, losses = [], []
                 for part, w in zip(parts, weights):
@@ -156,6 +161,7 @@ def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSett
                 opt.zero_grad(set_to_none=True)
                 _copy(params, last_good)
                 outcome.losses.append(loss.item())
+                outcome.step_seconds.append(time.perf_counter() - t_step)
                 outcome.steps = step + 1
                 outcome.tokens += sum(p.batch.n_tokens for p in parts)
                 if bar is not None:

@@ -75,12 +75,23 @@ def run(unlearner, records: list[dict], grid: list[dict], base: dict, progress: 
     return rows
 
 
+def unseen_neighbor_recall(r) -> float | None:
+    """Neighbour recall over the neighbours the base model answered whose prompt was not itself an anchor:
+    what the method keeps without having trained on that exact prompt."""
+    eb, ea = r.evaluation_before, r.evaluation_after
+    if eb is None or ea is None:
+        return None
+    seen = set(r.anchors)
+    hits = [h for p, h, k in zip(ea.probes, ea.hits, eb.hits) if p.kind == "neighbor" and k and p.prompt not in seen]
+    return sum(hits) / len(hits) if hits else None
+
+
 def _flat(r) -> dict:
     b, a = r.before, r.after
     rel = lambda k: (a[k] / b[k]) if (a.get(k) is not None and b.get(k)) else None  # noqa: E731
     return {
         "forget": a["forget_recall"], "para": a["paraphrase_recall"], "neigh": a["neighbor_recall"],
-        "neigh_rel": rel("neighbor_recall"), "replace": a["replacement_rate"], "ppl_rel": rel("retain_ppl"),
+        "neigh_rel": rel("neighbor_recall"), "neigh_unseen": unseen_neighbor_recall(r), "anchors": len(r.anchors), "replace": a["replacement_rate"], "ppl_rel": rel("retain_ppl"),
         "steps": r.cost["steps"], "train_s": r.cost["train_seconds"], "stopped": r.stopped,
         "before_forget": b["forget_recall"], "before_para": b["paraphrase_recall"],
         "before_neigh": b["neighbor_recall"],
@@ -129,7 +140,8 @@ def _short(setting: str) -> str:
     return ",".join(f"{k}={v}" for k, v in d.items()) or "default"
 
 
-COLUMNS = ["setting", "forget", "para", "neigh", "neigh_rel", "replace", "ppl_rel", "steps", "train_s", "stopped"]
+COLUMNS = ["setting", "forget", "para", "neigh", "neigh_unseen", "replace", "ppl_rel", "anchors", "steps", "train_s",
+           "stopped"]
 
 
 def main(argv: list[str] | None = None) -> int:
