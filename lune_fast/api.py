@@ -171,44 +171,32 @@ class Unlearner:
     def forget(self, records, mode: str | None = None, retain=None, evaluate_before: bool = True,
                evaluate_after: bool = True, retain_texts: list[str] | str | None = None, progress: bool = True,
                checkpoint_dir: Path | None = None, resume: bool = False, **overrides) -> ForgetResult:
-        s = replace(self.defaults, **({"mode": mode} if mode else {}), **overrides)
-        if s.mode == "replace" and "objective" not in overrides:
-            s = replace(s, objective="replace")
-        s.check()
+        """Train an adapter that forgets (suppress) or replaces the records' answers; see Settings for the
+        overrides. The model is left as it was; the adapter and the before/after METRICS are in the result."""
+        s = self._settings(mode, overrides)
         read = read_facts(records)
-        facts = read.facts
         texts = self._retain(retain_texts)
         replace_mode = s.mode == "replace"
-
         t0 = time.perf_counter()
-        pairs, facts = self._training_pairs(facts, s, read.skipped)  # refuses what cannot fit, before any work
+        # 1. what to train on; refuses what cannot fit before any work
+        pairs, facts = self._training_pairs(read.facts, s, read.skipped)
         before = self.base_evaluation(facts, texts, replace_mode, s.max_new_tokens, progress) \
             if evaluate_before else None
+        # 2. where the adapter goes, the retain anchors, the micro-batches
+        lora_settings = self._lora_settings(s, facts)
         anchors = build_anchors(self.model, self.encoder, facts, s.anchors, s.anchor_candidates, s.anchor_min_prob,
                                 s.seed) if s.anchors > 0 else []
-        retain_pairs = [(self.encoder.prompt_ids(a.prompt, a.chat), a.answer_ids) for a in anchors]
-        if retain is not None:
-            retain_pairs += [self.encoder.pair(f.prompt, f.target, f.chat) for f in read_facts(retain).facts]
-        retain_batch = make_batch(retain_pairs, self._pad_id(), pack=PACK_TOKENS) if retain_pairs else None
-        batches = [make_batch(g, self._pad_id(), pack=PACK_TOKENS) for g in split_by_tokens(pairs, s.max_batch_tokens)]
-        layers_run = self.model.config.num_hidden_layers - min(lora.parse_layers(
-            s.layers, self.model.config.num_hidden_layers))
-        check_memory(self.model.config, max(b.input_ids.numel() for b in batches) +
-                     (retain_batch.input_ids.numel() if retain_batch is not None else 0), layers_run, self.dtype,
-                     self.device)
-        lora_settings = lora.LoraSettings(rank=s.rank, alpha=s.alpha, targets=lora.parse_targets(s.targets),
-                                          layers=lora.parse_layers(s.layers, self.model.config.num_hidden_layers),
-                                          rslora=s.rslora)
-        train_settings = TrainSettings(**{f.name: getattr(s, f.name) for f in fields(TrainSettings)
-                                          if hasattr(s, f.name)})
+        batches, retain_batch = self._batches(pairs, anchors, retain, s, lora_settings)
+        # 3. train (a diverged run keeps its last good adapter), evaluate, detach
         t_train = time.perf_counter()
         error = None
         try:
             try:
-                outcome = train(self.model, batches, lora_settings, train_settings,
-                                replace=replace_mode, retain=retain_batch, checkpoint_dir=checkpoint_dir,
-                                resume=resume, progress=progress)
-            except TrainingDiverged as e:  # the model holds the last good adapter: evaluate and keep it
+                outcome = train(self.model, batches, lora_settings, TrainSettings(**{
+                    f.name: getattr(s, f.name) for f in fields(TrainSettings) if hasattr(s, f.name)}),
+                    replace=replace_mode, retain=retain_batch, checkpoint_dir=checkpoint_dir, resume=resume,
+                    progress=progress)
+            except TrainingDiverged as e:
                 error = str(e)
                 outcome = TrainOutcome(steps=e.step - 1, stopped="diverged", seconds=0.0, tokens=0)
             train_seconds = time.perf_counter() - t_train
@@ -217,17 +205,18 @@ class Unlearner:
             state = lora.adapter_state(self.model)
         finally:
             lora.detach(self.model)
+        # 4. the result: adapter, METRICS (paraphrases/neighbours on what the base model answered), cost
         known = before.known_mask() if before is not None else None
-        config = {**asdict(s), "anchors_built": len(anchors), "targets": list(lora_settings.targets), "layers": list(lora_settings.layers),
-                  "layers_spec": s.layers, "dtype": str(self.dtype).replace("torch.", ""), "facts": len(facts)}
+        config = {**asdict(s), "targets": list(lora_settings.targets), "layers": list(lora_settings.layers),
+                  "layers_spec": s.layers, "anchors_built": len(anchors),
+                  "dtype": str(self.dtype).replace("torch.", ""), "facts": len(facts)}
         cost = {"train_seconds": round(train_seconds, 3), "steps": outcome.steps, "train_tokens": outcome.tokens,
                 "peak_memory_mb": round(_peak_memory_mb(self.device), 1),
                 "trainable_params": sum(t.numel() for t in state.values()), "device": str(self.device),
                 "total_seconds": round(time.perf_counter() - t0, 3)}
-        examples = []
-        if before is not None and after is not None:
-            examples = [(p.prompt, b, a) for p, b, a in zip(before.probes, before.generations, after.generations)
-                        if p.kind == "forget"][:8]
+        examples = [] if before is None or after is None else [
+            (p.prompt, b, a) for p, b, a in zip(before.probes, before.generations, after.generations)
+            if p.kind == "forget"][:8]
         return ForgetResult(
             adapter=state, adapter_config=lora.peft_config(lora_settings, self.model_name,
                                                            self.model.config.num_hidden_layers),
@@ -236,6 +225,39 @@ class Unlearner:
             cost=cost, config=config, model=self.model_name, skipped=read.skipped, examples=examples,
             stopped=outcome.stopped, error=error, anchors=[a.prompt for a in anchors],
             evaluation_before=before, evaluation_after=after, outcome=outcome)
+
+    def _settings(self, mode: str | None, overrides: dict) -> Settings:
+        s = replace(self.defaults, **({"mode": mode} if mode else {}), **overrides)
+        if s.mode == "replace" and "objective" not in overrides:
+            s = replace(s, objective="replace")
+        s.check()
+        return s
+
+    def _lora_settings(self, s: Settings, facts: list[Fact]) -> lora.LoraSettings:
+        n = self.model.config.num_hidden_layers
+        if s.layers.startswith("auto"):  # "auto" or "auto:W": the W-layer window where the facts live
+            from .locate import choose_layers, trace
+
+            width = int(s.layers.split(":")[1]) if ":" in s.layers else 5
+            effect, traced = trace(self.model, self.encoder, facts)
+            layers = choose_layers(effect, width) if traced else lora.parse_layers(Settings.layers, n)
+        else:
+            layers = lora.parse_layers(s.layers, n)
+        return lora.LoraSettings(rank=s.rank, alpha=s.alpha, targets=lora.parse_targets(s.targets), layers=layers,
+                                 rslora=s.rslora)
+
+    def _batches(self, pairs, anchors, retain, s: Settings, lora_settings: lora.LoraSettings):
+        """Packed micro-batches of the forget pairs, the retain batch (anchors + user retain facts), and the
+        up-front memory check."""
+        retain_pairs = [(self.encoder.prompt_ids(a.prompt, a.chat), a.answer_ids) for a in anchors]
+        if retain is not None:
+            retain_pairs += [self.encoder.pair(f.prompt, f.target, f.chat) for f in read_facts(retain).facts]
+        retain_batch = make_batch(retain_pairs, self._pad_id(), pack=PACK_TOKENS) if retain_pairs else None
+        batches = [make_batch(g, self._pad_id(), pack=PACK_TOKENS) for g in split_by_tokens(pairs, s.max_batch_tokens)]
+        layers_run = self.model.config.num_hidden_layers - min(lora_settings.layers)
+        tokens = max(b.input_ids.numel() for b in batches) + (retain_batch.input_ids.numel() if retain_batch else 0)
+        check_memory(self.model.config, tokens, layers_run, self.dtype, self.device)
+        return batches, retain_batch
 
     def base_evaluation(self, facts: list[Fact], texts: list[str], replace_mode: bool, max_new_tokens: int,
                         progress: bool = False):

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(m)
 
     b = sub.add_parser("bench", help="benchmarks: forward, logprob, lora, e2e, kernels, quality")
-    b.add_argument("what", choices=["forward", "logprob", "lora", "e2e", "kernels", "quality"])
+    b.add_argument("what", choices=["forward", "logprob", "lora", "kernels", "e2e", "e2e-gpu", "quality"])
     b.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark (see --help)")
 
     d = sub.add_parser("demo", help="unlearn a few of the package's facts on the default model")
@@ -180,7 +180,7 @@ def cmd_merge(a) -> int:
 def cmd_bench(a) -> int:
     from importlib import import_module
 
-    mod = import_module(f".bench.{a.what}", __package__)
+    mod = import_module(f".bench.{a.what.replace('-', '_')}", __package__)
     return mod.main(a.args) or 0
 
 

@@ -133,12 +133,24 @@ class LoRAFunctionTorch(torch.autograd.Function):
         return dx, None, None, dA, dB, None
 
 
+# "auto": the Triton kernels for CUDA tensors when Triton is there, else the torch Function; "torch" forces
+# the addmm chain (benchmarks compare the two).
+BACKEND = "auto"
+
+
+def use_triton(device: torch.device) -> bool:
+    if BACKEND == "torch" or device.type != "cuda":
+        return False
+    from .kernels import lora_linear as triton_lora
+
+    return triton_lora.available()
+
+
 def lora_linear(x, weight, bias, A, B, scale: float):
-    if x.is_cuda:
+    if use_triton(x.device):
         from .kernels import lora_linear as triton_lora
 
-        if triton_lora.available():
-            return triton_lora.lora_linear(x, weight, bias, A, B, scale)
+        return triton_lora.lora_linear(x, weight, bias, A, B, scale)
     return LoRAFunctionTorch.apply(x, weight, bias, A, B, scale)
 
 
@@ -214,9 +226,7 @@ def attach(model: Transformer, settings: LoraSettings, seed: int = 0, grouped: b
             setattr(parent, mod_name, lora)
             adapters[f"layers.{i}.{parent_name}.{mod_name}"] = lora
     if grouped is None:
-        from .kernels import lora_linear as triton_lora
-
-        grouped = model.device.type == "cuda" and triton_lora.available()
+        grouped = use_triton(model.device)
     if grouped:
         for i in layers:
             _group_layer(model.layers[i])

@@ -6,6 +6,8 @@ from conftest import rel_err
 from lune_fast import ops
 
 pytestmark = pytest.mark.skipif(ops.extension() is None, reason=f"lune_fast._C not built: {ops.extension_error()}")
+# the same tests on every device present (CUDA where the extension was built with it)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and getattr(ops.extension(), "with_cuda", False) else [])
 
 
 def reference64(h, w, y):
@@ -16,13 +18,13 @@ def reference64(h, w, y):
     return lp, hd
 
 
-def _inputs(N, H, V, dtype, seed=0):
+def _inputs(N, H, V, dtype, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     h = (torch.randn(N, H, generator=g) * 2).to(dtype)
     w = (torch.randn(V, H, generator=g) / H ** 0.5 * 3).to(dtype)
     y = torch.randint(0, V, (N,), generator=g)
     y[torch.randperm(N, generator=g)[: max(1, N // 7)]] = -100
-    return h, w, y
+    return h.to(device), w.to(device), y.to(device)
 
 
 # chunk_rows / chunk_vocab: whole rows (one pass), rows not a multiple of the chunk, vocabulary chunks
@@ -30,11 +32,13 @@ def _inputs(N, H, V, dtype, seed=0):
 CHUNKS = [(64, 10**9), (13, 10**9), (16, 300), (7, 1000), (1, 129)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cr,cv", CHUNKS)
-def test_forward_backward_float32(cr, cv):
-    h, w, y = _inputs(45, 64, 1000, torch.float32)
+def test_forward_backward_float32(cr, cv, device):
+    # on CUDA the chunk matmuls are cuBLAS: TF32 is off by default for matmuls in torch, so 1e-5 holds there too
+    h, w, y = _inputs(45, 64, 1000, torch.float32, device=device)
     ref, hd = reference64(h, w, y)
-    g = torch.randn(45, dtype=torch.float64)
+    g = torch.randn(45, dtype=torch.float64, device=device)
     (ref * g).sum().backward()
     for with_grad in (False, True):
         logp, grad_dir = torch.ops.lune_fast.linear_logprob(h, w, y, cr, cv, with_grad)
@@ -57,14 +61,15 @@ def test_autograd_wrapper_and_poisoned_buffers():
     assert torch.isfinite(hh.grad).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cr,cv", [(64, 10**9), (9, 200)])
-def test_bfloat16_bound(cr, cv):
+def test_bfloat16_bound(cr, cv, device):
     """bf16 inputs: the chunk logits are bf16 (as eager's h @ Wᵀ is), so each logit carries a rounding of up
     to 2^-9 of its size; log-sum-exp and the gradient are accumulated in float32. The bound: |Δlogp| ≤
     2^-8 · max|logit| + 1e-3, and the gradient within 2e-2 relative (bf16 matmul output)."""
-    h, w, y = _inputs(40, 64, 800, torch.bfloat16, seed=1)
+    h, w, y = _inputs(40, 64, 800, torch.bfloat16, seed=1, device=device)
     ref, hd = reference64(h, w, y)
-    g = torch.randn(40, dtype=torch.float64)
+    g = torch.randn(40, dtype=torch.float64, device=device)
     (ref * g).sum().backward()
     logp, grad_dir = torch.ops.lune_fast.linear_logprob(h, w, y, cr, cv, True)
     max_logit = (h.double() @ w.double().t()).abs().max().item()

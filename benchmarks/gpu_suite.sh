@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# ONE call on a lent GPU: build the extension, run the test suite on CUDA, run the kernel and end-to-end
+# benchmarks, write everything under $OUT, print a summary table last. Budget: well inside 8 minutes.
+#
+#   bash benchmarks/gpu_suite.sh            # on the device (OUT is set there)
+#   bash benchmarks/gpu_suite.sh --dry-run  # anywhere: CUDA steps skipped with a message, the rest run small
+#
+# On the device image (torch 2.11+cu130, triton 3.6, nvcc 13.0, transformers, peft; no internet) nothing
+# is downloaded: the package is built in place against the image's torch. liger_kernel, if carried as a
+# wheel in .whl/ (see the device README), adds the Liger column to the fused-loss benchmark.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DRY=0
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+PY=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+HAVE_CUDA=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+[[ $DRY == 1 ]] && HAVE_CUDA=0
+SUMMARY=()
+
+run() {  # run NAME TIMEOUT_S CMD...: log to $OUT/NAME.log, remember status and time
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  echo "== $name: $*"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  local status=ok
+  [[ $rc != 0 ]] && status="FAILED (rc=$rc)"
+  [[ $rc == 124 ]] && status="TIMEOUT after ${limit}s"
+  SUMMARY+=("| $name | $status | $((SECONDS - t0)) s | $name.log |")
+  tail -n 4 "$OUT/$name.log"
+}
+
+skip() { SUMMARY+=("| $1 | skipped: $2 | 0 s | |"); echo "== $1: skipped ($2)"; }
+
+if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
+  run wheels 120 $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+if [[ $HAVE_CUDA == 1 ]]; then
+  run build 300 $PY setup.py build_ext --inplace
+  $PY -c "import torch, lune_fast._C as C; print('with_cuda', C.with_cuda)" | tee "$OUT/build_check.txt"
+  run tests_cuda 240 $PY -m pytest -q -x tests/test_linear_logprob.py tests/test_lora_kernels.py tests/test_model.py \
+      tests/test_losses.py -p no:cacheprovider
+  run bench_lora 240 $PY -m lune_fast.cli bench lora --shapes llama-3-8b --n 128,512,2048,8192 --r 8,16,64 \
+      --repeats 20 --json "$OUT/lora_8b.json"
+  run bench_lora_1b 120 $PY -m lune_fast.cli bench lora --shapes llama-3.2-1b --n 512,2048,8192 --r 16 \
+      --repeats 20 --json "$OUT/lora_1b.json"
+  run bench_logprob 120 $PY -m lune_fast.cli bench logprob --hidden 4096 --vocab 128256 --n 2048,8192 \
+      --dtype bfloat16 --repeats 10 --json "$OUT/logprob.json"
+  run bench_e2e_gpu 300 $PY -m lune_fast.cli bench e2e-gpu --shapes llama-3.2-1b,llama-3-8b --tokens 8192 \
+      --steps 5 --json "$OUT/e2e_gpu.json"
+else
+  why="no CUDA device (dry run)"
+  [[ $DRY == 0 ]] && why="no CUDA device on this machine"
+  for s in build tests_cuda bench_e2e_gpu; do skip $s "$why"; done
+  # everything that does not need a GPU still runs, small, so the script cannot rot
+  run bench_lora_cpu 120 $PY -m lune_fast.cli bench lora --shapes default --n 64 --r 16 --repeats 2 \
+      --json "$OUT/lora_cpu.json"
+  run bench_logprob_cpu 120 $PY -m lune_fast.cli bench logprob --hidden 64 --vocab 1024 --n 256 --dtype float32 \
+      --repeats 2 --json "$OUT/logprob_cpu.json"
+  run bench_e2e_gpu_stub 60 $PY -m lune_fast.cli bench e2e-gpu --json "$OUT/e2e_gpu.json"
+fi
+
+{
+  echo "# gpu_suite $(date -u +%FT%TZ) on $($PY -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")' 2>/dev/null)"
+  echo
+  echo "| step | status | time | log |"
+  echo "|---|---|---|---|"
+  printf '%s\n' "${SUMMARY[@]}"
+} | tee "$OUT/summary.md"
+grep -q "FAILED\|TIMEOUT" "$OUT/summary.md" && exit 1
+exit 0
