@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(m)
 
     b = sub.add_parser("bench", help="benchmarks: forward, logprob, lora, e2e, kernels, quality")
-    b.add_argument("what", choices=["forward", "logprob", "lora", "kernels", "e2e", "e2e-gpu", "quality"])
+    b.add_argument("what", choices=["forward", "logprob", "lora", "kernels", "e2e", "e2e-gpu", "latency", "quality"])
     b.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark (see --help)")
 
     d = sub.add_parser("demo", help="unlearn a few of the package's facts on the default model")
