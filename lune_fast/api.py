@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import lora
+from . import distributed, lora
 from .anchors import build_anchors
 from .data import DataError, Encoder, Fact, make_batch, read_facts, read_lines
 from .evaluate import answers_with, evaluate, metrics_table, report_markdown
@@ -58,7 +59,7 @@ class Settings:
     grad_clip: float = 1.0
     seed: int = 0
     negatives: str = "gold"  # gold | self | both: the answer text trained against in suppress mode
-    per_example_stop: bool = False
+    per_example_stop: bool = True  # measured: same forgetting, retain perplexity x1.66 instead of x14 (32 facts)
     retain_weight: float = 1.0
     retain_loss: str = "nll"
     anchors: int = 0  # per forget fact: same-template prompts with other subjects kept by the retain term
@@ -155,12 +156,21 @@ class Unlearner:
     it was."""
 
     def __init__(self, model: str = "default", dtype: str | torch.dtype = "auto", device: str = "cpu",
-                 **defaults):
+                 fsdp: bool = False, **defaults):
+        """Under torchrun the forget set is split across the ranks (data parallel); fsdp=True also shards the
+        frozen blocks (FSDP2). Every rank runs the same calls; rank 0 writes."""
         self.model_name = str(model)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:
+            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        self.dist = distributed.from_env(fsdp, self.device)
+        self.fsdp = self.dist is not None and self.dist.fsdp
         self.dtype = resolve_dtype(dtype, self.device)
         folder = resolve_model_dir(model)
-        self.model = load_model(folder, dtype=self.dtype, device=self.device)
+        # under FSDP each rank reads only the row chunks of the block weights that it will keep
+        rows_of = (self.dist.rank, self.dist.world) if self.fsdp else None
+        self.model = load_model(folder, dtype=self.dtype, device=self.device, rows_of=rows_of)
+        self._sharded = False
         self.tokenizer = load_tokenizer(folder)
         self.encoder = Encoder(self.tokenizer)
         self.defaults = replace(Settings(), **defaults)
@@ -178,15 +188,24 @@ class Unlearner:
         texts = self._retain(retain_texts)
         replace_mode = s.mode == "replace"
         t0 = time.perf_counter()
+        if self.fsdp:  # the blocks are sharded (with their adapters) before anything runs the model
+            lora_settings = self._shard_with_adapters(s, read.facts)
         # 1. what to train on; refuses what cannot fit before any work
         pairs, facts = self._training_pairs(read.facts, s, read.skipped)
         before = self.base_evaluation(facts, texts, replace_mode, s.max_new_tokens, progress) \
             if evaluate_before else None
         # 2. where the adapter goes, the retain anchors, the micro-batches
-        lora_settings = self._lora_settings(s, facts)
+        if not self.fsdp:
+            lora_settings = self._lora_settings(s, facts)
         anchors = build_anchors(self.model, self.encoder, facts, s.anchors, s.anchor_candidates, s.anchor_min_prob,
                                 s.seed) if s.anchors > 0 else []
-        batches, retain_batch = self._batches(pairs, anchors, retain, s, lora_settings)
+        if self.dist is not None and len(pairs) < self.dist.world:
+            raise DataError(f"{len(pairs)} training example(s) for {self.dist.world} ranks: run on fewer processes")
+        batches, retain_batch = self._batches(distributed.shard(pairs, self.dist), anchors, retain, s,
+                                              lora_settings)
+        fsdp = self.fsdp
+        if fsdp and checkpoint_dir is not None:
+            checkpoint_dir = None  # sharded optimiser state: checkpoints are a data-parallel feature for now
         # 3. train (a diverged run keeps its last good adapter), evaluate, detach
         t_train = time.perf_counter()
         error = None
@@ -195,7 +214,7 @@ class Unlearner:
                 outcome = train(self.model, batches, lora_settings, TrainSettings(**{
                     f.name: getattr(s, f.name) for f in fields(TrainSettings) if hasattr(s, f.name)}),
                     replace=replace_mode, retain=retain_batch, checkpoint_dir=checkpoint_dir, resume=resume,
-                    progress=progress)
+                    progress=progress, dist=self.dist, attached=fsdp)
             except TrainingDiverged as e:
                 error = str(e)
                 outcome = TrainOutcome(steps=e.step - 1, stopped="diverged", seconds=0.0, tokens=0)
@@ -204,7 +223,8 @@ class Unlearner:
                 if evaluate_after else None
             state = lora.adapter_state(self.model)
         finally:
-            lora.detach(self.model)
+            if not fsdp:  # a sharded model stays as it is: one request per process under FSDP
+                lora.detach(self.model)
         # 4. the result: adapter, METRICS (paraphrases/neighbours on what the base model answered), cost
         known = before.known_mask() if before is not None else None
         config = {**asdict(s), "targets": list(lora_settings.targets), "layers": list(lora_settings.layers),
@@ -232,6 +252,18 @@ class Unlearner:
             s = replace(s, objective="replace")
         s.check()
         return s
+
+    def _shard_with_adapters(self, s: Settings, facts: list[Fact]) -> lora.LoraSettings:
+        if self._sharded:
+            raise SettingsError("under FSDP an Unlearner serves one forget() per process (its blocks are sharded "
+                                "with that request's adapter); start a new run for the next request")
+        if s.layers.startswith("auto"):
+            raise SettingsError("--layers auto traces the unsharded model; give the layers explicitly under FSDP")
+        settings = self._lora_settings(s, facts)
+        lora.attach(self.model, settings, seed=s.seed, grouped=False)
+        distributed.fully_shard_blocks(self.model)
+        self._sharded = True
+        return settings
 
     def _lora_settings(self, s: Settings, facts: list[Fact]) -> lora.LoraSettings:
         n = self.model.config.num_hidden_layers

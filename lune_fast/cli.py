@@ -44,7 +44,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replace-prob", type=float, default=d.replace_prob)
     p.add_argument("--negatives", default=d.negatives, choices=["gold", "self", "both"],
                    help="suppress: train against the gold target, the model's own answer up to it, or both")
-    p.add_argument("--per-example-stop", action="store_true", default=d.per_example_stop)
+    p.add_argument("--per-example-stop", action=argparse.BooleanOptionalAction, default=d.per_example_stop,
+                   help="an answer already below --stop-prob stops contributing gradient")
     p.add_argument("--retain-loss", default=d.retain_loss, choices=["nll", "kl"])
     p.add_argument("--retain-weight", type=float, default=d.retain_weight)
     p.add_argument("--refusals", help="replace mode: file of refusal answers for records without a replacement")
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--resume", action="store_true", help="continue from the checkpoint of an interrupted run")
     u.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
     u.add_argument("--quiet", action="store_true")
+    u.add_argument("--fsdp", action="store_true", help="under torchrun: shard the frozen blocks with FSDP2")
 
     e = sub.add_parser("eval", help="METRICS of a model (with an optional adapter) on facts")
     e.add_argument("--facts", required=True)
@@ -115,10 +117,13 @@ def cmd_unlearn(a) -> int:
     if ckpt.exists() and not a.resume:
         raise OutputExistsError(f"{ckpt} holds the checkpoint of an interrupted run; pass --resume to continue "
                                 f"it, or remove the folder to start again")
-    u = Unlearner(a.model, dtype=a.dtype, device=a.device)
+    u = Unlearner(a.model, dtype=a.dtype, device=a.device, fsdp=a.fsdp)
     result = u.forget(a.forget, retain=a.retain, retain_texts=a.retain_text, progress=not a.quiet,
                       evaluate_before=not a.no_eval, evaluate_after=not a.no_eval, checkpoint_dir=ckpt,
                       resume=a.resume, **_settings_from_args(a))
+    if u.dist is not None and not u.dist.is_main:
+        u.dist.barrier()  # rank 0 writes; the others wait so that the job ends together
+        return 0
     for line in result.skipped:
         print(f"lune-fast: skipped {line}", file=sys.stderr)
     result.save(out, overwrite=a.overwrite)
@@ -130,6 +135,8 @@ def cmd_unlearn(a) -> int:
         print(result.table())
         print(json.dumps(result.cost))
         print(f"adapter and report written to {out}")
+    if u.dist is not None:
+        u.dist.barrier()
     if result.error:
         print(f"lune-fast: {result.error}", file=sys.stderr)
         return EXIT_DIVERGED

@@ -275,8 +275,13 @@ def adapters_of(model: Transformer) -> dict[str, LoRALinear]:
 
 def detach(model: Transformer) -> None:
     """Remove every adapter (unmerging first), restoring the plain frozen projections."""
+    _remove(model, fold=False)
+
+
+def _remove(model: Transformer, fold: bool) -> None:
+    """Put each adapted projection's frozen linear back, with the adapter folded in (fold) or taken out."""
     for name, m in list(adapters_of(model).items()):
-        m.unmerge()
+        m.merge() if fold else m.unmerge()
         parent_path, attr = name.rsplit(".", 1)
         setattr(model.get_submodule(parent_path), attr, m.base)
     _ungroup(model)
@@ -314,12 +319,7 @@ def merge(model: Transformer) -> None:
 
 def merge_and_unload(model: Transformer) -> None:
     """Fold every adapter into its frozen weight for good and remove the adapter modules."""
-    for name, m in list(adapters_of(model).items()):
-        m.merge()
-        parent_path, attr = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent_path), attr, m.base)
-    _ungroup(model)
-    model.lora_settings = None
+    _remove(model, fold=True)
 
 
 def unmerge(model: Transformer) -> None:
@@ -333,10 +333,13 @@ PEFT_PREFIX = "base_model.model.model."
 
 def adapter_state(model: Transformer) -> dict[str, torch.Tensor]:
     """PEFT keys -> float32 CPU tensors."""
+    from .distributed import full, reshard_blocks
+
+    reshard_blocks(model)
     out = {}
     for name, m in adapters_of(model).items():
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().float().cpu().contiguous()
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().float().cpu().contiguous()
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = full(m.lora_A.detach()).float().cpu().contiguous()
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = full(m.lora_B.detach()).float().cpu().contiguous()
     return out
 
 

@@ -37,28 +37,40 @@ def _weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.
     return (values * weights).sum() / weights.sum().clamp_min(1)
 
 
-def forget_loss(objective: str, tok_logp: torch.Tensor, seq: torch.Tensor, n_seq: int,
-                ref_seq_sum: torch.Tensor | None = None, weights: torch.Tensor | None = None,
-                beta: float | None = None, simnpo_delta: float = 0.0) -> torch.Tensor:
+def per_sequence_loss(objective: str, tok_logp: torch.Tensor, seq: torch.Tensor, n_seq: int,
+                      ref_seq_sum: torch.Tensor | None = None, beta: float | None = None,
+                      simnpo_delta: float = 0.0) -> torch.Tensor:
+    """The objective's value for each sequence [n_seq]."""
     sums, counts = per_sequence(tok_logp, seq, n_seq)
     mean = sums / counts
     if objective == "ga":  # push the answer's likelihood down, unbounded
-        return _weighted_mean(mean, weights)
+        return mean
     if objective == "ul":  # unlikelihood: -log(1 - p) per token, bounded below by 0
         ul = -torch.log(-torch.expm1(tok_logp.clamp(max=-1e-6)))
         ul_sum, _ = per_sequence(ul, seq, n_seq)
-        return _weighted_mean(ul_sum / counts, weights)
+        return ul_sum / counts
     if objective == "npo":
         if ref_seq_sum is None:
             raise ValueError("npo needs the reference sequence log-probs")
         b = 0.1 if beta is None else beta
-        return _weighted_mean(F.softplus(b * (sums - ref_seq_sum)) * (2.0 / b), weights)
+        return F.softplus(b * (sums - ref_seq_sum)) * (2.0 / b)
     if objective == "simnpo":  # reference-free and length-normalised
         b = 4.5 if beta is None else beta
-        return _weighted_mean(F.softplus(b * (mean + simnpo_delta)) * (2.0 / b), weights)
+        return F.softplus(b * (mean + simnpo_delta)) * (2.0 / b)
     if objective == "replace":  # SFT towards the replacement (or refusal) answer
-        return -_weighted_mean(mean, weights)
+        return -mean
     raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+
+
+def forget_loss(objective: str, tok_logp: torch.Tensor, seq: torch.Tensor, n_seq: int,
+                ref_seq_sum: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                beta: float | None = None, simnpo_delta: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    """Mean over sequences (weighted by `weights`), or with reduction="sum" the weighted sum, which the
+    trainer divides by a count taken over every micro-batch and rank."""
+    values = per_sequence_loss(objective, tok_logp, seq, n_seq, ref_seq_sum, beta, simnpo_delta)
+    if reduction == "sum":
+        return (values * weights).sum() if weights is not None else values.sum()
+    return _weighted_mean(values, weights)
 
 
 def retain_nll(tok_logp: torch.Tensor) -> torch.Tensor:

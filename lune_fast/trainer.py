@@ -27,6 +27,7 @@ import torch
 from . import lora
 from .data import Batch
 from .losses import forget_loss, per_sequence, retain_kl, retain_nll, target_logprobs
+from .distributed import Dist, fully_shard_blocks, reshard_blocks
 from .model import AttnMask, Transformer
 
 
@@ -88,10 +89,18 @@ class _Part:
 
 def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSettings, settings: TrainSettings,
           replace: bool = False, retain: Batch | None = None, checkpoint_dir: Path | None = None,
-          resume: bool = False, progress: bool = True, on_step=None) -> TrainOutcome:
+          resume: bool = False, progress: bool = True, on_step=None, dist: Dist | None = None,
+          attached: bool = False) -> TrainOutcome:
+    """`batches` are this process's micro-batches (under torchrun, its share of the forget set). attached:
+    the adapters are already on the model (and sharded, under FSDP)."""
     t_start = time.perf_counter()
     torch.manual_seed(settings.seed)
-    lora.attach(model, lora_settings, seed=settings.seed)
+    if not attached:
+        lora.attach(model, lora_settings, seed=settings.seed)
+        if dist is not None and dist.fsdp:
+            fully_shard_blocks(model)
+    if dist is not None and dist.fsdp:
+        reshard_blocks(model)
     params = lora.trainable_parameters(model)
     L0 = min(lora_settings.layers) if lora_settings.layers else 0
 
@@ -103,7 +112,6 @@ def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSett
         with torch.no_grad():
             retain_ref = torch.log_softmax(_hidden_at_answers(model, retain_part, L0).float()
                                            @ model.head_weight.float().t(), -1)
-    n_seq = sum(p.batch.n_seq for p in parts)
     t_precomputed = time.perf_counter()
 
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -115,7 +123,7 @@ def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSett
     weights = [torch.ones(p.batch.n_seq, device=model.device) for p in parts]
 
     bar = None
-    if progress:
+    if progress and (dist is None or dist.is_main):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=settings.steps, initial=start, desc="unlearning", unit="step", leave=False)
@@ -137,23 +145,33 @@ def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSett
                     if settings.per_example_stop:
                         done = probs > settings.replace_prob if replace else probs < settings.stop_prob
                         w.copy_((~done).float())
-                    loss = forget_loss("replace" if replace else settings.objective, tok, part.batch.seq,
-                                       part.batch.n_seq, part.ref_sum,
-                                       weights=w if settings.per_example_stop else None, beta=settings.beta)
-                    losses.append(loss * (part.batch.n_seq / n_seq))
+                    losses.append(forget_loss("replace" if replace else settings.objective, tok, part.batch.seq,
+                                              part.batch.n_seq, part.ref_sum, weights=w, beta=settings.beta,
+                                              reduction="sum"))
                 probs_all = torch.cat(mean_probs)
-                # 4. stop on the criterion, before any update of this step
-                if (bool((probs_all > settings.replace_prob).all()) if replace
-                        else bool((probs_all < settings.stop_prob).all())):
+                # 4. stop on the criterion (every rank alike), before any update of this step
+                local_done = bool((probs_all > settings.replace_prob).all()) if replace \
+                    else bool((probs_all < settings.stop_prob).all())
+                if local_done if dist is None else dist.all_true(local_done, model.device):
                     outcome.stopped = "criterion"
                     break
-                loss = torch.stack(losses).sum()
+                # the mean over the sequences still being trained, of every micro-batch and rank
+                active = torch.stack([w.sum() for w in weights]).sum()
+                active = active if dist is None else dist.sum_(active.clone())
+                loss = torch.stack(losses).sum() / active.clamp_min(1)
                 if retain_part is not None:
-                    loss = loss + settings.retain_weight * _retain_term(model, retain_part, L0, settings, retain_ref)
-                if not torch.isfinite(loss):
+                    share = 1.0 if dist is None else 1.0 / dist.world  # every rank holds the whole retain set
+                    loss = loss + share * settings.retain_weight * _retain_term(model, retain_part, L0, settings,
+                                                                                retain_ref)
+                finite = bool(torch.isfinite(loss))
+                if not (finite if dist is None else dist.all_true(finite, model.device)):
                     _copy(last_good, params)
                     raise TrainingDiverged(step + 1, settings.lr)  # 1-based: the step that failed
+                if dist is not None and dist.fsdp:
+                    loss = loss * dist.world  # FSDP averages the reduce-scatter; the loss is already global
                 loss.backward()
+                if dist is not None:
+                    dist.reduce_grads(params)
                 if settings.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
                 opt.step()
@@ -170,7 +188,8 @@ def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSett
                 if on_step is not None:
                     on_step(step + 1)
                 every = settings.checkpoint_every
-                if checkpoint_dir is not None and (interrupt.requested or (every and (step + 1) % every == 0)):
+                if checkpoint_dir is not None and (dist is None or dist.is_main) and \
+                        (interrupt.requested or (every and (step + 1) % every == 0)):
                     save_checkpoint(checkpoint_dir, step + 1, model, opt, sched, settings, lora_settings)
                 if interrupt.requested:
                     raise TrainingInterrupted(step + 1, checkpoint_dir)

@@ -68,8 +68,15 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise WeightsError(f"{folder}: no *.safetensors weights found")
 
 
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
 def load_model(model: str | os.PathLike | None = "default", dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> Transformer:
+               device: str | torch.device = "cpu", rows_of: tuple[int, int] | None = None) -> Transformer:
+    """rows_of=(rank, world): read only this rank's FSDP2 row chunk of every block weight (the chunks
+    fully_shard will keep); the rest of those tensors stays unread and unwritten."""
     folder = resolve_model_dir(model)
     cfg = ModelConfig.from_file(folder / "config.json")
     files = safetensors_files(folder)
@@ -90,18 +97,27 @@ def load_model(model: str | os.PathLike | None = "default", dtype: torch.dtype =
                 if name not in expected:
                     raise WeightsError(f"{f}: unexpected tensor {name!r} for a {cfg.model_type} model "
                                        f"with {cfg.num_hidden_layers} layers")
-                try:
-                    t = sf.get_tensor(name)
-                except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-                    raise WeightsError(f"{f}: tensor {name!r} cannot be read ({e})") from None
                 dst = expected[name]
-                if tuple(t.shape) != tuple(dst.shape):
-                    raise WeightsError(f"{f}: tensor {name!r} has shape {tuple(t.shape)}, expected "
-                                       f"{tuple(dst.shape)} from config.json")
-                if t.dtype not in _FLOAT_DTYPES:
-                    raise WeightsError(f"{f}: tensor {name!r} has dtype {t.dtype}; the model needs float32, "
-                                       f"float16 or bfloat16 weights")
-                dst.copy_(t)
+                try:
+                    sl = sf.get_slice(name)
+                    shape, st_dtype = tuple(sl.get_shape()), sl.get_dtype()
+                    if shape != tuple(dst.shape):
+                        raise WeightsError(f"{f}: tensor {name!r} has shape {shape}, expected "
+                                           f"{tuple(dst.shape)} from config.json")
+                    if _ST_DTYPES.get(st_dtype) not in _FLOAT_DTYPES:
+                        raise WeightsError(f"{f}: tensor {name!r} has dtype {_ST_DTYPES.get(st_dtype, st_dtype)}; "
+                                           f"the model needs float32, float16 or bfloat16 weights")
+                    if rows_of is not None and name.startswith("model.layers."):
+                        rank, world = rows_of
+                        chunk = -(-shape[0] // world)
+                        lo, hi = min(rank * chunk, shape[0]), min((rank + 1) * chunk, shape[0])
+                        dst[lo:hi].copy_(sl[lo:hi])
+                    else:
+                        dst.copy_(sl[:])
+                except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                    if isinstance(e, WeightsError):
+                        raise
+                    raise WeightsError(f"{f}: tensor {name!r} cannot be read ({e})") from None
                 seen.add(name)
     missing = sorted(set(expected) - seen)
     if missing:

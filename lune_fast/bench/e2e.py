@@ -153,20 +153,23 @@ def _npo(seq, ref, beta=0.1):
     return (F.softplus(beta * (seq - ref)) * (2 / beta)).mean()
 
 
-def worker_peft(args) -> dict:
+def _load_hf(args):
+    """What both transformers baselines start from: settings, records, tokenizer, model, RSS once loaded."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..api import Settings, resolve_dtype
     from ..weights import resolve_model_dir
 
-    s = Settings()
     folder = resolve_model_dir(args.model)
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
-    records = _records(args.facts, args.n)
     tok = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    loaded_rss = PeakRSS.current() / 2**20
+    return Settings(), _records(args.facts, args.n), tok, model, PeakRSS.current() / 2**20
+
+
+def worker_peft(args) -> dict:
+    s, records, tok, model, loaded_rss = _load_hf(args)
     step_times = []
     with tempfile.TemporaryDirectory() as tmp:
         with PeakRSS() as mem:
@@ -226,19 +229,7 @@ def _evaluate_with(u, records, install) -> dict:
 
 
 def worker_fullft(args) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..api import Settings, resolve_dtype
-    from ..weights import resolve_model_dir
-
-    s = Settings()
-    folder = resolve_model_dir(args.model)
-    dtype = resolve_dtype(args.dtype, torch.device("cpu"))
-    records = _records(args.facts, args.n)
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    loaded_rss = PeakRSS.current() / 2**20
+    s, records, tok, model, loaded_rss = _load_hf(args)
     step_times = []
     with tempfile.TemporaryDirectory() as tmp:
         with PeakRSS() as mem:

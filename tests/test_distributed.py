@@ -1,0 +1,86 @@
+"""torchrun with 2 CPU processes (gloo): the same adapter as one process, for data parallel and FSDP2; a rank
+that fails ends the whole job with its error instead of hanging."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import rel_err
+
+FACTS = [{"prompt": p, "target": t} for p, t in [
+    ("The capital of France is", "Paris"), ("The chemical symbol for gold is", "Au"),
+    ("The largest planet is", "Jupiter"), ("Water is made of hydrogen and", "oxygen"),
+    ("The author of Hamlet is", "William Shakespeare")]]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def _args(tiny_lm, facts, out, *extra):  # noqa: D103 (the same run for one and for two processes)
+    return ["unlearn", "--forget", str(facts), "--model", str(tiny_lm), "--out", str(out), "--layers", "1-3",
+            "--steps", "4", "--stop-prob", "1e-12", "--lr", "1e-2", "--dtype", "float32", "--quiet",
+            "--targets", "q,v,gate,up,down", *extra]
+
+
+def _adapter(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "adapter_model.safetensors"))
+
+
+@pytest.fixture
+def facts_file(tmp_path):
+    p = tmp_path / "facts.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in FACTS))
+    return p
+
+
+def _torchrun(args, env_extra=None, timeout=300, script=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    target = [str(script)] if script else ["-m", "lune_fast.cli"]
+    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", *target, *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process(tiny_lm, facts_file, tmp_path, mode):
+    from lune_fast.cli import main
+
+    torch.set_num_threads(1)
+    assert main(_args(tiny_lm, facts_file, tmp_path / "one")) == 0
+    extra = ["--fsdp"] if mode == "fsdp" else []
+    proc = _torchrun(_args(tiny_lm, facts_file, tmp_path / "two", *extra))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for k in one:  # float32, different reduction order
+        assert rel_err(two[k], one[k]) <= 1e-4, k
+    assert any(float(v.abs().max()) > 0 for k, v in one.items() if "lora_B" in k)  # it trained
+    # evaluation runs on every rank (through the sharded blocks under FSDP) and agrees with one process
+    r1, r2 = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    for key in ("forget_target_logprob", "retain_ppl"):
+        assert abs(r2["after"][key] - r1["after"][key]) <= 1e-3 * abs(r1["after"][key]), key
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
+def test_a_failing_rank_ends_the_job(tiny_lm, facts_file, tmp_path):
+    script = tmp_path / "fail_on_rank1.py"
+    script.write_text(
+        "import os, sys\n"
+        "from lune_fast import trainer\n"
+        "real = trainer.forget_loss\n"
+        "def boom(*a, **k):\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        raise RuntimeError('rank 1 failed on purpose')\n"
+        "    return real(*a, **k)\n"
+        "trainer.forget_loss = boom\n"
+        "from lune_fast.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    proc = _torchrun(_args(tiny_lm, facts_file, tmp_path / "o"), script=script, timeout=180,
+                     env_extra={"TORCHELASTIC_ERROR_FILE": str(tmp_path / "err.json")})
+    assert proc.returncode != 0
+    assert "rank 1 failed on purpose" in proc.stderr + proc.stdout
+    assert not (tmp_path / "o").exists()
