@@ -52,8 +52,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=10)
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
                    help="tokens per micro-batch (gradients are accumulated over micro-batches)")
-    p.add_argument("--anchors", type=int, default=d.anchors,
-                   help="retain anchors per fact: its prompt with other subjects, kept by the retain term")
+    p.add_argument("--anchors", type=int, default=None,
+                   help="retain anchors per fact: its prompt with other subjects, kept by the retain term "
+                        "(default: 2 in replace mode, 0 in suppress mode)")
 
 
 def build_parser() -> argparse.ArgumentParser:

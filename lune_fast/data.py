@@ -279,11 +279,18 @@ class Batch:
     n_tokens: int  # real (non-pad) tokens
     positions: torch.Tensor | None = None
     segments: torch.Tensor | None = None
+    pairs: list | None = None  # the (prompt, answer) ids it was built from, to rebuild a subset
+    pad_id: int = 0
+    pack: int | None = None
 
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Batch(move(self.input_ids), move(self.sel), move(self.targets), move(self.seq), self.n_seq,
-                     self.n_tokens, move(self.positions), move(self.segments))
+                     self.n_tokens, move(self.positions), move(self.segments), self.pairs, self.pad_id, self.pack)
+
+    def subset(self, keep: list[int]) -> "Batch":
+        """The same layout rebuilt from the sequences `keep` (indices into this batch's sequences)."""
+        return make_batch([self.pairs[i] for i in keep], self.pad_id, self.pack)
 
 
 def make_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int = 0, pack: int | None = None) -> Batch:
@@ -327,7 +334,6 @@ def make_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int = 0, pack: 
                 seq.append(i)
             off += len(full)
     n_tokens = sum(len(s[0]) for s in seqs)
-    if pack is None:
-        return Batch(ids, torch.tensor(sel), torch.tensor(targets), torch.tensor(seq), len(seqs), n_tokens)
-    return Batch(ids, torch.tensor(sel), torch.tensor(targets), torch.tensor(seq), len(seqs), n_tokens,
-                 positions, segments)
+    layout = (positions, segments) if pack is not None else (None, None)
+    return Batch(ids, torch.tensor(sel), torch.tensor(targets), torch.tensor(seq), len(seqs), n_tokens, *layout,
+                 list(pairs), pad_id, pack)

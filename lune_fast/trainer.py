@@ -85,6 +85,8 @@ class _Part:
     ref_sum: torch.Tensor
     positions: torch.Tensor
     mask: AttnMask
+    source: int = 0  # which of the original micro-batches its sequences come from
+    origin: list[int] | None = None  # their indices there
 
 
 def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSettings, settings: TrainSettings,
@@ -105,7 +107,7 @@ def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSett
     L0 = min(lora_settings.layers) if lora_settings.layers else 0
 
     # 2. precompute once, adapters off
-    parts = [_precompute(model, b, L0) for b in batches]
+    parts = [_precompute(model, b, L0, source=i) for i, b in enumerate(batches)]
     retain_part = _precompute(model, retain, L0) if retain is not None else None
     retain_ref = None
     if retain_part is not None and settings.retain_loss == "kl":
@@ -116,11 +118,10 @@ def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSett
 
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(settings))
-    start = 0
+    start, work_spec = 0, None
     if resume and checkpoint_dir is not None and (checkpoint_dir / "state.json").exists():
-        start = load_checkpoint(checkpoint_dir, model, opt, sched, settings, lora_settings)
+        start, work_spec = load_checkpoint(checkpoint_dir, model, opt, sched, settings, lora_settings)
     last_good = [p.detach().clone() for p in params]
-    weights = [torch.ones(p.batch.n_seq, device=model.device) for p in parts]
 
     bar = None
     if progress and (dist is None or dist.is_main):
@@ -129,46 +130,33 @@ def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSett
         bar = tqdm(total=settings.steps, initial=start, desc="unlearning", unit="step", leave=False)
     outcome = TrainOutcome(steps=start, stopped="max_steps", seconds=0.0,
                            tokens=sum(p.batch.n_tokens for p in parts) * start)
-    probs_all = torch.zeros(0)
     outcome.precompute_seconds = t_precomputed - t_start
+    # With per-example stopping, each step runs only the answers still to be forgotten (`work`); finished ones
+    # leave the batch, and everything is checked again before the run may stop.
+    shrinking = settings.per_example_stop and not (dist is not None and dist.fsdp)  # FSDP: same forwards on all ranks
+    work = parts if work_spec is None else _rebuild(model, parts, work_spec, L0)
     with _InterruptFlag() as interrupt:
         try:
-            for step in range(start, settings.steps):
+            step = start
+            while step < settings.steps:
                 t_step = time.perf_counter()
-                # 3. forward each micro-batch; the stop check reads the same log-probs
-                mean_probs, losses = [], []
-                for part, w in zip(parts, weights):
-                    tok = target_logprobs(_hidden_at_answers(model, part, L0), model.head_weight,
-                                          part.batch.targets)
-                    probs = _mean_token_prob(tok, part.batch)
-                    mean_probs.append(probs)
-                    if settings.per_example_stop:
-                        done = probs > settings.replace_prob if replace else probs < settings.stop_prob
-                        w.copy_((~done).float())
-                    losses.append(forget_loss("replace" if replace else settings.objective, tok, part.batch.seq,
-                                              part.batch.n_seq, part.ref_sum, weights=w, beta=settings.beta,
-                                              reduction="sum"))
-                probs_all = torch.cat(mean_probs)
+                # 3. forward the micro-batches; the stop check reads the same log-probs
+                losses, probs, weights = _forward(model, work, L0, settings, replace)
                 # 4. stop on the criterion (every rank alike), before any update of this step
-                local_done = bool((probs_all > settings.replace_prob).all()) if replace \
-                    else bool((probs_all < settings.stop_prob).all())
-                if local_done if dist is None else dist.all_true(local_done, model.device):
-                    outcome.stopped = "criterion"
-                    break
-                # the mean over the sequences still being trained, of every micro-batch and rank
-                active = torch.stack([w.sum() for w in weights]).sum()
-                active = active if dist is None else dist.sum_(active.clone())
-                loss = torch.stack(losses).sum() / active.clamp_min(1)
-                if retain_part is not None:
-                    share = 1.0 if dist is None else 1.0 / dist.world  # every rank holds the whole retain set
-                    loss = loss + share * settings.retain_weight * _retain_term(model, retain_part, L0, settings,
-                                                                                retain_ref)
-                finite = bool(torch.isfinite(loss))
-                if not (finite if dist is None else dist.all_true(finite, model.device)):
+                if _all_done(probs, settings, replace, dist, model.device):
+                    if work is parts:
+                        outcome.stopped = "criterion"
+                        break
+                    probs = _final_probs(model, parts, L0)
+                    if _all_done(probs, settings, replace, dist, model.device):
+                        outcome.stopped = "criterion"
+                        break
+                    work = _still_to_do(model, parts, probs, settings, replace, L0)  # some came back
+                    continue
+                loss = _step_loss(model, params, losses, weights, settings, dist, retain_part, retain_ref, L0)
+                if not _finite(loss, dist, model.device):
                     _copy(last_good, params)
                     raise TrainingDiverged(step + 1, settings.lr)  # 1-based: the step that failed
-                if dist is not None and dist.fsdp:
-                    loss = loss * dist.world  # FSDP averages the reduce-scatter; the loss is already global
                 loss.backward()
                 if dist is not None:
                     dist.reduce_grads(params)
@@ -178,29 +166,110 @@ def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSett
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 _copy(params, last_good)
+                step += 1
                 outcome.losses.append(loss.item())
                 outcome.step_seconds.append(time.perf_counter() - t_step)
-                outcome.steps = step + 1
-                outcome.tokens += sum(p.batch.n_tokens for p in parts)
+                outcome.steps = step
+                outcome.tokens += sum(p.batch.n_tokens for p in work)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{outcome.losses[-1]:.3f}", max_p=f"{float(probs_all.max()):.3f}")
+                    bar.set_postfix(loss=f"{outcome.losses[-1]:.3f}", training=sum(p.batch.n_seq for p in work))
+                if shrinking:
+                    work = _shrink(model, parts, work, weights, L0)
                 if on_step is not None:
-                    on_step(step + 1)
+                    on_step(step)
                 every = settings.checkpoint_every
                 if checkpoint_dir is not None and (dist is None or dist.is_main) and \
-                        (interrupt.requested or (every and (step + 1) % every == 0)):
-                    save_checkpoint(checkpoint_dir, step + 1, model, opt, sched, settings, lora_settings)
+                        (interrupt.requested or (every and step % every == 0)):
+                    save_checkpoint(checkpoint_dir, step, model, opt, sched, settings, lora_settings,
+                                    [[p.source, p.origin] for p in work])
                 if interrupt.requested:
-                    raise TrainingInterrupted(step + 1, checkpoint_dir)
-            else:
-                probs_all = _final_probs(model, parts, L0)
+                    raise TrainingInterrupted(step, checkpoint_dir)
+            if outcome.stopped != "criterion":
+                probs = _final_probs(model, parts, L0)
         finally:
             if bar is not None:
                 bar.close()
-    outcome.final_mean_prob = [float(x) for x in probs_all]
+    outcome.final_mean_prob = [float(x) for x in probs]
     outcome.seconds = time.perf_counter() - t_start
     return outcome
+
+
+def _forward(model, work: list[_Part], L0: int, settings: TrainSettings, replace: bool):
+    """Per micro-batch: the objective summed over its sequences (weight 0 for an answer already past the
+    threshold, with per-example stopping), the sequences' mean token probabilities, and those weights."""
+    losses, probs, weights = [], [], []
+    for part in work:
+        tok = target_logprobs(_hidden_at_answers(model, part, L0), model.head_weight, part.batch.targets)
+        p = _mean_token_prob(tok, part.batch)
+        w = (~_done(p, settings, replace)).float() if settings.per_example_stop else torch.ones_like(p)
+        losses.append(forget_loss("replace" if replace else settings.objective, tok, part.batch.seq,
+                                  part.batch.n_seq, part.ref_sum, weights=w, beta=settings.beta, reduction="sum"))
+        probs.append(p)
+        weights.append(w)
+    return losses, (torch.cat(probs) if probs else torch.zeros(0)), weights
+
+
+def _done(probs: torch.Tensor, settings: TrainSettings, replace: bool) -> torch.Tensor:
+    return probs > settings.replace_prob if replace else probs < settings.stop_prob
+
+
+def _all_done(probs, settings, replace, dist, device) -> bool:
+    local = bool(_done(probs, settings, replace).all())
+    return local if dist is None else dist.all_true(local, device)
+
+
+def _finite(loss, dist, device) -> bool:
+    finite = bool(torch.isfinite(loss))
+    return finite if dist is None else dist.all_true(finite, device)
+
+
+def _step_loss(model, params, losses, weights, settings, dist, retain_part, retain_ref, L0):
+    """The mean objective over the sequences still being trained, of every micro-batch and rank, plus the
+    retain term."""
+    active = torch.stack([w.sum() for w in weights]).sum() if weights else torch.zeros((), device=model.device)
+    active = active if dist is None else dist.sum_(active.clone())
+    if losses:
+        loss = torch.stack(losses).sum() / active.clamp_min(1)
+    else:  # this rank has nothing left to train: a zero loss keeps it in step with the others
+        loss = sum(p.sum() for p in params) * 0.0
+    if retain_part is not None:
+        share = 1.0 if dist is None else 1.0 / dist.world  # every rank holds the whole retain set
+        loss = loss + share * settings.retain_weight * _retain_term(model, retain_part, L0, settings, retain_ref)
+    if dist is not None and dist.fsdp:
+        loss = loss * dist.world  # FSDP averages the reduce-scatter; the loss is already global
+    return loss
+
+
+# A smaller batch pays for its rebuild (one forward of the remaining sequences) once this many have finished.
+SHRINK_FRACTION = 0.25
+
+
+def _shrink(model, parts, work: list[_Part], weights: list[torch.Tensor], L0: int) -> list[_Part]:
+    """Drop the finished sequences from the micro-batches once enough of them have finished."""
+    total = sum(p.batch.n_seq for p in work)
+    active = int(sum(int(w.sum()) for w in weights))
+    if total == 0 or total - active < SHRINK_FRACTION * total:
+        return work
+    spec = [[p.source, [p.origin[i] for i, x in enumerate(w.tolist()) if x > 0]] for p, w in zip(work, weights)]
+    return _rebuild(model, parts, spec, L0)
+
+
+def _still_to_do(model, parts: list[_Part], probs: torch.Tensor, settings, replace, L0: int) -> list[_Part]:
+    """The micro-batches rebuilt from the sequences that are (again) above the threshold."""
+    spec, offset = [], 0
+    for i, part in enumerate(parts):
+        n = part.batch.n_seq
+        spec.append([i, [j for j, d in enumerate(_done(probs[offset:offset + n], settings, replace).tolist())
+                         if not d]])
+        offset += n
+    return _rebuild(model, parts, spec, L0)
+
+
+def _rebuild(model, parts: list[_Part], spec: list, L0: int) -> list[_Part]:
+    """Micro-batches of the given sequences [[source part, [indices]], ...], packed anew."""
+    return [_precompute(model, parts[src].batch.subset(idx), L0, source=src, origin=list(idx))
+            for src, idx in spec if idx]
 
 
 class _InterruptFlag:
@@ -241,13 +310,14 @@ def _copy(src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
 
 # -- pieces of a step ----------------------------------------------------------------------------------------
 @torch.no_grad()
-def _precompute(model: Transformer, batch: Batch, L0: int) -> _Part:
+def _precompute(model: Transformer, batch: Batch, L0: int, source: int = 0, origin: list[int] | None = None) -> _Part:
     batch = batch.to(model.device)
     positions, mask = _layout(batch)
     h0 = model.embed(batch.input_ids)
     if L0 > 0:
         h0 = model.run_layers(h0, positions, mask, start=0, end=L0)
-    part = _Part(batch, h0, torch.zeros(0), positions, mask)
+    part = _Part(batch, h0, torch.zeros(0), positions, mask, source,
+                 list(range(batch.n_seq)) if origin is None else origin)
     with lora.disabled(model):
         tok = target_logprobs(_hidden_at_answers(model, part, L0), model.head_weight, batch.targets)
     part.ref_sum, _ = per_sequence(tok, batch.seq, batch.n_seq)
@@ -305,7 +375,8 @@ def _fingerprint(settings: TrainSettings, lora_settings: lora.LoraSettings) -> d
     return {"train": d, "lora": lora.settings_dict(lora_settings)}
 
 
-def save_checkpoint(folder: Path, step: int, model, opt, sched, settings, lora_settings) -> None:
+def save_checkpoint(folder: Path, step: int, model, opt, sched, settings, lora_settings,
+                    work: list | None = None) -> None:
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -324,7 +395,7 @@ def save_checkpoint(folder: Path, step: int, model, opt, sched, settings, lora_s
                     opt_steps[f"{name}.{part}"] = float(st["step"])
         save_file(tensors, str(tmp / "state.safetensors"))
         meta = {"step": step, "opt_steps": opt_steps, "scheduler": sched.state_dict(),
-                "fingerprint": _fingerprint(settings, lora_settings)}
+                "fingerprint": _fingerprint(settings, lora_settings), "work": work}
         meta["scheduler"].pop("lr_lambdas", None)
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
         if folder.exists():
@@ -339,7 +410,8 @@ class CheckpointMismatch(ValueError):
     pass
 
 
-def load_checkpoint(folder: Path, model, opt, sched, settings, lora_settings) -> int:
+def load_checkpoint(folder: Path, model, opt, sched, settings, lora_settings) -> tuple[int, list | None]:
+    """Restores adapter, optimiser and schedule; returns the step and the sequences still being trained."""
     from safetensors.torch import load_file
 
     meta = json.loads((folder / "state.json").read_text())
@@ -363,4 +435,4 @@ def load_checkpoint(folder: Path, model, opt, sched, settings, lora_settings) ->
     for group, lr in zip(opt.param_groups, sched_state.get("_last_lr", [])):
         group["lr"] = lr
     sched._last_lr = [g["lr"] for g in opt.param_groups]
-    return int(meta["step"])
+    return int(meta["step"]), meta.get("work")

@@ -1,6 +1,7 @@
 """The trainer: stop criterion, prefix cache, checkpoints and resume, Ctrl-C, divergence."""
 import os
 import signal
+import sys
 
 import pytest
 import torch
@@ -49,9 +50,18 @@ def test_prefix_cache_equals_full_forward(folder):
     assert torch.allclose(cached, full, rtol=1e-5, atol=1e-6)
 
 
-def test_interrupt_then_resume_is_bit_identical(folder, tmp_path):
-    ref_model, ref = _run(folder)
+# per-example stopping that drops finished answers from the batch (and brings back those that return)
+SHRINKING = {"per_example_stop": True, "stop_prob": 0.003, "lr": 5e-2, "objective": "ga", "steps": 8}
+
+
+@pytest.mark.parametrize("settings", [{}, SHRINKING], ids=["plain", "shrinking-batch"])
+def test_interrupt_then_resume_is_bit_identical(folder, tmp_path, settings, monkeypatch):
+    pairs = PAIRS + [([4, 4, 4], [9, 9]), ([7, 8], [60])]
+    monkeypatch.setattr(sys.modules[__name__], "PAIRS", pairs)
+    ref_model, ref = _run(folder, settings=settings)
     want = lora.adapter_state(ref_model)
+    if settings:
+        assert ref.tokens < ref.steps * make_batch(pairs).n_tokens  # finished answers left the batch
 
     ckpt = tmp_path / "run.ckpt"
 
@@ -60,10 +70,10 @@ def test_interrupt_then_resume_is_bit_identical(folder, tmp_path):
             os.kill(os.getpid(), signal.SIGINT)  # handled at the end of this step
 
     with pytest.raises(TrainingInterrupted, match=r"interrupted at step 3: a checkpoint .* --resume"):
-        _run(folder, checkpoint_dir=ckpt, on_step=ctrl_c)
+        _run(folder, checkpoint_dir=ckpt, on_step=ctrl_c, settings=settings)
     assert (ckpt / "state.json").exists() and (ckpt / "state.safetensors").exists()
-    model, out = _run(folder, checkpoint_dir=ckpt, resume=True)
-    assert out.steps == 6
+    model, out = _run(folder, checkpoint_dir=ckpt, resume=True, settings=settings)
+    assert out.steps == ref.steps
     got = lora.adapter_state(model)
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)

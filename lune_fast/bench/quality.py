@@ -47,7 +47,7 @@ GRIDS: dict[str, list[dict]] = {
 }
 
 
-def load_records(path: str | None, n: int, known_ids: str | None = None) -> list[dict]:
+def load_records(path: str | None, n: int | None, known_ids: str | None = None) -> list[dict]:
     from ..api import asset
     from ..data import _json_lines
 
@@ -57,6 +57,19 @@ def load_records(path: str | None, n: int, known_ids: str | None = None) -> list
         keep = set(json.loads(Path(known_ids).read_text()))
         items = [r for r in items if r.get("case_id") in keep]
     return items[:n]
+
+
+def known_records(u, records: list[dict]) -> list[dict]:
+    """The records whose main prompt the frozen model answers with the target (greedy, first line)."""
+    from ..data import read_facts
+    from ..evaluate import answers_with, build_probes, greedy_answers
+
+    facts = read_facts(records).facts
+    if len(facts) != len(records):
+        raise ValueError("--known-only needs every record to be readable")
+    probes = [p for p in build_probes(facts) if p.kind == "forget"]
+    gens = greedy_answers(u.model, u.encoder, probes)
+    return [r for r, p, g in zip(records, probes, gens) if answers_with(g, p.target)]
 
 
 def run(unlearner, records: list[dict], grid: list[dict], base: dict, progress: bool = True,
@@ -107,7 +120,10 @@ def meets_goals(row: dict, mode: str = "suppress") -> bool:
     return local and row["forget"] <= 0.05 and (row["para"] is None or row["para"] <= 0.2)
 
 
-def plot(rows: list[dict], path: str, title: str, baseline: list[tuple[str, float, float]] | None = None) -> bool:
+def plot(rows: list[dict], path: str, title: str, baseline: list[tuple[str, float, float]] | None = None,
+         chosen: tuple[str, ...] = ()) -> bool:
+    """forget vs neighbour recall, one point per setting; calibration points (baseline) as red crosses; the
+    settings in `chosen` (the defaults) as green stars."""
     try:
         import matplotlib
 
@@ -118,7 +134,9 @@ def plot(rows: list[dict], path: str, title: str, baseline: list[tuple[str, floa
         return False
     fig, ax = plt.subplots(figsize=(7, 5))
     for r in rows:
-        ax.scatter(r["forget"], r["neigh"] if r["neigh"] is not None else 0, color="tab:blue")
+        star = r["setting"] in chosen
+        ax.scatter(r["forget"], r["neigh"] if r["neigh"] is not None else 0, color="tab:green" if star else "tab:blue",
+                   marker="*" if star else "o", s=160 if star else 30, zorder=3 if star else 2)
         ax.annotate(_short(r["setting"]), (r["forget"], r["neigh"] or 0), fontsize=6, alpha=0.8)
     for label, f, n in baseline or []:
         ax.scatter(f, n, color="tab:red", marker="x")
@@ -150,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--facts", help="records file (default: the package's facts)")
     ap.add_argument("--known-ids", help="JSON list of case_ids to keep (CounterFact's default-model-knows.json)")
     ap.add_argument("--n", type=int, default=32, help="forget this many records at once")
+    ap.add_argument("--known-only", action="store_true",
+                    help="keep only the records whose prompt the base model answers with the target")
     ap.add_argument("--grid", action="append", choices=sorted(GRIDS), help="named grid(s) of settings")
     ap.add_argument("--settings", action="append", default=[], help="a JSON object of overrides (repeatable)")
     ap.add_argument("--base", default="{}", help="JSON overrides applied to every setting")
@@ -165,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     grid = [g for name in (a.grid or []) for g in GRIDS[name]] + [json.loads(s) for s in a.settings]
     if not grid:
         grid = [{}]
-    records = load_records(a.facts, a.n, a.known_ids)
+    records = load_records(a.facts, None if a.known_only else a.n, a.known_ids)
     u = Unlearner(a.model, dtype=a.dtype)
+    if a.known_only:
+        records = known_records(u, records)[: a.n]
     base = json.loads(a.base)
     mode = base.get("mode", "suppress")
 
