@@ -48,7 +48,7 @@ class Settings:
     objective: str = "npo"
     rank: int = 8
     alpha: float = 16.0
-    targets: str = "gate,up,down"
+    targets: str | None = None  # None = the mode's measured default: suppress gate,up,down; replace all
     layers: str = "8-20"
     rslora: bool = False
     steps: int = 60
@@ -72,6 +72,13 @@ class Settings:
     max_new_tokens: int = 24
     checkpoint_every: int = 0
     max_batch_tokens: int = 4096  # per micro-batch; larger forget sets accumulate gradients over several
+
+    def resolved(self) -> "Settings":
+        """The mode's measured defaults filled in (benchmarks/RESULTS.md, section 2): in replace mode, adapters
+        on all seven projections with two anchors per fact keep the most neighbours (0.81, vs 0.51 without)."""
+        replace_mode = self.mode == "replace"
+        return replace(self, anchors=(2 if replace_mode else 0) if self.anchors is None else self.anchors,
+                       targets=("all" if replace_mode else "gate,up,down") if self.targets is None else self.targets)
 
     def check(self) -> None:
         if self.mode not in ("suppress", "replace"):
@@ -195,6 +202,8 @@ class Unlearner:
             lora_settings = self._shard_with_adapters(s, read.facts)
         # 1. what to train on; refuses what cannot fit before any work
         pairs, facts = self._training_pairs(read.facts, s, read.skipped)
+        if self.dist is not None and len(pairs) < self.dist.world:
+            raise DataError(f"{len(pairs)} training example(s) for {self.dist.world} ranks: run on fewer processes")
         before = self.base_evaluation(facts, texts, replace_mode, s.max_new_tokens, progress) \
             if evaluate_before else None
         # 2. where the adapter goes, the retain anchors, the micro-batches
@@ -202,12 +211,9 @@ class Unlearner:
             lora_settings = self._lora_settings(s, facts)
         anchors = build_anchors(self.model, self.encoder, facts, s.anchors, s.anchor_candidates, s.anchor_min_prob,
                                 s.seed) if s.anchors > 0 else []
-        if self.dist is not None and len(pairs) < self.dist.world:
-            raise DataError(f"{len(pairs)} training example(s) for {self.dist.world} ranks: run on fewer processes")
         batches, retain_batch = self._batches(distributed.shard(pairs, self.dist), anchors, retain, s,
                                               lora_settings)
-        fsdp = self.fsdp
-        if fsdp and checkpoint_dir is not None:
+        if self.fsdp and checkpoint_dir is not None:
             checkpoint_dir = None  # sharded optimiser state: checkpoints are a data-parallel feature for now
         # 3. train (a diverged run keeps its last good adapter), evaluate, detach
         t_train = time.perf_counter()
@@ -217,7 +223,7 @@ class Unlearner:
                 outcome = train(self.model, batches, lora_settings, TrainSettings(**{
                     f.name: getattr(s, f.name) for f in fields(TrainSettings) if hasattr(s, f.name)}),
                     replace=replace_mode, retain=retain_batch, checkpoint_dir=checkpoint_dir, resume=resume,
-                    progress=progress, dist=self.dist, attached=fsdp)
+                    progress=progress, dist=self.dist, attached=self.fsdp)
             except TrainingDiverged as e:
                 error = str(e)
                 outcome = TrainOutcome(steps=e.step - 1, stopped="diverged", seconds=0.0, tokens=0)
@@ -226,7 +232,7 @@ class Unlearner:
                 if evaluate_after else None
             state = lora.adapter_state(self.model)
         finally:
-            if not fsdp:  # a sharded model stays as it is: one request per process under FSDP
+            if not self.fsdp:  # a sharded model stays as it is: one request per process under FSDP
                 lora.detach(self.model)
         # 4. the result: adapter, METRICS (paraphrases/neighbours on what the base model answered), cost
         known = before.known_mask() if before is not None else None
@@ -253,8 +259,7 @@ class Unlearner:
         s = replace(self.defaults, **({"mode": mode} if mode else {}), **overrides)
         if s.mode == "replace" and "objective" not in overrides:
             s = replace(s, objective="replace")
-        if s.anchors is None:
-            s = replace(s, anchors=2 if s.mode == "replace" else 0)
+        s = s.resolved()
         s.check()
         return s
 

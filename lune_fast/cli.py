@@ -33,7 +33,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
-    p.add_argument("--targets", default=d.targets, help="q,k,v,o,gate,up,down (or all, mlp, attn)")
+    p.add_argument("--targets", default=None,
+                   help="q,k,v,o,gate,up,down (or all, mlp, attn); default: gate,up,down (suppress), all (replace)")
     p.add_argument("--layers", default=d.layers, help="e.g. 8-20, 3,5,9 or all")
     p.add_argument("--steps", type=int, default=d.steps, help="maximum optimiser steps")
     p.add_argument("--lr", type=float, default=d.lr)

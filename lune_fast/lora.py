@@ -180,7 +180,19 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if not self.enabled or self.merged:
             return self.base(x)
+        if not torch.is_grad_enabled() and not use_triton(x.device):
+            return self._inference(x)
         return lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scale)
+
+    def _inference(self, x):
+        """No autograd: the base product and one addmm (at batch 1 on a CPU the per-call overheads are most of
+        an adapter's cost). The adapter is cast afresh each call: a cached cast cannot see FSDP refilling the
+        unsharded parameters in place."""
+        y = self.base(x)
+        a_t = self.lora_A.to(x.dtype).t()
+        b_t = (self.lora_B * self.scale).to(x.dtype).t()
+        y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ a_t, b_t)
+        return y
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale

@@ -165,7 +165,7 @@ def _load_hf(args):
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
     tok = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    return Settings(), _records(args.facts, args.n), tok, model, PeakRSS.current() / 2**20
+    return Settings().resolved(), _records(args.facts, args.n), tok, model, PeakRSS.current() / 2**20
 
 
 def worker_peft(args) -> dict:

@@ -11,6 +11,7 @@ tokens one at a time with the KV cache, batch 1, per token. Overheads are relati
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", default="all")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     from .. import lora
@@ -49,30 +51,35 @@ def main(argv: list[str] | None = None) -> int:
     def decode():
         generate(model, [prompt], a.decode, eos_token_id=[])
 
-    def measure():
-        with torch.inference_mode():
-            # alternate repeats so that load drift hits all variants alike
-            return (median_seconds(prefill, a.repeats, 2, sync), median_seconds(decode, max(3, a.repeats // 2), 1, sync))
-
     settings = lora.LoraSettings(rank=a.rank, alpha=2 * a.rank, targets=lora.parse_targets(a.targets),
                                  layers=lora.parse_layers(a.layers, model.config.num_hidden_layers))
-    results = {}
-    for variant in ("base", "unmerged", "merged", "base_again"):
+
+    def set_variant(variant: str) -> None:
         lora.detach(model)
-        if variant in ("unmerged", "merged"):
+        if variant != "base":
             adapters = lora.attach(model, settings, seed=0)
             with torch.no_grad():
                 for m in adapters.values():
                     m.lora_B.normal_(0, 0.01, generator=torch.Generator().manual_seed(1))
             if variant == "merged":
                 lora.merge(model)
-        results[variant] = measure()
+
+    # rounds over the three variants (A B C A B C ...) so that the machine's drifting load hits each alike;
+    # each figure is the median over rounds of a median over repeats
+    variants = ("base", "unmerged", "merged")
+    samples = {v: ([], []) for v in variants}
+    for _ in range(a.rounds):
+        for v in variants:
+            set_variant(v)
+            with torch.inference_mode():
+                samples[v][0].append(median_seconds(prefill, a.repeats, 1, sync))
+                samples[v][1].append(median_seconds(decode, max(2, a.repeats // 3), 1, sync))
     lora.detach(model)
-    base_p = min(results["base"][0], results["base_again"][0])
-    base_d = min(results["base"][1], results["base_again"][1])
+    med = {v: (statistics.median(p), statistics.median(d)) for v, (p, d) in samples.items()}
+    base_p, base_d = med["base"]
     rows = [{"variant": v, "prefill_ms": 1e3 * p, "prefill_overhead_%": 100 * (p / base_p - 1),
              "decode_ms_per_token": 1e3 * d / a.decode, "decode_overhead_%": 100 * (d / base_d - 1)}
-            for v, (p, d) in results.items()]
+            for v, (p, d) in med.items()]
     info = machine()
     print(info)
     print(f"{a.model} {model.dtype} on {dev}; adapter r={a.rank} on {a.targets}, layers {a.layers}; "
