@@ -228,7 +228,8 @@ class Unlearner:
                 error = str(e)
                 outcome = TrainOutcome(steps=e.step - 1, stopped="diverged", seconds=0.0, tokens=0)
             train_seconds = time.perf_counter() - t_train
-            after = evaluate(self.model, self.encoder, facts, texts, replace_mode, s.max_new_tokens, progress) \
+            after = evaluate(self.model, self.encoder, facts, texts, replace_mode, s.max_new_tokens, progress,
+                             self.dist) \
                 if evaluate_after else None
             state = lora.adapter_state(self.model)
         finally:
@@ -309,7 +310,7 @@ class Unlearner:
         key = hashlib.sha256(repr((facts, texts, replace_mode, max_new_tokens)).encode()).hexdigest()
         if key not in self._base_evals:
             self._base_evals[key] = evaluate(self.model, self.encoder, facts, texts, replace_mode, max_new_tokens,
-                                             progress)
+                                             progress, self.dist)
         return self._base_evals[key]
 
     # -- helpers -----------------------------------------------------------------------------------------------

@@ -71,6 +71,18 @@ def shard(items: list, d: Dist | None) -> list:
     return items if d is None else items[d.rank::d.world]
 
 
+def unshard(mine: list, n: int, d: Dist | None) -> list:
+    """The inverse of `shard`: every rank's share gathered back into the whole list, in its order."""
+    if d is None:
+        return mine
+    parts: list = [None] * d.world
+    dist.all_gather_object(parts, mine)
+    out: list = [None] * n
+    for r, part in enumerate(parts):
+        out[r::d.world] = part
+    return out
+
+
 def fully_shard_blocks(model) -> None:
     """FSDP2 over the transformer blocks (frozen weights and adapters); the rest stays replicated."""
     from torch.distributed.fsdp import fully_shard

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .distributed import Dist, shard, unshard
 from .data import Batch, Encoder, Fact, make_batch
 from .losses import per_sequence, target_logprobs
 from .model import Transformer, generate
@@ -152,15 +153,21 @@ def perplexity(model: Transformer, enc: Encoder, texts: list[str], batch_size: i
 
 
 def evaluate(model: Transformer, enc: Encoder, facts: list[Fact], retain_texts: list[str] | None = None,
-             replace: bool = False, max_new_tokens: int = 24, progress: bool = False) -> Evaluation:
+             replace: bool = False, max_new_tokens: int = 24, progress: bool = False,
+             dist: Dist | None = None) -> Evaluation:
+    """METRICS of `facts` (recall of targets, paraphrases, neighbours; answer log-prob; retain perplexity).
+    Under data parallel each rank generates its share of the prompts; under FSDP every rank runs every
+    forward (the sharded blocks all-gather in lockstep), so there the work is not split."""
     probes = build_probes(facts)
+    split = dist if dist is not None and not dist.fsdp else None
+    mine = shard(probes, split)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(probes), desc="evaluating", unit="prompt", leave=False)
+        bar = tqdm(total=len(mine), desc="evaluating", unit="prompt", leave=False)
     try:
-        gens = greedy_answers(model, enc, probes, max_new_tokens, progress=bar)
+        gens = unshard(greedy_answers(model, enc, mine, max_new_tokens, progress=bar), len(probes), split)
     finally:
         if bar is not None:
             bar.close()

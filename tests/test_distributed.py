@@ -84,3 +84,20 @@ def test_a_failing_rank_ends_the_job(tiny_lm, facts_file, tmp_path):
     assert proc.returncode != 0
     assert "rank 1 failed on purpose" in proc.stderr + proc.stdout
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
+def test_evaluation_shares_gather_back_in_order(tmp_path):
+    # evaluation splits its prompts every world-th across ranks; an odd count leaves the ranks unequal shares
+    script = tmp_path / "roundtrip.py"
+    script.write_text(
+        "from lune_fast import distributed\n"
+        "d = distributed.from_env()\n"
+        "items = [f'p{i}' for i in range(7)]\n"
+        "mine = distributed.shard(items, d)\n"
+        "back = distributed.unshard([s.upper() for s in mine], len(items), d)\n"
+        "assert back == [s.upper() for s in items], back\n"
+        "print('ROUNDTRIP', d.rank, len(mine))\n")
+    proc = _torchrun([], script=script, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(proc.stdout.split("ROUNDTRIP")[1:]) == [" 0 4\n", " 1 3\n"]
