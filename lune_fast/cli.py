@@ -124,7 +124,7 @@ def cmd_unlearn(a) -> int:
                       evaluate_before=not a.no_eval, evaluate_after=not a.no_eval, checkpoint_dir=ckpt,
                       resume=a.resume, **_settings_from_args(a))
     if u.dist is not None and not u.dist.is_main:
-        u.dist.barrier()  # rank 0 writes; the others wait so that the job ends together
+        u.dist.close()  # rank 0 writes; the others wait so that the job ends together
         return 0
     for line in result.skipped:
         print(f"lune-fast: skipped {line}", file=sys.stderr)
@@ -138,7 +138,7 @@ def cmd_unlearn(a) -> int:
         print(json.dumps(result.cost))
         print(f"adapter and report written to {out}")
     if u.dist is not None:
-        u.dist.barrier()
+        u.dist.close()
     if result.error:
         print(f"lune-fast: {result.error}", file=sys.stderr)
         return EXIT_DIVERGED

@@ -54,6 +54,12 @@ class Dist:
     def barrier(self) -> None:
         dist.barrier()
 
+    def close(self) -> None:
+        """Every rank ends together and the process group is torn down before exit (a rank that leaves while
+        another still uses the group can abort it)."""
+        dist.barrier()
+        dist.destroy_process_group()
+
 
 def from_env(fsdp: bool = False, device: torch.device | None = None) -> Dist | None:
     """The process group of a torchrun launch (gloo on CPU, NCCL on CUDA), or None for a single process."""
