@@ -23,10 +23,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     from .api import Settings
+    from .losses import OBJECTIVES
 
     d = Settings()
     p.add_argument("--mode", default=d.mode, choices=["suppress", "replace"])
-    p.add_argument("--objective", default=None, choices=["npo", "ga", "ul", "simnpo", "replace"],
+    p.add_argument("--objective", default=None, choices=OBJECTIVES,
                    help=f"default: {d.objective} (suppress), replace (replace mode)")
     p.add_argument("--retain", help="facts whose answers must be kept (NLL or KL retain term)")
     p.add_argument("--retain-text", help="texts for retain perplexity (default: the package's own)")

@@ -13,14 +13,15 @@ SETTINGS = lora.LoraSettings(rank=4, alpha=8, targets=("q", "v", "o", "gate", "u
 PAIRS = [([3, 17, 42, 9], [100, 7]), ([5, 6], [11, 12, 13]), ([88, 1, 2], [150])]
 
 
-def _formula(objective, lp_list, ref_sums):
+def _formula(objective, lp_list, ref_toks):
     vals = []
-    for lp, ref in zip(lp_list, ref_sums):
-        mean, total = lp.mean(), lp.sum()
+    for lp, ref_t in zip(lp_list, ref_toks):
+        mean, total, ref = lp.mean(), lp.sum(), ref_t.sum()
         vals.append({
             "ga": mean,
             "ul": (-torch.log(1 - lp.exp())).mean(),
             "npo": 2 / 0.1 * F.softplus(0.1 * (total - ref)),
+            "npo_tok": (2 / 1.0 * F.softplus(1.0 * (lp - ref_t))).mean(),
             "simnpo": 2 / 4.5 * F.softplus(4.5 * mean),
             "replace": -mean,
         }[objective])
@@ -45,14 +46,14 @@ def _adapted(folder, dtype):
     return m, adapters
 
 
-@pytest.mark.parametrize("objective", ["ga", "ul", "npo", "simnpo", "replace"])
+@pytest.mark.parametrize("objective", ["ga", "ul", "npo", "npo_tok", "simnpo", "replace"])
 def test_objective_gradients_match_float64(folder, objective, monkeypatch):
     batch = make_batch(PAIRS)
     # ours: float32, prefix cache below layer 1, answer positions only, fused head op
     m32, ad32 = _adapted(folder, torch.float32)
     part = trainer._precompute(m32, batch, L0=1)
     tok = trainer.target_logprobs(trainer._hidden_at_answers(m32, part, 1), m32.head_weight, batch.targets)
-    loss = trainer.forget_loss(objective, tok, batch.seq, batch.n_seq, part.ref_sum)
+    loss = trainer.forget_loss(objective, tok, batch.seq, batch.n_seq, part.ref_sum, ref_tok=part.ref_tok)
     loss.backward()
 
     # reference: float64, plain LoRA ops, full forward and full log_softmax
@@ -66,8 +67,8 @@ def test_objective_gradients_match_float64(folder, objective, monkeypatch):
     tok64 = logp[batch.sel, batch.targets]
     ref_tok = ref_logp[batch.sel, batch.targets]
     per_seq = [tok64[batch.seq == i] for i in range(batch.n_seq)]
-    ref_sums = [ref_tok[batch.seq == i].sum() for i in range(batch.n_seq)]
-    loss64 = _formula(objective, per_seq, ref_sums)
+    ref_toks = [ref_tok[batch.seq == i] for i in range(batch.n_seq)]
+    loss64 = _formula(objective, per_seq, ref_toks)
     loss64.backward()
 
     assert rel_err(loss.detach(), loss64.detach()) <= 1e-5

@@ -1,15 +1,18 @@
 """Quality frontier: forget vs paraphrase vs neighbour recall, retain perplexity and train time, over settings.
 
     lune-fast bench quality [--facts FILE] [--n 32] [--grid NAME | --settings JSON ...] [--mode suppress]
-                            [--json OUT] [--md OUT] [--plot OUT.png]
+                            [--relearn] [--json OUT] [--md OUT] [--plot OUT.png]
 
 One model load; the base model's evaluation is computed once and reused; each setting trains a fresh adapter.
 Grids are named lists of overrides of lune_fast.api.Settings (see GRIDS) or given inline as JSON objects.
+--relearn adds the relearning attack to each setting (see `relearn_probe`).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,7 +76,7 @@ def known_records(u, records: list[dict]) -> list[dict]:
 
 
 def run(unlearner, records: list[dict], grid: list[dict], base: dict, progress: bool = True,
-        on_row=None) -> list[dict]:
+        on_row=None, relearn: bool = False) -> list[dict]:
     from tqdm.auto import tqdm
 
     rows = []
@@ -82,10 +85,49 @@ def run(unlearner, records: list[dict], grid: list[dict], base: dict, progress: 
         t0 = time.perf_counter()
         r = unlearner.forget(records, progress=False, **settings)
         row = {"setting": json.dumps(overrides, sort_keys=True), **_flat(r), "wall_s": time.perf_counter() - t0}
+        if relearn:
+            row.update(relearn_probe(unlearner, records, r))
         rows.append(row)
         if on_row:
             on_row(row)
     return rows
+
+
+def relearn_probe(unlearner, records: list[dict], result, fraction: float = 0.1, steps: int = 20,
+                  lr: float = 1e-3, seed: int = 0) -> dict:
+    """The relearning attack: fold the unlearning adapter into a copy of the model, fine-tune a fresh LoRA
+    (r 8 on all seven projections of every layer: an attacker with more reach than the unlearner) for `steps`
+    steps on the true answers of `fraction` of the forgotten records, then measure the recall of the others.
+    Recall that comes back on facts the attacker never showed means the knowledge was hidden, not removed."""
+    import copy
+
+    from .. import lora
+    from ..api import PACK_TOKENS
+    from ..data import make_batch, read_facts
+    from ..evaluate import evaluate
+    from ..trainer import TrainSettings, train
+
+    facts = read_facts(records).facts
+    k = max(1, round(fraction * len(facts)))
+    shown = set(random.Random(seed).sample(range(len(facts)), k))
+    attack = [f for i, f in enumerate(facts) if i in shown]
+    held = [f for i, f in enumerate(facts) if i not in shown]
+    model = copy.deepcopy(unlearner.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        result.save(Path(tmp) / "adapter")
+        lora.load_adapter(model, Path(tmp) / "adapter")
+    lora.merge_and_unload(model)
+    recall_unlearned = evaluate(model, unlearner.encoder, held).metrics()["forget_recall"]
+    enc = unlearner.encoder
+    batch = make_batch([enc.pair(f.prompt, f.target, f.chat) for f in attack], unlearner._pad_id(), pack=PACK_TOKENS)
+    attacker = lora.LoraSettings(rank=8, alpha=16, targets=lora.parse_targets("all"),
+                                 layers=tuple(range(model.config.num_hidden_layers)))
+    outcome = train(model, [batch], attacker, TrainSettings(objective="replace", lr=lr, steps=steps, replace_prob=2.0,
+                                                            seed=seed), replace=True, progress=False)
+    after = evaluate(model, enc, held).metrics()
+    shown_recall = evaluate(model, enc, attack).metrics()["forget_recall"]
+    return {"relearn_shown": k, "relearn_steps": outcome.steps, "held_recall_unlearned": recall_unlearned,
+            "held_recall_attacked": after["forget_recall"], "shown_recall_attacked": shown_recall}
 
 
 def unseen_neighbor_recall(r) -> float | None:
@@ -158,6 +200,7 @@ def _short(setting: str) -> str:
     return ",".join(f"{k}={v}" for k, v in d.items()) or "default"
 
 
+RELEARN_COLUMNS = ["relearn_shown", "held_recall_unlearned", "held_recall_attacked", "shown_recall_attacked"]
 COLUMNS = ["setting", "forget", "para", "neigh", "neigh_unseen", "replace", "ppl_rel", "anchors", "steps", "train_s",
            "stopped"]
 
@@ -175,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default="{}", help="JSON overrides applied to every setting")
     ap.add_argument("--model", default="default")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--relearn", action="store_true",
+                    help="add the relearning attack: 20 steps on 10%% of the records, recall of the rest")
     ap.add_argument("--json", help="write rows here (JSON)")
     ap.add_argument("--jsonl", help="append each row here as it finishes")
     ap.add_argument("--md", help="write the Markdown table here")
@@ -197,10 +242,10 @@ def main(argv: list[str] | None = None) -> int:
             with open(a.jsonl, "a") as fh:
                 fh.write(json.dumps({**row, "facts": a.facts, "n": len(records), "base": base}) + "\n")
 
-    rows = run(u, records, grid, base, on_row=append)
+    rows = run(u, records, grid, base, on_row=append, relearn=a.relearn)
     for r in rows:
         r["goals"] = "yes" if meets_goals(r, json.loads(r["setting"]).get("mode", mode)) else "no"
-    table = markdown_table(rows, COLUMNS + ["goals"])
+    table = markdown_table(rows, COLUMNS + ["goals"] + (RELEARN_COLUMNS if a.relearn else []))
     print(f"{len(records)} records from {a.facts or 'the package facts'}, dtype {u.dtype}, base {base}")
     print(table)
     if a.md:
