@@ -179,7 +179,8 @@ def plot(rows: list[dict], path: str, title: str, baseline: list[tuple[str, floa
         star = r["setting"] in chosen
         ax.scatter(r["forget"], r["neigh"] if r["neigh"] is not None else 0, color="tab:green" if star else "tab:blue",
                    marker="*" if star else "o", s=160 if star else 30, zorder=3 if star else 2)
-        ax.annotate(_short(r["setting"]), (r["forget"], r["neigh"] or 0), fontsize=6, alpha=0.8)
+        if star or len(rows) <= 12:  # beyond a dozen points the labels only hide each other
+            ax.annotate(_short(r["setting"]), (r["forget"], r["neigh"] or 0), fontsize=7 if star else 6, alpha=0.8)
     for label, f, n in baseline or []:
         ax.scatter(f, n, color="tab:red", marker="x")
         ax.annotate(label, (f, n), fontsize=6, color="tab:red")
