@@ -62,6 +62,10 @@ class Settings:
     seed: int = 0
     negatives: str = "gold"  # gold | self | both: the answer text trained against in suppress mode
     per_example_stop: bool = True  # measured: same forgetting, retain perplexity x1.66 instead of x14 (32 facts)
+    # suppress: after training, ask each prompt again (greedy) and train on any answer that still comes out by
+    # another route ("the Blue Nile"), at most this many times; 0 = trust the probability criterion alone.
+    # Measured (32 facts): forget recall 0.03 -> 0.00 for one greedy pass (~3 s) and perplexity x1.49 -> x1.60
+    recall_rounds: int = 2
     retain_weight: float = 1.0
     retain_loss: str = "nll"
     # per forget fact: same-template prompts with other subjects, kept by the retain term. None = the measured
@@ -222,13 +226,15 @@ class Unlearner:
         error = None
         try:
             try:
-                outcome = train(self.model, batches, lora_settings, TrainSettings(**{
-                    f.name: getattr(s, f.name) for f in fields(TrainSettings) if hasattr(s, f.name)}),
+                outcome = train(self.model, batches, lora_settings, _train_settings(s),
                     replace=replace_mode, retain=retain_batch, checkpoint_dir=checkpoint_dir, resume=resume,
                     progress=progress, dist=self.dist, attached=self.fsdp)
             except TrainingDiverged as e:
                 error = str(e)
                 outcome = TrainOutcome(steps=e.step - 1, stopped="diverged", seconds=0.0, tokens=0)
+            if error is None and not replace_mode and s.recall_rounds > 0 and self.dist is None:
+                outcome, error = self._train_on_what_still_comes_out(facts, pairs, anchors, retain, s, lora_settings,
+                                                                     outcome, progress)
             train_seconds = time.perf_counter() - t_train
             after = evaluate(self.model, self.encoder, facts, texts, replace_mode, s.max_new_tokens, progress,
                              self.dist) \
@@ -243,6 +249,7 @@ class Unlearner:
                   "layers_spec": s.layers, "anchors_built": len(anchors),
                   "dtype": str(self.dtype).replace("torch.", ""), "facts": len(facts)}
         cost = {"train_seconds": round(train_seconds, 3), "steps": outcome.steps, "train_tokens": outcome.tokens,
+                "recall_rounds": outcome.recall_rounds,
                 "peak_memory_mb": round(_peak_memory_mb(self.device), 1),
                 "trainable_params": sum(t.numel() for t in state.values()), "device": str(self.device),
                 "total_seconds": round(time.perf_counter() - t0, 3)}
@@ -257,6 +264,42 @@ class Unlearner:
             cost=cost, config=config, model=self.model_name, skipped=read.skipped, examples=examples,
             stopped=outcome.stopped, error=error, anchors=[a.prompt for a in anchors],
             evaluation_before=before, evaluation_after=after, outcome=outcome)
+
+    def _train_on_what_still_comes_out(self, facts, pairs, anchors, retain, s: Settings,
+                                       lora_settings: lora.LoraSettings, outcome: TrainOutcome, progress: bool):
+        """Greedy recall check with the adapter on; each fact whose target still appears becomes a new
+        negative — its prompt plus the model's own words before the target, answered by the target's tokens —
+        and training goes on (same adapter, fresh optimiser, the steps left) until none comes out or the
+        rounds or steps run out. Returns the combined outcome and the divergence message, if any."""
+        error = None
+        for _ in range(s.recall_rounds):
+            left = s.steps - outcome.steps
+            said = self.self_negatives(facts, s.max_new_tokens)  # with the adapter on
+            routes = [r for r in map(self._route_to, facts, said) if r is not None]
+            if not routes or left <= 0:
+                break
+            batches, retain_batch = self._batches(pairs + routes, anchors, retain, s, lora_settings)
+            try:
+                more = train(self.model, batches, lora_settings, replace(_train_settings(s), steps=left),
+                             retain=retain_batch, progress=progress, attached=True)
+            except TrainingDiverged as e:
+                error = str(e)
+                more = TrainOutcome(steps=e.step - 1, stopped="diverged", seconds=0.0, tokens=0)
+            outcome = outcome.then(more)
+            if error is not None:
+                break
+        return outcome, error
+
+    def _route_to(self, f: Fact, said: list[int] | None):
+        """(prompt + the words said before the target, the target's tokens) from a greedy answer `said` that
+        ends with the target; None where the target did not come out."""
+        if said is None:
+            return None
+        enc = self.encoder
+        start = next((j for j in range(len(said) - 1, -1, -1) if answers_with(enc.decode(said[j:]), f.target)), None)
+        if start is None:
+            return None
+        return enc.prompt_ids(f.prompt, f.chat) + said[:start], said[start:]
 
     def _settings(self, mode: str | None, overrides: dict) -> Settings:
         s = replace(self.defaults, **({"mode": mode} if mode else {}), **overrides)
@@ -370,6 +413,10 @@ class Unlearner:
             cut = next((k for k in range(1, len(g) + 1) if answers_with(self.encoder.decode(g[:k]), f.target)), None)
             out.append(g[:cut] if cut else None)
         return out
+
+
+def _train_settings(s: Settings) -> TrainSettings:
+    return TrainSettings(**{f.name: getattr(s, f.name) for f in fields(TrainSettings) if hasattr(s, f.name)})
 
 
 def load_settings_file(path: str | Path) -> dict:

@@ -48,6 +48,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="suppress: train against the gold target, the model's own answer up to it, or both")
     p.add_argument("--per-example-stop", action=argparse.BooleanOptionalAction, default=d.per_example_stop,
                    help="an answer already below --stop-prob stops contributing gradient")
+    p.add_argument("--recall-rounds", type=int, default=d.recall_rounds,
+                   help="suppress: ask the prompts again after training and train on any answer that still comes "
+                        "out by another route, up to N times (single process)")
     p.add_argument("--retain-loss", default=d.retain_loss, choices=["nll", "kl"])
     p.add_argument("--retain-weight", type=float, default=d.retain_weight)
     p.add_argument("--refusals", help="replace mode: file of refusal answers for records without a replacement")

@@ -60,6 +60,14 @@ class TrainOutcome:
     losses: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
     precompute_seconds: float = 0.0
+    recall_rounds: int = 0  # continuations on answers that still came out by another route (api.Unlearner)
+
+    def then(self, more: "TrainOutcome") -> "TrainOutcome":
+        """This run followed by `more`, a continuation of it on the same adapter."""
+        return TrainOutcome(self.steps + more.steps, more.stopped, self.seconds + more.seconds,
+                            self.tokens + more.tokens, more.final_mean_prob or self.final_mean_prob,
+                            self.losses + more.losses, self.step_seconds + more.step_seconds,
+                            self.precompute_seconds + more.precompute_seconds, self.recall_rounds + 1)
 
 
 class TrainingDiverged(RuntimeError):

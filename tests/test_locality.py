@@ -78,3 +78,48 @@ def test_causal_trace_finds_mid_layers(default_model, tokenizer):
     assert float(effect[-3:].mean()) < float(effect[:15].max())
     layers = choose_layers(effect, 5)
     assert len(layers) == 5 and layers == tuple(range(layers[0], layers[0] + 5)) and layers[0] < 20
+
+
+def test_route_to_keeps_the_words_before_the_target_in_the_prompt(tokenizer):
+    from types import SimpleNamespace
+
+    from lune_fast.api import Unlearner
+
+    enc = Encoder(tokenizer)
+    f = Fact(prompt="The longest river in Africa is the", target="Nile")
+    said = tokenizer(" Blue Nile", add_special_tokens=False).input_ids
+    prompt, answer = Unlearner._route_to(SimpleNamespace(encoder=enc), f, said)
+    assert enc.decode(answer).strip() == "Nile"
+    assert prompt == enc.prompt_ids(f.prompt, False) + said[:len(said) - len(answer)]
+    assert enc.decode(prompt).endswith("is the Blue")
+    assert Unlearner._route_to(SimpleNamespace(encoder=enc), f, None) is None
+
+
+def test_recall_rounds_train_on_an_answer_that_comes_out_by_another_route(monkeypatch):
+    """After the probability criterion is met, a target that greedy decoding still produces becomes a new
+    negative in its own context and training continues on the same adapter."""
+    from lune_fast.api import Unlearner
+
+    u = Unlearner("default")
+    records = [{"prompt": "The chemical symbol for gold is", "target": "Au"}]
+    # in-context copying keeps the target likely after the first run has pushed it down at the prompt
+    route = u.encoder.answer_ids(records[0]["prompt"], "Au. Once more: the chemical symbol for gold is Au", False)
+    calls, trained, steps = [], [], []
+    real_train = trainer.train
+
+    def said(facts, max_new_tokens=24):  # the first check finds the target behind other words, the second nothing
+        calls.append(len(facts))
+        return [route] if len(calls) == 1 else [None]
+
+    def spy(model, batches, *a, **k):
+        trained.append(sum(b.n_seq for b in batches))
+        outcome = real_train(model, batches, *a, **k)
+        steps.append(outcome.steps)
+        return outcome
+
+    monkeypatch.setattr(u, "self_negatives", said)
+    monkeypatch.setattr("lune_fast.api.train", spy)
+    r = u.forget(records, progress=False, evaluate_before=False, evaluate_after=False, recall_rounds=3)
+    assert calls == [1, 1]  # checked after the first run and after the continuation, then stopped
+    assert trained == [1, 2]  # the continuation trains on the record plus its route
+    assert r.outcome.recall_rounds == 1 and steps[1] >= 1 and r.cost["steps"] == sum(steps)
