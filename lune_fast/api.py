@@ -407,7 +407,8 @@ class Unlearner:
         not say the target."""
         prompts = [self.encoder.prompt_ids(f.prompt, f.chat) for f in facts]
         gens = generate(self.model, prompts, max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-                        pad_token_id=self._pad_id())
+                        pad_token_id=self._pad_id(), stop=self.encoder.line_stop(self.model.config.vocab_size,
+                                                                                 self.model.device))
         out = []
         for f, g in zip(facts, gens):
             cut = next((k for k in range(1, len(g) + 1) if answers_with(self.encoder.decode(g[:k]), f.target)), None)

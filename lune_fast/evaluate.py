@@ -108,7 +108,7 @@ def greedy_answers(model: Transformer, enc: Encoder, probes: list[Probe], max_ne
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         gens = generate(model, [prompt_ids[i] for i in idx], max_new_tokens, eos_token_id=_eos(enc, model),
-                        pad_token_id=pad)
+                        pad_token_id=pad, stop=enc.line_stop(model.config.vocab_size, model.device))
         for i, g in zip(idx, gens):
             out[i] = enc.decode(g)
         if progress is not None:

@@ -190,6 +190,11 @@ class KVCache:
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.length = 0
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Only these batch rows go on decoding."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -345,12 +350,34 @@ def _allowed(key_mask: torch.Tensor, Tq: int, window: int | None, offset: int = 
     return allowed | (qi == kj)[None, None]
 
 
+@dataclass
+class LineStop:
+    """Per-token facts that let greedy decoding stop at the end of the first non-empty line (all that recall
+    reads): `closing` tokens end a line that has text before their newline, `newline` tokens end a line,
+    `content` tokens hold some non-whitespace text. bool [vocab] each."""
+    closing: torch.Tensor
+    newline: torch.Tensor
+    content: torch.Tensor
+
+    @classmethod
+    def from_texts(cls, texts: list[str], vocab: int, device) -> "LineStop":
+        def mask(pred):
+            m = torch.zeros(max(vocab, len(texts)), dtype=torch.bool)
+            m[[i for i, s in enumerate(texts) if pred(s)]] = True
+            return m.to(device)
+
+        return cls(mask(lambda s: "\n" in s and s.split("\n", 1)[0].strip() != ""), mask(lambda s: "\n" in s),
+                   mask(lambda s: s.strip() != ""))
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 24,
-             eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, return_logprobs: bool = False):
+             eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, return_logprobs: bool = False,
+             stop: LineStop | None = None):
     """Greedy decoding for a batch of token-id prompts (left padded, KV cache). Returns the new tokens of
-    each prompt, cut after the first end-of-sequence token (and, with return_logprobs, each chosen token's
-    log-probability)."""
+    each prompt, cut after the first end-of-sequence token (or, with `stop`, after the end of the first
+    non-empty line), and with return_logprobs each chosen token's log-probability. A row that has finished
+    leaves the batch, so the rest decode at the smaller batch."""
     if not prompts:
         return ([], []) if return_logprobs else []
     cfg, dev = model.config, model.device
@@ -372,21 +399,28 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     mask = AttnMask(False, _allowed(key_mask[:, :T], T, cfg.sliding_window)) if explicit else AttnMask()
     h = model.run_layers(model.embed(ids), positions, mask, cache=cache)
     cache.length = T
-    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=dev)
-    scores = torch.empty(B, max_new_tokens, dtype=torch.float32, device=dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    out = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=dev)
+    scores = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev)
+    rows = torch.arange(B, device=dev)  # the original index of each row still decoding
+    started = torch.zeros(B, dtype=torch.bool, device=dev)  # its first non-empty line has begun
     eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=dev)
     next_pos = positions[:, -1:] + 1
     for t in range(max_new_tokens):
         logits = model.logits(model.norm(h[:, -1])).float()
         tok = logits.argmax(-1)
-        out[:, t] = tok
+        out[rows, t] = tok
         if return_logprobs:
-            scores[:, t] = logits.max(-1).values - torch.logsumexp(logits, -1)
-        done |= torch.isin(tok, eos_t)
-        if t == max_new_tokens - 1 or bool(done.all()):
-            out, scores = out[:, :t + 1], scores[:, :t + 1]
+            scores[rows, t] = logits.max(-1).values - torch.logsumexp(logits, -1)
+        finished = torch.isin(tok, eos_t)
+        if stop is not None:
+            finished |= stop.closing[tok] | (stop.newline[tok] & started)
+            started |= stop.content[tok]
+        if t == max_new_tokens - 1 or bool(finished.all()):
             break
+        if bool(finished.any()):
+            keep = (~finished).nonzero().squeeze(1)
+            rows, tok, started, next_pos, key_mask = rows[keep], tok[keep], started[keep], next_pos[keep], key_mask[keep]
+            cache.keep_rows(keep)
         L = cache.length + 1
         step_mask = AttnMask(False, _allowed(key_mask[:, :L], 1, cfg.sliding_window, offset=L - 1)) \
             if explicit else AttnMask()
@@ -395,7 +429,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
         next_pos = next_pos + 1
     result, logps = [], []
     for row, lp in zip(out.tolist(), scores.tolist()):
-        cut = next((i + 1 for i, x in enumerate(row) if x in eos), len(row))
+        n = next((i for i, x in enumerate(row) if x < 0), len(row))
+        cut = next((i + 1 for i, x in enumerate(row[:n]) if x in eos), n)
         result.append(row[:cut])
         logps.append(lp[:cut])
     return (result, logps) if return_logprobs else result

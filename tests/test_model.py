@@ -115,3 +115,32 @@ def test_greedy_generation_matches_transformers(default_model, hf_default, token
             want = want[:want.index(tokenizer.eos_token_id) + 1]
         assert got == want, (PROMPTS[i], tokenizer.decode(got), tokenizer.decode(want))
     assert "Paris" in tokenizer.decode(ours[0])
+
+
+def test_line_stop_masks():
+    from lune_fast.model import LineStop
+
+    texts = ["Paris", ".\n", "\n", "\n\n", "\nThe", " ", "  \n"]
+    s = LineStop.from_texts(texts, vocab=9, device="cpu")
+    assert s.closing.tolist() == [False, True, False, False, False, False, False, False, False]
+    assert s.newline.tolist() == [False, True, True, True, True, False, True, False, False]
+    assert s.content.tolist() == [True, True, False, False, True, False, False, False, False]
+
+
+def test_stopping_at_the_first_line_keeps_what_recall_reads(default_model, tokenizer):
+    """Greedy decoding that stops at the end of the first non-empty line (and drops finished rows from the
+    batch) gives a prefix of the full decoding with the same first line."""
+    from lune_fast.data import Encoder
+    from lune_fast.evaluate import first_line
+
+    enc = Encoder(tokenizer)
+    prompts = [enc.prompt_ids(p, False) for p in (
+        "The capital of France is", "The telephone was invented by", "Water is made of hydrogen and",
+        "Here is a list of three fruits:", "The chemical symbol for gold is", "Question: what is 2 + 2?\nAnswer:")]
+    full = generate(default_model, prompts, 24, eos_token_id=tokenizer.eos_token_id)
+    short = generate(default_model, prompts, 24, eos_token_id=tokenizer.eos_token_id,
+                     stop=enc.line_stop(default_model.config.vocab_size, default_model.device))
+    assert any(len(s) < len(f) for s, f in zip(short, full))  # some rows did stop early
+    for s, f in zip(short, full):
+        assert f[:len(s)] == s
+        assert first_line(enc.decode(s)) == first_line(enc.decode(f))
