@@ -64,7 +64,7 @@ class Settings:
     per_example_stop: bool = True  # measured: same forgetting, retain perplexity x1.66 instead of x14 (32 facts)
     # suppress: after training, ask each prompt again (greedy) and train on any answer that still comes out by
     # another route ("the Blue Nile"), at most this many times; 0 = trust the probability criterion alone.
-    # Measured (32 facts): forget recall 0.03 -> 0.00 for one greedy pass (~3 s) and perplexity x1.49 -> x1.60
+    # Measured (32 facts): forget recall 0.03 -> 0.00 for a greedy pass or two (~2 s each), perplexity x1.49 -> x1.60
     recall_rounds: int = 2
     retain_weight: float = 1.0
     retain_loss: str = "nll"
