@@ -136,6 +136,14 @@ class ForgetResult:
     def table(self) -> str:
         return metrics_table(self.before or {}, self.after or {})
 
+    def attach_to(self, model) -> None:
+        """Put this adapter on `model` the way a saved one is loaded (PEFT files, validated), e.g. to evaluate
+        or attack it on another copy of the model."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            lora.load_adapter(model, self.save(Path(tmp) / "adapter"))
+
 
 def native_bf16(device: torch.device) -> bool:
     """bf16 matmuls run at least twice as fast as fp32 here: CUDA, or a CPU with AVX512-BF16 or AMX."""

@@ -4,9 +4,9 @@ Every objective reads the [n_tokens] vector of log p(target token) that `target_
 hidden states at answer positions only, through the fused head op (lune_fast.ops.linear_logprob): the
 objectives never see logits, so none of them materialises the N×V matrix.
 
-Notation: for sequence i, ℓ_i = mean_t log p(y_it), S_i = Σ_t log p(y_it), S_ref_i the same under the
-frozen base (cached once), ref_t the base's per-token log-probs. Per-sequence weights w_i (0 or 1) let a fact that is already forgotten stop
-contributing gradient.
+Notation: for sequence i, ℓ_i = mean_t log p(y_it), S_i = Σ_t log p(y_it); ref_t is log p(y_t) under the
+frozen base (cached once) and S_ref_i its sum. Per-sequence weights w_i (0 or 1) let a fact that is already
+forgotten stop contributing gradient.
 """
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ def _weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.
 
 
 def per_sequence_loss(objective: str, tok_logp: torch.Tensor, seq: torch.Tensor, n_seq: int,
-                      ref_seq_sum: torch.Tensor | None = None, beta: float | None = None,
-                      simnpo_delta: float = 0.0, ref_tok: torch.Tensor | None = None) -> torch.Tensor:
+                      ref_tok: torch.Tensor | None = None, beta: float | None = None,
+                      simnpo_delta: float = 0.0) -> torch.Tensor:
     """The objective's value for each sequence [n_seq]."""
     sums, counts = per_sequence(tok_logp, seq, n_seq)
     mean = sums / counts
@@ -49,17 +49,15 @@ def per_sequence_loss(objective: str, tok_logp: torch.Tensor, seq: torch.Tensor,
         ul = -torch.log(-torch.expm1(tok_logp.clamp(max=-1e-6)))
         ul_sum, _ = per_sequence(ul, seq, n_seq)
         return ul_sum / counts
+    if objective in ("npo", "npo_tok") and ref_tok is None:
+        raise ValueError(f"{objective} needs the reference per-token log-probs")
     if objective == "npo":
-        if ref_seq_sum is None:
-            raise ValueError("npo needs the reference sequence log-probs")
         b = 0.1 if beta is None else beta
-        return F.softplus(b * (sums - ref_seq_sum)) * (2.0 / b)
+        return F.softplus(b * (sums - per_sequence(ref_tok, seq, n_seq)[0])) * (2.0 / b)
     if objective == "npo_tok":
         # NPO per token: each token's gradient weight 2·σ(β(log p_t − ref_t)) fades once that token is unlikely,
         # so the step goes to the answer tokens the model still predicts (often the first) instead of pushing
         # down tokens that are already gone.
-        if ref_tok is None:
-            raise ValueError("npo_tok needs the reference per-token log-probs")
         b = 1.0 if beta is None else beta
         tok = F.softplus(b * (tok_logp - ref_tok)) * (2.0 / b)
         tok_sum, _ = per_sequence(tok, seq, n_seq)
@@ -73,12 +71,11 @@ def per_sequence_loss(objective: str, tok_logp: torch.Tensor, seq: torch.Tensor,
 
 
 def forget_loss(objective: str, tok_logp: torch.Tensor, seq: torch.Tensor, n_seq: int,
-                ref_seq_sum: torch.Tensor | None = None, weights: torch.Tensor | None = None,
-                beta: float | None = None, simnpo_delta: float = 0.0, reduction: str = "mean",
-                ref_tok: torch.Tensor | None = None) -> torch.Tensor:
+                ref_tok: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                beta: float | None = None, simnpo_delta: float = 0.0, reduction: str = "mean") -> torch.Tensor:
     """Mean over sequences (weighted by `weights`), or with reduction="sum" the weighted sum, which the
     trainer divides by a count taken over every micro-batch and rank."""
-    values = per_sequence_loss(objective, tok_logp, seq, n_seq, ref_seq_sum, beta, simnpo_delta, ref_tok)
+    values = per_sequence_loss(objective, tok_logp, seq, n_seq, ref_tok, beta, simnpo_delta)
     if reduction == "sum":
         return (values * weights).sum() if weights is not None else values.sum()
     return _weighted_mean(values, weights)

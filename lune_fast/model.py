@@ -427,10 +427,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
         h = model.run_layers(model.embed(tok[:, None]), next_pos, step_mask, cache=cache)
         cache.length = L
         next_pos = next_pos + 1
-    result, logps = [], []
-    for row, lp in zip(out.tolist(), scores.tolist()):
-        n = next((i for i, x in enumerate(row) if x < 0), len(row))
-        cut = next((i + 1 for i, x in enumerate(row[:n]) if x in eos), n)
-        result.append(row[:cut])
-        logps.append(lp[:cut])
+    # a row left the batch right after its last token (end of sequence or of the line): -1 from there on
+    lengths = (out >= 0).sum(-1).tolist()
+    result = [row[:n] for row, n in zip(out.tolist(), lengths)]
+    logps = [lp[:n] for lp, n in zip(scores.tolist(), lengths)]
     return (result, logps) if return_logprobs else result

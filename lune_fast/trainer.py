@@ -90,7 +90,6 @@ class _Part:
     """One micro-batch with its cached prefix hidden states and reference log-probs."""
     batch: Batch
     h0: torch.Tensor
-    ref_sum: torch.Tensor
     ref_tok: torch.Tensor  # the frozen model's log-prob of each answer token
     positions: torch.Tensor
     mask: AttnMask
@@ -213,8 +212,7 @@ def _forward(model, work: list[_Part], L0: int, settings: TrainSettings, replace
         p = _mean_token_prob(tok, part.batch)
         w = (~_done(p, settings, replace)).float() if settings.per_example_stop else torch.ones_like(p)
         losses.append(forget_loss("replace" if replace else settings.objective, tok, part.batch.seq,
-                                  part.batch.n_seq, part.ref_sum, weights=w, beta=settings.beta, reduction="sum",
-                                  ref_tok=part.ref_tok))
+                                  part.batch.n_seq, part.ref_tok, weights=w, beta=settings.beta, reduction="sum"))
         probs.append(p)
         weights.append(w)
     return losses, (torch.cat(probs) if probs else torch.zeros(0)), weights
@@ -326,12 +324,10 @@ def _precompute(model: Transformer, batch: Batch, L0: int, source: int = 0, orig
     h0 = model.embed(batch.input_ids)
     if L0 > 0:
         h0 = model.run_layers(h0, positions, mask, start=0, end=L0)
-    part = _Part(batch, h0, torch.zeros(0), torch.zeros(0), positions, mask, source,
+    part = _Part(batch, h0, torch.zeros(0), positions, mask, source,
                  list(range(batch.n_seq)) if origin is None else origin)
     with lora.disabled(model):
-        tok = target_logprobs(_hidden_at_answers(model, part, L0), model.head_weight, batch.targets)
-    part.ref_tok = tok
-    part.ref_sum, _ = per_sequence(tok, batch.seq, batch.n_seq)
+        part.ref_tok = target_logprobs(_hidden_at_answers(model, part, L0), model.head_weight, batch.targets)
     return part
 
 

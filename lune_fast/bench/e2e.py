@@ -98,21 +98,11 @@ def worker_lune(args) -> dict:
 
 def _evaluate_lune(u, records, result) -> dict:
     from .. import lora
-    from ..evaluate import evaluate
 
-    from ..data import read_facts
-
-    facts = read_facts(records).facts
-    texts = u._retain(None)
-    before = u.base_evaluation(facts, texts, False, 24)
-    with tempfile.TemporaryDirectory() as tmp:
-        result.save(Path(tmp) / "o")
-        lora.load_adapter(u.model, Path(tmp) / "o")
     try:
-        after = evaluate(u.model, u.encoder, facts, texts)
+        return _evaluate_with(u, records, result.attach_to)
     finally:
-        lora.detach(u.model)
-    return after.metrics(before.known_mask())
+        lora.detach(u.model)  # the same model goes on to the one-fact request
 
 
 def _hf_batch(tok, records, device):

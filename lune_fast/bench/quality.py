@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import tempfile
 import time
 from pathlib import Path
 
@@ -113,9 +112,7 @@ def relearn_probe(unlearner, records: list[dict], result, fraction: float = 0.1,
     attack = [f for i, f in enumerate(facts) if i in shown]
     held = [f for i, f in enumerate(facts) if i not in shown]
     model = copy.deepcopy(unlearner.model)
-    with tempfile.TemporaryDirectory() as tmp:
-        result.save(Path(tmp) / "adapter")
-        lora.load_adapter(model, Path(tmp) / "adapter")
+    result.attach_to(model)
     lora.merge_and_unload(model)
     recall_unlearned = evaluate(model, unlearner.encoder, held).metrics()["forget_recall"]
     enc = unlearner.encoder
