@@ -22,6 +22,7 @@ from .anchors import build_anchors
 from .data import DataError, Encoder, Fact, make_batch, read_facts, read_lines
 from .evaluate import answers_with, evaluate, metrics_table, report_markdown
 from .io import atomic_output_dir
+from .keyed import PREFIXES, prefixed_prompts
 from .limits import check_context, check_memory, split_by_tokens
 from .model import generate
 from .trainer import TrainingDiverged, TrainOutcome, TrainSettings, train
@@ -41,20 +42,40 @@ class SettingsError(ValueError):
     """A run setting out of its range."""
 
 
+# The measured defaults of each mode and adapter kind (benchmarks/RESULTS.md, section 2), for the settings left
+# at None. keyed: subject-keyed adapters on the MLP output of early layers (where causal tracing puts the facts'
+# subjects); forgetting 32 facts at once they keep 0.78 of the neighbours (plain: 0.03) at retain perplexity
+# x1.05 (plain: x1.60), in 2x the time. plain: ordinary LoRA, for FSDP and for comparison.
+MODE_DEFAULTS = {
+    ("suppress", "keyed"): {"targets": "down", "layers": "10%-30%", "lr": 3e-2, "anchors": 0, "prompt_variants": 1,
+                            "key_overlap": 1e-3},
+    ("replace", "keyed"): {"targets": "down", "layers": "10%-30%", "lr": 2e-2, "anchors": 0, "prompt_variants": 2,
+                           "key_overlap": 1e-2},
+    ("suppress", "plain"): {"targets": "gate,up,down", "layers": "8-20", "lr": 1e-3, "anchors": 0,
+                            "prompt_variants": 0},
+    # all seven projections with two anchors per fact keep the most neighbours (0.81, vs 0.51 without)
+    ("replace", "plain"): {"targets": "all", "layers": "8-20", "lr": 1e-3, "anchors": 2, "prompt_variants": 0},
+}
+
+
 @dataclass
 class Settings:
-    """Everything a run is made of; report.json's "config" is this, plus the mode."""
+    """Everything a run is made of; report.json's "config" is this, plus the mode. None = the measured default
+    of the mode and adapter kind (MODE_DEFAULTS)."""
     mode: str = "suppress"  # suppress | replace
+    # keyed: A fixed to the facts' subject keys, whitened against preserved text (lune_fast.keyed), rank = the
+    # number of facts; plain: LoRA with random A. None = keyed (plain under FSDP).
+    adapter: str | None = None
     # measured: NPO per token forgets as well as NPO per sequence and keeps the retain text far better on every
     # set tried (perplexity x1.49 vs x1.65, x1.55 vs x32.8, x1.89 vs x3.41; benchmarks/RESULTS.md)
     objective: str = "npo_tok"
-    rank: int = 8
+    rank: int = 8  # plain adapters
     alpha: float = 16.0
-    targets: str | None = None  # None = the mode's measured default: suppress gate,up,down; replace all
-    layers: str = "8-20"
+    targets: str | None = None
+    layers: str | None = None
     rslora: bool = False
     steps: int = 60
-    lr: float = 1e-3
+    lr: float | None = None
     beta: float | None = None
     stop_prob: float = 0.05
     replace_prob: float = 0.9
@@ -66,25 +87,34 @@ class Settings:
     # another route ("the Blue Nile"), at most this many times; 0 = trust the probability criterion alone.
     # Measured (32 facts): forget recall 0.03 -> 0.00 for a greedy pass or two (~2 s each), perplexity x1.49 -> x1.60
     recall_rounds: int = 2
+    # each fact is also trained after this many prefixes (lune_fast.keyed.PREFIXES); measured with keyed adapters,
+    # paraphrase recall 0.40 with none, 0.18-0.25 with one, 0.15-0.23 with two
+    prompt_variants: int | None = None
     retain_weight: float = 1.0
     retain_loss: str = "nll"
-    # per forget fact: same-template prompts with other subjects, kept by the retain term. None = the measured
-    # default of the mode: replace 2 (neighbours 0.51 -> 0.70 at 2x train time), suppress 0 (anchors cost 4-15x
-    # there and weaken forgetting; see benchmarks/RESULTS.md)
+    # per forget fact: same-template prompts with other subjects, kept by the retain term (plain replace: 2,
+    # neighbours 0.51 -> 0.70 at 2x train time)
     anchors: int | None = None
     anchor_candidates: int = 12
     anchor_min_prob: float = 0.5
+    # the preserved inputs (keyed adapters are whitened against them; preserve_weight > 0 also penalises the
+    # relative change of the adapted projections' outputs on them, lune_fast.preserve): the forget prompts'
+    # templates with other subjects (`preserve_prompts` per fact) and a text file (None = the package's)
+    preserve_prompts: int = 12
+    preserve_text: str | None = None
+    preserve_weight: float = 0.0
+    key_ridge: float = 1e-2  # keyed: ridge of the preserved-input moment, relative to its mean eigenvalue
+    key_overlap: float | None = None  # keyed: ridge of the keys' Gram matrix (facts sharing a subject; set_keyed)
     refusals: str | None = None  # replace mode without a record replacement: file of refusal strings
     max_new_tokens: int = 24
     checkpoint_every: int = 0
     max_batch_tokens: int = 4096  # per micro-batch; larger forget sets accumulate gradients over several
 
-    def resolved(self) -> "Settings":
-        """The mode's measured defaults filled in (benchmarks/RESULTS.md, section 2): in replace mode, adapters
-        on all seven projections with two anchors per fact keep the most neighbours (0.81, vs 0.51 without)."""
-        replace_mode = self.mode == "replace"
-        return replace(self, anchors=(2 if replace_mode else 0) if self.anchors is None else self.anchors,
-                       targets=("all" if replace_mode else "gate,up,down") if self.targets is None else self.targets)
+    def resolved(self, sharded: bool = False) -> "Settings":
+        """Every None filled with the measured default of the mode and adapter kind."""
+        adapter = self.adapter or ("plain" if sharded else "keyed")
+        defaults = MODE_DEFAULTS.get((self.mode, adapter), {})
+        return replace(self, adapter=adapter, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def check(self) -> None:
         if self.mode not in ("suppress", "replace"):
@@ -95,8 +125,12 @@ class Settings:
             raise SettingsError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.negatives not in ("gold", "self", "both"):
             raise SettingsError(f"negatives must be gold, self or both, got {self.negatives!r}")
+        if self.adapter not in ("keyed", "plain"):
+            raise SettingsError(f"adapter must be keyed or plain, got {self.adapter!r}")
         if self.rank <= 0 or self.steps < 0 or self.lr <= 0:
             raise SettingsError("rank and lr must be positive and steps non-negative")
+        if self.prompt_variants < 0 or self.prompt_variants > len(PREFIXES):
+            raise SettingsError(f"prompt_variants must be 0-{len(PREFIXES)}, got {self.prompt_variants}")
         if self.retain_loss not in ("nll", "kl"):
             raise SettingsError(f"retain_loss must be nll or kl, got {self.retain_loss!r}")
 
@@ -200,6 +234,7 @@ class Unlearner:
         self.defaults = replace(Settings(), **defaults)
         self._retain_texts: list[str] | None = None
         self._base_evals: dict[str, object] = {}
+        self._text_moments: dict[tuple, tuple] = {}
 
     # -- the one call ----------------------------------------------------------------------------------------
     def forget(self, records, mode: str | None = None, retain=None, evaluate_before: bool = True,
@@ -215,7 +250,7 @@ class Unlearner:
         if self.fsdp:  # the blocks are sharded (with their adapters) before anything runs the model
             lora_settings = self._shard_with_adapters(s, read.facts)
         # 1. what to train on; refuses what cannot fit before any work
-        pairs, facts = self._training_pairs(read.facts, s, read.skipped)
+        pairs, owners, facts = self._training_pairs(read.facts, s, read.skipped)
         if self.dist is not None and len(pairs) < self.dist.world:
             raise DataError(f"{len(pairs)} training example(s) for {self.dist.world} ranks: run on fewer processes")
         before = self.base_evaluation(facts, texts, replace_mode, s.max_new_tokens, progress) \
@@ -229,37 +264,44 @@ class Unlearner:
                                               lora_settings)
         if self.fsdp and checkpoint_dir is not None:
             checkpoint_dir = None  # sharded optimiser state: checkpoints are a data-parallel feature for now
-        # 3. train (a diverged run keeps its last good adapter), evaluate, detach
+        # 3. the preserved inputs and the keyed adapter (counted as training), train (a diverged run keeps its
+        # last good adapter), evaluate, detach
         t_train = time.perf_counter()
+        keyed = s.adapter == "keyed"
         error = None
         try:
+            preserved = self._preserved(facts, s, lora_settings) if keyed or s.preserve_weight > 0 else None
+            if keyed:
+                self._attach_keyed(facts, s, lora_settings, preserved)
             try:
                 outcome = train(self.model, batches, lora_settings, _train_settings(s),
                     replace=replace_mode, retain=retain_batch, checkpoint_dir=checkpoint_dir, resume=resume,
-                    progress=progress, dist=self.dist, attached=self.fsdp)
+                    progress=progress, dist=self.dist, attached=self.fsdp or keyed, preserved=preserved)
             except TrainingDiverged as e:
                 error = str(e)
                 outcome = TrainOutcome(steps=e.step - 1, stopped="diverged", seconds=0.0, tokens=0)
             if error is None and not replace_mode and s.recall_rounds > 0 and self.dist is None:
-                outcome, error = self._train_on_what_still_comes_out(facts, pairs, anchors, retain, s, lora_settings,
-                                                                     outcome, progress)
+                outcome, error = self._train_on_what_still_comes_out(facts, pairs, owners, anchors, retain, s,
+                                                                     lora_settings, outcome, progress, preserved)
             train_seconds = time.perf_counter() - t_train
             after = evaluate(self.model, self.encoder, facts, texts, replace_mode, s.max_new_tokens, progress,
                              self.dist) \
                 if evaluate_after else None
             state = lora.adapter_state(self.model)
+            trained = sum(p.numel() for p in lora.trainable_parameters(self.model))
         finally:
             if not self.fsdp:  # a sharded model stays as it is: one request per process under FSDP
                 lora.detach(self.model)
         # 4. the result: adapter, METRICS (paraphrases/neighbours on what the base model answered), cost
         known = before.known_mask() if before is not None else None
-        config = {**asdict(s), "targets": list(lora_settings.targets), "layers": list(lora_settings.layers),
+        config = {**asdict(s), "rank": lora_settings.rank, "alpha": lora_settings.alpha,
+                  "targets": list(lora_settings.targets), "layers": list(lora_settings.layers),
                   "layers_spec": s.layers, "anchors_built": len(anchors),
                   "dtype": str(self.dtype).replace("torch.", ""), "facts": len(facts)}
         cost = {"train_seconds": round(train_seconds, 3), "steps": outcome.steps, "train_tokens": outcome.tokens,
                 "recall_rounds": outcome.recall_rounds,
                 "peak_memory_mb": round(_peak_memory_mb(self.device), 1),
-                "trainable_params": sum(t.numel() for t in state.values()), "device": str(self.device),
+                "trainable_params": trained, "device": str(self.device),
                 "total_seconds": round(time.perf_counter() - t0, 3)}
         examples = [] if before is None or after is None else [
             (p.prompt, b, a) for p, b, a in zip(before.probes, before.generations, after.generations)
@@ -273,23 +315,28 @@ class Unlearner:
             stopped=outcome.stopped, error=error, anchors=[a.prompt for a in anchors],
             evaluation_before=before, evaluation_after=after, outcome=outcome)
 
-    def _train_on_what_still_comes_out(self, facts, pairs, anchors, retain, s: Settings,
-                                       lora_settings: lora.LoraSettings, outcome: TrainOutcome, progress: bool):
+    def _train_on_what_still_comes_out(self, facts, pairs, owners, anchors, retain, s: Settings,
+                                       lora_settings: lora.LoraSettings, outcome: TrainOutcome, progress: bool,
+                                       preserved=None):
         """Greedy recall check with the adapter on; each fact whose target still appears becomes a new
         negative — its prompt plus the model's own words before the target, answered by the target's tokens —
         and training goes on (same adapter, fresh optimiser, the steps left) until none comes out or the
-        rounds or steps run out. Returns the combined outcome and the divergence message, if any."""
+        rounds or steps run out. A keyed adapter gives each fact its own column of B, so only the facts that
+        came out train on; a plain one shares its weights, so every pair trains on. Returns the combined outcome
+        and the divergence message, if any."""
         error = None
         for _ in range(s.recall_rounds):
             left = s.steps - outcome.steps
             said = self.self_negatives(facts, s.max_new_tokens)  # with the adapter on
-            routes = [r for r in map(self._route_to, facts, said) if r is not None]
+            found = [self._route_to(f, x) for f, x in zip(facts, said)]
+            routes = [r for r in found if r is not None]
             if not routes or left <= 0:
                 break
-            batches, retain_batch = self._batches(pairs + routes, anchors, retain, s, lora_settings)
+            again = [p for p, i in zip(pairs, owners) if s.adapter == "plain" or found[i] is not None]
+            batches, retain_batch = self._batches(again + routes, anchors, retain, s, lora_settings)
             try:
                 more = train(self.model, batches, lora_settings, replace(_train_settings(s), steps=left),
-                             retain=retain_batch, progress=progress, attached=True)
+                             retain=retain_batch, progress=progress, attached=True, preserved=preserved)
             except TrainingDiverged as e:
                 error = str(e)
                 more = TrainOutcome(steps=e.step - 1, stopped="diverged", seconds=0.0, tokens=0)
@@ -313,7 +360,10 @@ class Unlearner:
         s = replace(self.defaults, **({"mode": mode} if mode else {}), **overrides)
         if s.mode == "replace" and "objective" not in overrides:
             s = replace(s, objective="replace")
-        s = s.resolved()
+        if self.fsdp and (s.adapter == "keyed" or s.preserve_weight > 0):
+            raise SettingsError("keyed adapters and --preserve-weight are not supported under FSDP (they read whole "
+                                "adapter matrices); use --adapter plain without --preserve-weight")
+        s = s.resolved(sharded=self.fsdp)
         s.check()
         return s
 
@@ -336,11 +386,20 @@ class Unlearner:
 
             width = int(s.layers.split(":")[1]) if ":" in s.layers else 5
             effect, traced = trace(self.model, self.encoder, facts)
-            layers = choose_layers(effect, width) if traced else lora.parse_layers(Settings.layers, n)
+            layers = choose_layers(effect, width) if traced else \
+                lora.parse_layers(MODE_DEFAULTS[(s.mode, s.adapter)]["layers"], n)
         else:
             layers = lora.parse_layers(s.layers, n)
-        return lora.LoraSettings(rank=s.rank, alpha=s.alpha, targets=lora.parse_targets(s.targets), layers=layers,
-                                 rslora=s.rslora)
+        targets = lora.parse_targets(s.targets)
+        if s.adapter == "plain":
+            return lora.LoraSettings(rank=s.rank, alpha=s.alpha, targets=targets, layers=layers, rslora=s.rslora)
+        # keyed: one rank per fact, scale 1 (column i of B is what the layer writes on reading subject i)
+        first = lora.frozen_linears(self.model, lora.LoraSettings(targets=targets, layers=layers[:1]))
+        room = min(m.in_features for m in first.values()) // 2
+        if len(facts) > room:
+            raise SettingsError(f"keyed adapters take one rank per fact: {len(facts)} facts is more than {room} for "
+                                f"these projections; split the request or use --adapter plain")
+        return lora.LoraSettings(rank=len(facts), alpha=float(len(facts)), targets=targets, layers=layers)
 
     def _batches(self, pairs, anchors, retain, s: Settings, lora_settings: lora.LoraSettings):
         """Packed micro-batches of the forget pairs, the retain batch (anchors + user retain facts), and the
@@ -366,6 +425,33 @@ class Unlearner:
                                              progress, self.dist)
         return self._base_evals[key]
 
+    def _preserved(self, facts: list[Fact], s: Settings, lora_settings: lora.LoraSettings):
+        """The inputs the adapter should leave alone: the forget prompts' templates with other subjects, and the
+        preservation text (its moments computed once per model and adapter layout, then reused)."""
+        import random
+
+        from .anchors import candidate_prompts
+        from .preserve import combine, group_moments
+
+        rng = random.Random(s.seed)
+        forget_prompts = {f.prompt for f in facts}
+        prompts = [self.encoder.prompt_ids(p, f.chat) for f in facts
+                   for p in candidate_prompts(f, rng, s.preserve_prompts) if p not in forget_prompts]
+        key = (lora_settings.targets, lora_settings.layers, s.preserve_text)
+        if key not in self._text_moments:
+            texts = read_lines(s.preserve_text or asset("preserve_text.jsonl"))
+            ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+            self._text_moments[key] = group_moments(self.model, lora_settings, ids, self._pad_id())
+        return combine(self.model, lora_settings, [group_moments(self.model, lora_settings, prompts, self._pad_id()),
+                                                   self._text_moments[key]])
+
+    def _attach_keyed(self, facts: list[Fact], s: Settings, lora_settings: lora.LoraSettings, preserved) -> None:
+        from .keyed import key_positions, set_keyed, subject_keys
+
+        keys = subject_keys(self.model, lora_settings, key_positions(self.encoder, facts), self._pad_id())
+        lora.attach(self.model, lora_settings)
+        set_keyed(self.model, keys, preserved, s.key_ridge, s.key_overlap)
+
     # -- helpers -----------------------------------------------------------------------------------------------
     def _pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -380,8 +466,9 @@ class Unlearner:
         return self._retain_texts
 
     def _training_pairs(self, facts: list[Fact], s: Settings, skipped: list[str]):
-        """(prompt ids, answer ids) to train on, and the facts kept: a record whose answer tokenizes to
-        nothing is skipped with its source; one longer than the model's context refuses the whole request."""
+        """(prompt ids, answer ids) to train on, the index of the fact each belongs to, and the facts kept: a
+        record whose answer tokenizes to nothing is skipped with its source; one longer than the model's context
+        refuses the whole request."""
         enc = self.encoder
         refusals = (read_lines(s.refusals) if s.refusals else read_lines(asset("refusals.txt"))) \
             if s.mode == "replace" else []
@@ -398,16 +485,25 @@ class Unlearner:
                        for f, a in kept], self.model.config)
         facts = [f for f, _ in kept]
         if s.mode == "replace":
-            return [enc.pair(f.prompt, a, f.chat) for f, a in kept], facts
-        pairs = []
-        own = self.self_negatives(facts, s.max_new_tokens) if s.negatives in ("self", "both") else [None] * len(facts)
-        for f, neg in zip(facts, own):
-            prompt_ids = enc.prompt_ids(f.prompt, f.chat)
-            if s.negatives in ("gold", "both") or neg is None:
-                pairs.append((prompt_ids, enc.answer_ids(f.prompt, f.target, f.chat)))
-            if neg is not None and (s.negatives == "self" or neg != pairs[-1][1]):
-                pairs.append((prompt_ids, neg))
-        return pairs, facts
+            pairs = [enc.pair(f.prompt, a, f.chat) for f, a in kept]
+            owners = list(range(len(kept)))
+        else:
+            pairs, owners = [], []
+            own = self.self_negatives(facts, s.max_new_tokens) if s.negatives in ("self", "both") \
+                else [None] * len(facts)
+            for i, (f, neg) in enumerate(zip(facts, own)):
+                prompt_ids = enc.prompt_ids(f.prompt, f.chat)
+                if s.negatives in ("gold", "both") or neg is None:
+                    pairs.append((prompt_ids, enc.answer_ids(f.prompt, f.target, f.chat)))
+                    owners.append(i)
+                if neg is not None and (s.negatives == "self" or neg != pairs[-1][1]):
+                    pairs.append((prompt_ids, neg))
+                    owners.append(i)
+        for i, (f, answer) in enumerate(kept):  # the same answer after other openings, for paraphrases
+            more = [enc.pair(p, answer, f.chat) for p in prefixed_prompts(enc, f)[:s.prompt_variants]]
+            pairs += more
+            owners += [i] * len(more)
+        return pairs, owners, facts
 
     @torch.no_grad()
     def self_negatives(self, facts: list[Fact], max_new_tokens: int = 24) -> list[list[int] | None]:

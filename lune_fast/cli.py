@@ -27,18 +27,24 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
     d = Settings()
     p.add_argument("--mode", default=d.mode, choices=["suppress", "replace"])
+    p.add_argument("--adapter", default=None, choices=["keyed", "plain"],
+                   help="keyed (default): A fixed to the facts' subject keys whitened against preserved text, B "
+                        "trained, rank = number of facts; plain: ordinary LoRA (the default under --fsdp)")
     p.add_argument("--objective", default=None, choices=OBJECTIVES,
                    help=f"default: {d.objective} (suppress), replace (replace mode)")
     p.add_argument("--retain", help="facts whose answers must be kept (NLL or KL retain term)")
     p.add_argument("--retain-text", help="texts for retain perplexity (default: the package's own)")
-    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--rank", type=int, default=d.rank, help="plain adapters (keyed: one rank per fact)")
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--targets", default=None,
-                   help="q,k,v,o,gate,up,down (or all, mlp, attn); default: gate,up,down (suppress), all (replace)")
-    p.add_argument("--layers", default=d.layers, help="e.g. 8-20, 3,5,9 or all")
+                   help="q,k,v,o,gate,up,down (or all, mlp, attn); default: down (keyed), gate,up,down (plain "
+                        "suppress), all (plain replace)")
+    p.add_argument("--layers", default=None,
+                   help="e.g. 3-9, 3,5,9, 10%%-30%% (of the depth), all, or auto[:W] (causal tracing); default "
+                        "10%%-30%% (keyed; 3-9 on the default model), 8-20 (plain)")
     p.add_argument("--steps", type=int, default=d.steps, help="maximum optimiser steps")
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=None, help="default 2e-2 (keyed), 1e-3 (plain)")
     p.add_argument("--beta", type=float, default=None, help="NPO/SimNPO beta")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--stop-prob", type=float, default=d.stop_prob,
@@ -51,6 +57,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recall-rounds", type=int, default=d.recall_rounds,
                    help="suppress: ask the prompts again after training and train on any answer that still comes "
                         "out by another route, up to N times (single process)")
+    p.add_argument("--prompt-variants", type=int, default=None,
+                   help="also train each fact after N prefixes such as 'Here is a fact.' (default 2 keyed, 0 plain)")
+    p.add_argument("--preserve-text", help="texts whose activations the adapter should leave alone (default: the "
+                                           "package's)")
+    p.add_argument("--preserve-weight", type=float, default=d.preserve_weight,
+                   help="weight of the penalty on the adapted projections' output change on the preserved inputs")
     p.add_argument("--retain-loss", default=d.retain_loss, choices=["nll", "kl"])
     p.add_argument("--retain-weight", type=float, default=d.retain_weight)
     p.add_argument("--refusals", help="replace mode: file of refusal answers for records without a replacement")
@@ -59,7 +71,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per micro-batch (gradients are accumulated over micro-batches)")
     p.add_argument("--anchors", type=int, default=None,
                    help="retain anchors per fact: its prompt with other subjects, kept by the retain term "
-                        "(default: 2 in replace mode, 0 in suppress mode)")
+                        "(default: 2 for plain adapters in replace mode, else 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:

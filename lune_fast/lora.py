@@ -60,13 +60,19 @@ def parse_targets(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 
 def parse_layers(spec: str | list[int] | tuple[int, ...] | None, n_layers: int) -> tuple[int, ...]:
-    """'8-20' (inclusive), '3,5,9', 'all' or None -> sorted layer indices, checked against the model."""
+    """'8-20' (inclusive), '3,5,9', '10%-30%' (of the depth, rounded), 'all' or None -> sorted layer indices,
+    checked against the model."""
     if spec is None or spec == "all":
         return tuple(range(n_layers))
     if isinstance(spec, str):
         layers: set[int] = set()
         for part in spec.split(","):
             part = part.strip()
+            m = re.fullmatch(r"(\d+(?:\.\d+)?)%\s*-\s*(\d+(?:\.\d+)?)%", part)
+            if m:  # a share of the depth: the same place in a model of any size
+                lo, hi = (min(n_layers - 1, round(float(g) / 100 * n_layers)) for g in m.groups())
+                layers.update(range(lo, max(lo, hi) + 1))
+                continue
             m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
             if m:
                 lo, hi = int(m.group(1)), int(m.group(2))
@@ -281,6 +287,17 @@ class _GroupedProjection:
                                                self.splits)
 
 
+def frozen_linears(model: Transformer, settings: LoraSettings) -> dict[str, nn.Linear]:
+    """The frozen projections `settings` adapts, by PEFT module path, whether or not adapters are attached."""
+    out = {}
+    for i in settings.layers or range(model.config.num_hidden_layers):
+        for t in settings.targets:
+            parent_name, mod_name = TARGETS[t]
+            mod = getattr(getattr(model.layers[i], parent_name), mod_name)
+            out[f"layers.{i}.{parent_name}.{mod_name}"] = mod.base if isinstance(mod, LoRALinear) else mod
+    return out
+
+
 def adapters_of(model: Transformer) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -321,7 +338,8 @@ def disabled(model: Transformer):
 
 
 def trainable_parameters(model: Transformer) -> list[nn.Parameter]:
-    return [p for m in adapters_of(model).values() for p in (m.lora_A, m.lora_B)]
+    """The adapter parameters that train (a keyed adapter's A is fixed)."""
+    return [p for m in adapters_of(model).values() for p in (m.lora_A, m.lora_B) if p.requires_grad]
 
 
 def merge(model: Transformer) -> None:

@@ -1,10 +1,11 @@
 """The thin trainer: precompute once, then steps of adapter-only AdamW until the forget criterion holds.
 
-    1. attach LoRA adapters (A random, B zero: the adapted model starts as the base);
+    1. attach LoRA adapters (A random, B zero: the adapted model starts as the base), unless the caller has
+       (keyed adapters, lune_fast.keyed: A fixed, only B trains);
     2. precompute with adapters off: reference answer log-probs (NPO) and, when the first adapted layer L0 is
        above 0, the hidden states entering L0 — layers below L0 never run again;
     3. each step: layers L0.. with adapters -> final norm at answer positions only -> fused head log-prob ->
-       objective (+ retain term) -> backward -> clip -> AdamW on adapter parameters;
+       objective (+ retain term, + key-preservation penalty) -> backward -> clip -> AdamW on adapter parameters;
     4. stop when every answer's mean token probability is below `stop_prob` (suppress) or above
        `replace_prob` (replace), read off the step's own forward, or at `steps`.
 
@@ -47,6 +48,7 @@ class TrainSettings:
     per_example_stop: bool = False  # an answer already past the threshold stops contributing gradient
     retain_weight: float = 1.0
     retain_loss: str = "nll"  # nll | kl
+    preserve_weight: float = 0.0  # key preservation (lune_fast.preserve): weight of the relative output change
     checkpoint_every: int = 0
 
 
@@ -100,9 +102,10 @@ class _Part:
 def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSettings, settings: TrainSettings,
           replace: bool = False, retain: Batch | None = None, checkpoint_dir: Path | None = None,
           resume: bool = False, progress: bool = True, on_step=None, dist: Dist | None = None,
-          attached: bool = False) -> TrainOutcome:
+          attached: bool = False, preserved=None) -> TrainOutcome:
     """`batches` are this process's micro-batches (under torchrun, its share of the forget set). attached:
-    the adapters are already on the model (and sharded, under FSDP)."""
+    the adapters are already on the model (and sharded, under FSDP). preserved: the adapted projections' input
+    moments on text that must not move (lune_fast.preserve.Preserved), for settings.preserve_weight > 0."""
     t_start = time.perf_counter()
     torch.manual_seed(settings.seed)
     if not attached:
@@ -122,6 +125,8 @@ def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSett
         with torch.no_grad():
             retain_ref = torch.log_softmax(_hidden_at_answers(model, retain_part, L0).float()
                                            @ model.head_weight.float().t(), -1)
+    if settings.preserve_weight <= 0:
+        preserved = None
     t_precomputed = time.perf_counter()
 
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -161,7 +166,8 @@ def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSett
                         break
                     work = _still_to_do(model, parts, probs, settings, replace, L0)  # some came back
                     continue
-                loss = _step_loss(model, params, losses, weights, settings, dist, retain_part, retain_ref, L0)
+                loss = _step_loss(model, params, losses, weights, settings, dist, retain_part, retain_ref, L0,
+                                  preserved)
                 if not _finite(loss, dist, model.device):
                     _copy(last_good, params)
                     raise TrainingDiverged(step + 1, settings.lr)  # 1-based: the step that failed
@@ -232,18 +238,20 @@ def _finite(loss, dist, device) -> bool:
     return finite if dist is None else dist.all_true(finite, device)
 
 
-def _step_loss(model, params, losses, weights, settings, dist, retain_part, retain_ref, L0):
+def _step_loss(model, params, losses, weights, settings, dist, retain_part, retain_ref, L0, preserved=None):
     """The mean objective over the sequences still being trained, of every micro-batch and rank, plus the
-    retain term."""
+    retain and key-preservation terms."""
     active = torch.stack([w.sum() for w in weights]).sum() if weights else torch.zeros((), device=model.device)
     active = active if dist is None else dist.sum_(active.clone())
     if losses:
         loss = torch.stack(losses).sum() / active.clamp_min(1)
     else:  # this rank has nothing left to train: a zero loss keeps it in step with the others
         loss = sum(p.sum() for p in params) * 0.0
+    share = 1.0 if dist is None else 1.0 / dist.world  # every rank holds the whole retain set (and moments)
     if retain_part is not None:
-        share = 1.0 if dist is None else 1.0 / dist.world  # every rank holds the whole retain set
         loss = loss + share * settings.retain_weight * _retain_term(model, retain_part, L0, settings, retain_ref)
+    if preserved is not None:
+        loss = loss + share * settings.preserve_weight * preserved.penalty(model)
     if dist is not None and dist.fsdp:
         loss = loss * dist.world  # FSDP averages the reduce-scatter; the loss is already global
     return loss
@@ -275,9 +283,25 @@ def _still_to_do(model, parts: list[_Part], probs: torch.Tensor, settings, repla
 
 
 def _rebuild(model, parts: list[_Part], spec: list, L0: int) -> list[_Part]:
-    """Micro-batches of the given sequences [[source part, [indices]], ...], packed anew."""
-    return [_precompute(model, parts[src].batch.subset(idx), L0, source=src, origin=list(idx))
-            for src, idx in spec if idx]
+    """Micro-batches of the given sequences [[source part, [indices]], ...], packed anew; their reference
+    log-probs are taken from the source parts, not recomputed."""
+    out = []
+    for src, idx in spec:
+        if idx:
+            sub = parts[src].batch.subset(idx)
+            out.append(_precompute(model, sub, L0, source=src, origin=list(idx), ref_tok=_ref_of(parts[src], idx, sub)))
+    return out
+
+
+def _ref_of(part: _Part, keep: list[int], sub: Batch) -> torch.Tensor:
+    """The reference log-probs of sequences `keep` of a part, in the token order of `sub`, its repacked subset
+    (a sequence's tokens stay contiguous and in order whatever the packing)."""
+    per_seq = [part.ref_tok[part.batch.seq.to(part.ref_tok.device) == i] for i in keep]
+    out = torch.empty(sub.targets.shape[0], dtype=part.ref_tok.dtype, device=part.ref_tok.device)
+    seq = sub.seq.to(out.device)
+    for j, ref in enumerate(per_seq):
+        out[seq == j] = ref
+    return out
 
 
 class _InterruptFlag:
@@ -318,16 +342,18 @@ def _copy(src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
 
 # -- pieces of a step ----------------------------------------------------------------------------------------
 @torch.no_grad()
-def _precompute(model: Transformer, batch: Batch, L0: int, source: int = 0, origin: list[int] | None = None) -> _Part:
+def _precompute(model: Transformer, batch: Batch, L0: int, source: int = 0, origin: list[int] | None = None,
+                ref_tok: torch.Tensor | None = None) -> _Part:
     batch = batch.to(model.device)
     positions, mask = _layout(batch)
     h0 = model.embed(batch.input_ids)
     if L0 > 0:
         h0 = model.run_layers(h0, positions, mask, start=0, end=L0)
-    part = _Part(batch, h0, torch.zeros(0), positions, mask, source,
+    part = _Part(batch, h0, ref_tok, positions, mask, source,
                  list(range(batch.n_seq)) if origin is None else origin)
-    with lora.disabled(model):
-        part.ref_tok = target_logprobs(_hidden_at_answers(model, part, L0), model.head_weight, batch.targets)
+    if ref_tok is None:
+        with lora.disabled(model):
+            part.ref_tok = target_logprobs(_hidden_at_answers(model, part, L0), model.head_weight, batch.targets)
     return part
 
 

@@ -41,7 +41,9 @@ def test_unlearn_writes_the_contract(tiny_lm, facts_file, tmp_path):
     assert report["config"]["layers"] == [1, 2] and report["config"]["mode"] == "suppress"
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["layers_to_transform"] == [1, 2]
-    assert cfg["target_modules"] == ["down_proj", "gate_proj", "up_proj"]
+    # the default adapter is keyed: down_proj, one rank per fact
+    assert report["config"]["adapter"] == "keyed" and cfg["target_modules"] == ["down_proj"]
+    assert cfg["r"] == report["config"]["facts"] == len(FACTS)
     from safetensors.torch import load_file
 
     keys = load_file(str(out / "adapter_model.safetensors"))

@@ -50,8 +50,9 @@ def test_two_ranks_match_one_process(tiny_lm, facts_file, tmp_path, mode):
     from lune_fast.cli import main
 
     torch.set_num_threads(1)
-    assert main(_args(tiny_lm, facts_file, tmp_path / "one")) == 0
-    extra = ["--fsdp"] if mode == "fsdp" else []
+    plain = ["--adapter", "plain"] if mode == "fsdp" else []  # FSDP trains plain LoRA; DDP the keyed default
+    assert main(_args(tiny_lm, facts_file, tmp_path / "one", *plain)) == 0
+    extra = ["--fsdp", *plain] if mode == "fsdp" else []
     proc = _torchrun(_args(tiny_lm, facts_file, tmp_path / "two", *extra))
     assert proc.returncode == 0, proc.stderr[-4000:]
     one, two = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")

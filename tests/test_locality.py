@@ -119,7 +119,8 @@ def test_recall_rounds_train_on_an_answer_that_comes_out_by_another_route(monkey
 
     monkeypatch.setattr(u, "self_negatives", said)
     monkeypatch.setattr("lune_fast.api.train", spy)
-    r = u.forget(records, progress=False, evaluate_before=False, evaluate_after=False, recall_rounds=3)
+    r = u.forget(records, progress=False, evaluate_before=False, evaluate_after=False, recall_rounds=3,
+                 prompt_variants=0)  # one training pair per record
     assert calls == [1, 1]  # checked after the first run and after the continuation, then stopped
     assert trained == [1, 2]  # the continuation trains on the record plus its route
     assert r.outcome.recall_rounds == 1 and steps[1] >= 1 and r.cost["steps"] == sum(steps)

@@ -75,7 +75,7 @@ def worker_lune(args) -> dict:
     from ..api import Unlearner
 
     records = _records(args.facts, args.n)
-    u = Unlearner(args.model, dtype=args.dtype, objective=args.objective)
+    u = Unlearner(args.model, dtype=args.dtype, objective=args.objective, adapter=args.adapter)
     loaded_rss = PeakRSS.current() / 2**20
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as mem:
         t0 = time.perf_counter()
@@ -155,7 +155,7 @@ def _load_hf(args):
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
     tok = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    return Settings().resolved(), _records(args.facts, args.n), tok, model, PeakRSS.current() / 2**20
+    return Settings(adapter="plain").resolved(), _records(args.facts, args.n), tok, model, PeakRSS.current() / 2**20
 
 
 def worker_peft(args) -> dict:
@@ -305,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="default")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--objective", default="npo", help="lune_fast objective (baselines run NPO)")
+    ap.add_argument("--adapter", default="plain", choices=["plain", "keyed"],
+                    help="lune_fast's adapter; plain = the same LoRA as the PEFT baseline (a like-for-like speed "
+                         "comparison), keyed = the quality default")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-full-ft", action="store_true")
     ap.add_argument("--full-ft-lr", type=float, default=1e-5)
@@ -323,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     common = ["--n", str(a.n), "--model", a.model, "--dtype", a.dtype, "--objective", a.objective,
-              "--full-ft-lr", str(a.full_ft_lr), "--max-steps", str(a.max_steps)] + (["--facts", a.facts] if a.facts else [])
+              "--adapter", a.adapter, "--full-ft-lr", str(a.full_ft_lr), "--max-steps", str(a.max_steps)] + \
+        (["--facts", a.facts] if a.facts else [])
     runs: dict[str, list[dict]] = {"lune_fast": [], "hf_peft": [], "full_ft": []}
     from tqdm.auto import tqdm
 

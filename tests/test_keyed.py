@@ -1,0 +1,119 @@
+"""Subject-keyed adapters and the preserved-input moments they are whitened against."""
+import pytest
+import torch
+
+from conftest import make_tiny_hf
+from lune_fast import lora
+from lune_fast.data import Encoder, Fact
+from lune_fast.keyed import CONTEXTS, key_positions, prefixed_prompts, set_keyed, subject_keys
+from lune_fast.model import AttnMask
+from lune_fast.preserve import Preserved, input_moments
+from lune_fast.weights import load_model
+
+
+@pytest.fixture()
+def tiny(tmp_path):
+    make_tiny_hf("llama", tmp_path)
+    torch.manual_seed(0)
+    return load_model(tmp_path)
+
+
+def _inputs_of(model, settings, seqs):
+    """Every adapted projection's input at every position of each sequence, run one at a time (no packing)."""
+    linears = lora.frozen_linears(model, settings)
+    got = {n: [] for n in linears}
+    handles = [m.register_forward_pre_hook(lambda _m, a, n=n: got[n].append(a[0].reshape(-1, a[0].shape[-1])))
+               for n, m in linears.items()]
+    with torch.no_grad(), lora.disabled(model):
+        for s in seqs:
+            x = torch.tensor([s])
+            model.run_layers(model.embed(x), torch.arange(len(s))[None], AttnMask())
+    for h in handles:
+        h.remove()
+    return {n: torch.cat(v).double() for n, v in got.items()}
+
+
+def test_penalty_is_the_relative_output_change_on_the_preserved_tokens(tiny):
+    """tr(ΔW C ΔWᵀ) / tr(W C Wᵀ) with C from packed batches equals the output change measured token by token,
+    each group weighing the same."""
+    g = torch.Generator().manual_seed(1)
+    groups = [[torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 9, 3)],
+              [torch.randint(3, 200, (n,), generator=g).tolist() for n in (12, 4)]]
+    settings = lora.LoraSettings(rank=4, alpha=8, targets=("gate", "down"), layers=(1, 2))
+    preserved = input_moments(tiny, settings, groups)
+    assert preserved.tokens == 5 + 9 + 3 + 12 + 4
+    lora.attach(tiny, settings)
+    with torch.no_grad():
+        for m in lora.adapters_of(tiny).values():
+            m.lora_B.normal_(generator=g)
+    expected = []
+    per_group = [_inputs_of(tiny, settings, grp) for grp in groups]
+    for name, m in lora.adapters_of(tiny).items():
+        dW, W = m.delta_weight().double(), m.base.weight.double()
+        change = sum(((X @ dW.t()) ** 2).sum(1).mean() for X in (p[name] for p in per_group))
+        energy = sum(((X @ W.t()) ** 2).sum(1).mean() for X in (p[name] for p in per_group))
+        expected.append(change / energy)
+    got = preserved.penalty(tiny)
+    assert got.requires_grad
+    want = torch.stack(expected).mean()
+    assert abs(got.item() - want.item()) <= 1e-4 * want.item()
+    got.backward()  # differentiable in the adapters
+    assert all(m.lora_B.grad is not None and m.lora_B.grad.abs().sum() > 0 for m in lora.adapters_of(tiny).values())
+
+
+def test_keyed_A_answers_one_to_its_own_key_at_least_cost(tiny):
+    settings = lora.LoraSettings(rank=3, alpha=3, targets=("down",), layers=(1,))
+    lora.attach(tiny, settings)
+    (name, m), = lora.adapters_of(tiny).items()
+    d = m.in_features
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(4 * d, d, generator=g) * torch.linspace(0.1, 3, d)  # anisotropic preserved inputs
+    C = X.t() @ X / X.shape[0]
+    K = torch.randn(3, d, generator=g)
+    set_keyed(tiny, {name: K}, Preserved({name: C}, {name: 1.0}, 0), ridge=0.0, overlap=0.0)
+    A = m.lora_A.detach().double()
+    assert torch.allclose(A @ K.double().t(), torch.eye(3, dtype=torch.float64), atol=1e-4)
+    assert not m.lora_A.requires_grad and m.lora_B.requires_grad and float(m.lora_B.abs().sum()) == 0
+    assert lora.trainable_parameters(tiny) == [m.lora_B]
+    # any other A with A K = I reads more of the preserved inputs, e.g. the plain pseudo-inverse
+    other = torch.linalg.pinv(K.double().t())
+    cost = lambda a: float(torch.trace(a @ C.double() @ a.t()))  # noqa: E731
+    assert torch.allclose(other @ K.double().t(), torch.eye(3, dtype=torch.float64), atol=1e-6)
+    assert cost(A) < 0.5 * cost(other)
+    # two facts about one subject: near-identical keys; exact A K = I would need huge rows, the overlap ridge
+    # keeps A near the scale of the distinct-key solution and gives the shared subject to both rows
+    K2 = torch.cat([K[:2], K[1:2] + 1e-3 * torch.randn(1, d, generator=g)])
+    for overlap, bounded in ((0.0, False), (1e-2, True)):
+        set_keyed(tiny, {name: K2}, Preserved({name: C}, {name: 1.0}, 0), ridge=0.0, overlap=overlap)
+        assert (cost(m.lora_A.detach().double()) < 10 * cost(A)) == bounded
+    AK = m.lora_A.detach().double() @ K2.double().t()
+    assert abs(AK[0, 0] - 1) < 0.05 and abs(AK[1, 1] - 0.5) < 0.05 and abs(AK[2, 1] - 0.5) < 0.05
+
+
+def test_subject_keys_average_the_inputs_at_the_key_positions(tiny):
+    settings = lora.LoraSettings(rank=2, alpha=2, targets=("down", "up"), layers=(0, 2))
+    where = [[([5, 6, 7, 8], 2)], [([9, 10], 1), ([11, 12, 13, 14, 15], 3)]]
+    keys = subject_keys(tiny, settings, where)
+    for name in lora.frozen_linears(tiny, settings):
+        first = _inputs_of(tiny, settings, [[5, 6, 7, 8]])[name][2]
+        second = (_inputs_of(tiny, settings, [[9, 10]])[name][1] +
+                  _inputs_of(tiny, settings, [[11, 12, 13, 14, 15]])[name][3]) / 2
+        assert torch.allclose(keys[name][0].double(), first, atol=1e-5)
+        assert torch.allclose(keys[name][1].double(), second, atol=1e-5)
+
+
+def test_key_positions_sit_on_the_subject(tokenizer):
+    enc = Encoder(tokenizer)
+    facts = [Fact(prompt="The main language spoken in Turkey is", target="Turkish"),
+             Fact(prompt="A turtle is a type of", target="reptile")]
+    with_subject, without = key_positions(enc, facts)
+    assert len(with_subject) == 1 + len(CONTEXTS)
+    for ids, pos in with_subject:
+        assert enc.decode(ids[:pos + 1]).endswith("Turkey")
+    ids, pos = with_subject[0]
+    assert ids == enc.prompt_ids(facts[0].prompt, False)
+    (ids, pos), = without  # no subject found: the prompt's last token
+    assert pos == len(ids) - 1
+    assert [p.endswith(facts[0].prompt) for p in prefixed_prompts(enc, facts[0])] == [True] * 3
+    assert any("Turkey." in p for p in prefixed_prompts(enc, facts[0]))
+    assert len(prefixed_prompts(enc, facts[1])) == 1  # only the prefix that does not name a subject

@@ -1,0 +1,38 @@
+"""Regenerate lune_fast/assets/preserve_text.jsonl: the sentences of tools/preserve_seeds.txt (written for this
+project; a "Q:" line and the "A:" line after it make one text), each followed by the default model's own greedy
+continuation of 48 tokens. Keyed adapters are whitened against the activations of this text: the model's own
+continuations give several thousand tokens of ordinary text in its own distribution from a few dozen lines.
+
+    python tools/make_preserve_text.py
+"""
+import json
+from pathlib import Path
+
+from lune_fast.api import Unlearner, asset
+from lune_fast.model import generate
+
+
+def seeds() -> list[str]:
+    lines = [ln for ln in (Path(__file__).parent / "preserve_seeds.txt").read_text().splitlines() if ln.strip()]
+    out, i = [], 0
+    while i < len(lines):
+        take = 2 if lines[i].startswith("Q:") else 1
+        out.append("\n".join(lines[i:i + take]))
+        i += take
+    return out
+
+
+def main() -> None:
+    u = Unlearner("default")
+    texts = seeds()
+    ids = [u.tokenizer(t)["input_ids"] for t in texts]
+    gens = generate(u.model, ids, 48, eos_token_id=u.tokenizer.eos_token_id, pad_token_id=0)
+    path = asset("preserve_text.jsonl")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps({"text": t + u.encoder.decode(g)}) + "\n" for t, g in zip(texts, gens)))
+    tmp.replace(path)
+    print(f"wrote {len(texts)} texts to {path}")
+
+
+if __name__ == "__main__":
+    main()
