@@ -13,6 +13,8 @@ loadable by PEFT.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 from . import lora
@@ -40,15 +42,35 @@ def prefixed_prompts(enc: Encoder, f: Fact) -> list[str]:
     return [p.format(s=subject) + f.prompt for p in PREFIXES if subject or "{s}" not in p]
 
 
+# Words that say nothing about which fact a prompt is about (for prompts without a subject).
+_FUNCTION_WORDS = set("""a an the of in on at to by for with from into onto and or but as is are was were be been being
+its it this that these those there their his her which what who whom whose where when how why do does did
+has have had called known name named type kind most more than also very q""".split())
+
+
+def content_positions(enc: Encoder, f: Fact) -> tuple[list[int], list[int]]:
+    """(prompt ids, positions of the last token of each content word of the prompt): the key of a fact with
+    no subject is averaged over them ("A turtle is a type of" -> "turtle"), not read off the prompt's last
+    token, which every prompt of the same template shares."""
+    text = enc.prompt_text(f.prompt, f.chat)
+    shift = text.rfind(f.prompt) if f.chat else 0
+    out = enc.tok(text, add_special_tokens=False, return_offsets_mapping=True) if f.chat else \
+        enc.tok(text, return_offsets_mapping=True)
+    ids, offsets = out["input_ids"], out["offset_mapping"]
+    ends = [m.end() + shift for m in re.finditer(r"[^\W\d_]{3,}", f.prompt) if m.group(0).lower() not in _FUNCTION_WORDS]
+    positions = sorted({i for e in ends for i, (a, b) in enumerate(offsets) if a < e <= b})
+    return ids, positions or [len(ids) - 1]
+
+
 def key_positions(enc: Encoder, facts: list[Fact]) -> list[list[tuple[list[int], int]]]:
     """Per fact, the (token ids, key position) pairs its key is averaged over: the prompt at its subject's last
-    token and the subject in each of CONTEXTS; the prompt's last token alone where no subject is found."""
+    token and the subject in each of CONTEXTS; the prompt's content words where no subject is found."""
     out = []
     for f in facts:
         loc = subject_last_token(enc, f)
         if loc is None:
-            ids = enc.prompt_ids(f.prompt, f.chat)
-            out.append([(ids, len(ids) - 1)])
+            ids, positions = content_positions(enc, f)
+            out.append([(ids, p) for p in positions])
             continue
         ids, first, last = loc
         subject = enc.decode(ids[first:last + 1]).strip()

@@ -16,14 +16,21 @@ from .model import AttnMask, Transformer
 
 
 def subject_last_token(enc: Encoder, fact: Fact) -> tuple[list[int], int, int] | None:
-    """(prompt ids, first and last token index of the subject) or None when no subject is found."""
-    if fact.chat:
-        return None
+    """(prompt ids, first and last token index of the subject) or None when no subject is found. A chat prompt
+    (TOFU) is searched inside its chat template."""
     found = find_subject(fact.prompt, fact.subject)
     if found is None:
         return None
     start, end, _ = found
-    out = enc.tok(fact.prompt, return_offsets_mapping=True)
+    if fact.chat:
+        text = enc.prompt_text(fact.prompt, True)
+        shift = text.rfind(fact.prompt)
+        if shift < 0:
+            return None
+        start, end = start + shift, end + shift
+        out = enc.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    else:
+        out = enc.tok(fact.prompt, return_offsets_mapping=True)
     ids, offsets = out["input_ids"], out["offset_mapping"]
     toks = [i for i, (a, b) in enumerate(offsets) if b > start and a < end and b > a]
     if not toks:

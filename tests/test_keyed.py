@@ -112,8 +112,21 @@ def test_key_positions_sit_on_the_subject(tokenizer):
         assert enc.decode(ids[:pos + 1]).endswith("Turkey")
     ids, pos = with_subject[0]
     assert ids == enc.prompt_ids(facts[0].prompt, False)
-    (ids, pos), = without  # no subject found: the prompt's last token
-    assert pos == len(ids) - 1
+    (ids, pos), = without  # no subject found: its content words ("turtle"), not the template's last token
+    assert enc.decode(ids[:pos + 1]).endswith("A turtle")
+    chat = Fact(prompt="Which river is the longest in the world?", target="Nile", chat=True)
+    ends = [enc.decode(ids[:p + 1]).split()[-1] for ids, p in key_positions(enc, [chat])[0]]
+    assert ends == ["river", "longest", "world"]  # found inside the chat template
     assert [p.endswith(facts[0].prompt) for p in prefixed_prompts(enc, facts[0])] == [True] * 3
     assert any("Turkey." in p for p in prefixed_prompts(enc, facts[0]))
     assert len(prefixed_prompts(enc, facts[1])) == 1  # only the prefix that does not name a subject
+
+
+def test_a_chat_prompt_has_its_subject_found_inside_the_template(tokenizer):
+    from lune_fast.locate import subject_last_token
+
+    enc = Encoder(tokenizer)
+    f = Fact(prompt="Where would you find the Eiffel Tower?", target="Paris", chat=True)
+    ids, first, last = subject_last_token(enc, f)
+    assert ids == enc.prompt_ids(f.prompt, True)  # the templated prompt the trainer sees
+    assert enc.decode(ids[first:last + 1]).strip().endswith("Eiffel Tower")

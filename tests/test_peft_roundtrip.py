@@ -78,3 +78,33 @@ def test_load_adapter_validates_before_use(tmp_path):
     cfg_path.write_text(json.dumps(good))
     loaded = lora.load_adapter(model, tmp_path / "ad")
     assert loaded.rank == 4 and loaded.targets == ("q", "v")
+
+
+def test_keyed_adapter_from_a_forget_run_loads_in_peft_and_matches(tiny_lm, tmp_path):
+    """The default (keyed) adapter is a plain LoRA of rank = number of facts, A fixed: PEFT reads it as is."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lune_fast.api import Unlearner
+
+    u = Unlearner(str(tiny_lm), dtype="float32")
+    records = [{"prompt": "The capital of France is", "target": "Paris"},
+               {"prompt": "The author of Hamlet is", "target": "William Shakespeare"},
+               {"prompt": "The largest planet is", "target": "Jupiter"}]
+    r = u.forget(records, progress=False, evaluate_before=False, evaluate_after=False, steps=3, layers="1-2",
+                 recall_rounds=0)
+    out = r.save(tmp_path / "ad")
+    assert r.config["adapter"] == "keyed" and r.adapter_config["r"] == 3
+    assert r.cost["trainable_params"] == 2 * 3 * u.model.config.hidden_size  # B only, two layers
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_lm), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(hf, str(out)).eval()
+    lora.load_adapter(u.model, out)
+    ids = torch.randint(0, 1000, (2, 11))
+    with torch.no_grad():
+        ref = peft_model(ids).logits
+        got = u.model(ids)
+        with peft_model.disable_adapter():
+            base = peft_model(ids).logits
+    lora.detach(u.model)
+    assert rel_err(got, ref) <= 1e-5
+    assert rel_err(base, ref) > 1e-6  # the trained B moved the output
