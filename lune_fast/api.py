@@ -44,8 +44,8 @@ class SettingsError(ValueError):
 
 # The measured defaults of each mode and adapter kind (benchmarks/RESULTS.md, section 2), for the settings left
 # at None. keyed: subject-keyed adapters on the MLP output of early layers (where causal tracing puts the facts'
-# subjects); forgetting 32 facts at once they keep 0.78 of the neighbours (plain: 0.03) at retain perplexity
-# x1.05 (plain: x1.60), in 2x the time. plain: ordinary LoRA, for FSDP and for comparison.
+# subjects); forgetting 32 facts at once they keep 0.84 of the neighbours (plain: 0.03; replace mode 0.93, plain
+# 0.81) at retain perplexity x1.04 (plain: x1.60), in 1.7x the time. plain: ordinary LoRA, for FSDP and comparison.
 MODE_DEFAULTS = {
     ("suppress", "keyed"): {"targets": "down", "layers": "10%-30%", "lr": 3e-2, "anchors": 0, "prompt_variants": 1,
                             "key_overlap": 1e-3},

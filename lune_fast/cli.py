@@ -44,7 +44,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="e.g. 3-9, 3,5,9, 10%%-30%% (of the depth), all, or auto[:W] (causal tracing); default "
                         "10%%-30%% (keyed; 3-9 on the default model), 8-20 (plain)")
     p.add_argument("--steps", type=int, default=d.steps, help="maximum optimiser steps")
-    p.add_argument("--lr", type=float, default=None, help="default 2e-2 (keyed), 1e-3 (plain)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="default 3e-2 (keyed suppress), 2e-2 (keyed replace), 1e-3 (plain)")
     p.add_argument("--beta", type=float, default=None, help="NPO/SimNPO beta")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--stop-prob", type=float, default=d.stop_prob,
@@ -58,7 +59,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="suppress: ask the prompts again after training and train on any answer that still comes "
                         "out by another route, up to N times (single process)")
     p.add_argument("--prompt-variants", type=int, default=None,
-                   help="also train each fact after N prefixes such as 'Here is a fact.' (default 2 keyed, 0 plain)")
+                   help="also train each fact after N prefixes such as 'Here is a fact.' (default: keyed 1 in suppress "
+                        "mode, 2 in replace mode; plain 0)")
     p.add_argument("--preserve-text", help="texts whose activations the adapter should leave alone (default: the "
                                            "package's)")
     p.add_argument("--preserve-weight", type=float, default=d.preserve_weight,

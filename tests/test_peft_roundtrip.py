@@ -91,8 +91,10 @@ def test_keyed_adapter_from_a_forget_run_loads_in_peft_and_matches(tiny_lm, tmp_
     records = [{"prompt": "The capital of France is", "target": "Paris"},
                {"prompt": "The author of Hamlet is", "target": "William Shakespeare"},
                {"prompt": "The largest planet is", "target": "Jupiter"}]
+    # a random model gives every answer ~1/vocab: a tiny stop threshold makes it train its 3 steps
     r = u.forget(records, progress=False, evaluate_before=False, evaluate_after=False, steps=3, layers="1-2",
-                 recall_rounds=0)
+                 recall_rounds=0, stop_prob=1e-12)
+    assert r.cost["steps"] == 3
     out = r.save(tmp_path / "ad")
     assert r.config["adapter"] == "keyed" and r.adapter_config["r"] == 3
     assert r.cost["trainable_params"] == 2 * 3 * u.model.config.hidden_size  # B only, two layers
