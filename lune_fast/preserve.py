@@ -1,18 +1,17 @@
-"""Key preservation: keep each adapted projection's output where it was on text that must not move.
+"""Preserved inputs: the second moments of the adapted projections' inputs on text that must not move.
 
-Forgetting 32 facts at once with NPO teaches the adapter a shortcut — "after a factual question, say anything
-but a fact" — and every neighbour goes with the forgotten answers. Anchors fight it through the whole model,
-a few prompts at a time, at 4-15x the train time. This is the layer-local version (the soft form of
-AlphaEdit's null-space projection, for LoRA): run the frozen model once over the preserved text (same-template
-prompts with other subjects, the retain text), keep for each adapted linear the second moment of its inputs
-C = E[x xᵀ], and add to the loss
+Forgetting 32 facts at once with NPO teaches plain LoRA a shortcut — "after a factual question, say anything
+but a fact" — and every neighbour goes with the forgotten answers. Run the frozen model once over preserved
+text (same-template prompts with other subjects, the package's preservation text) and keep, for each adapted
+linear, C = E[x xᵀ] of its inputs. Keyed adapters (lune_fast.keyed) are whitened against C — that is what
+keeps the neighbours. C also gives a penalty for any adapter (`--preserve-weight λ`, the soft form of
+AlphaEdit's null-space projection):
 
     λ · mean over adapted linears of  E‖ΔW x‖² / E‖W x‖²  =  tr(ΔW C ΔWᵀ) / tr(W C Wᵀ),   ΔW = s·B A
 
-— the relative change of that projection's output on the preserved inputs. The statistics are one forward
-(thousands of tokens for the price of a handful), the penalty a few r×d×d products a step, independent of
-how much text went into C. An adapter that moves only directions the preserved text does not use pays
-nothing: the forget prompts' own directions (their subjects) stay free.
+— the relative change of that projection's output on the preserved inputs, a few r×d×d products a step however
+much text went into C. Measured on plain LoRA it only trades forgetting for locality along the old curve
+(benchmarks/RESULTS.md, section 2); it stays an option.
 """
 from __future__ import annotations
 
@@ -92,9 +91,3 @@ def combine(model: Transformer, settings: lora.LoraSettings, groups: list[tuple[
         W = m.weight.float()
         energy[name] = float(((W @ moments[name]) * W).sum())
     return Preserved(moments, energy, sum(g[1] for g in groups))
-
-
-def input_moments(model: Transformer, settings: lora.LoraSettings, groups: list[list[list[int]]], pad_id: int = 0
-                  ) -> Preserved:
-    """Preserved moments of groups of token sequences (see `combine`)."""
-    return combine(model, settings, [group_moments(model, settings, g, pad_id) for g in groups])
