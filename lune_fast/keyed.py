@@ -89,26 +89,13 @@ def subject_keys(model: Transformer, settings: lora.LoraSettings, where: list[li
     frozen model."""
     flat_where = [(ids, p) for places in where for ids, p in places]
     owner = torch.tensor([i for i, places in enumerate(where) for _ in places], device=model.device)
-    linears = lora.frozen_linears(model, settings)
-    end = max(settings.layers or range(model.config.num_hidden_layers)) + 1
-    keys = {n: [] for n in linears}
+    keys = {n: [] for n in lora.frozen_linears(model, settings)}
     T = max(len(ids) for ids, _ in flat_where)
     rows = torch.tensor([ids + [pad_id] * (T - len(ids)) for ids, _ in flat_where], device=model.device)
     flat = torch.tensor([r * T + p for r, (_, p) in enumerate(flat_where)], device=model.device)
-
-    def hook(name):
-        def fn(_module, args):
-            keys[name].append(args[0].reshape(-1, args[0].shape[-1])[flat].float())
-        return fn
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
-    try:
-        with lora.disabled(model):
-            pos = torch.arange(T, device=model.device).expand(len(flat_where), T)
-            model.run_layers(model.embed(rows), pos, AttnMask(), end=end)
-    finally:
-        for h in handles:
-            h.remove()
+    with lora.reading_inputs(model, settings, lambda name, x: keys[name].append(x[flat].float())) as end:
+        pos = torch.arange(T, device=model.device).expand(len(flat_where), T)
+        model.run_layers(model.embed(rows), pos, AttnMask(), end=end)
     out = {}
     counts = torch.bincount(owner, minlength=len(where)).float()[:, None]
     for n, v in keys.items():

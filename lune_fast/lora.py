@@ -298,6 +298,21 @@ def frozen_linears(model: Transformer, settings: LoraSettings) -> dict[str, nn.L
     return out
 
 
+@contextmanager
+def reading_inputs(model: Transformer, settings: LoraSettings, read):
+    """Inside the block, each forward of the frozen model (adapters off) calls read(name, x) with the input
+    x [tokens, in] of every projection `settings` adapts. Yields the layer to run up to: nothing after the last
+    adapted one is read."""
+    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: read(n, args[0].reshape(-1, args[0].shape[-1])))
+               for n, m in frozen_linears(model, settings).items()]
+    try:
+        with disabled(model):
+            yield max(settings.layers or range(model.config.num_hidden_layers)) + 1
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def adapters_of(model: Transformer) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 

@@ -51,31 +51,23 @@ def group_moments(model: Transformer, settings: lora.LoraSettings, seqs: list[li
     from .trainer import _layout
 
     linears = lora.frozen_linears(model, settings)
-    end = max(settings.layers or range(model.config.num_hidden_layers)) + 1
     sums = {n: torch.zeros(m.in_features, m.in_features, device=model.device) for n, m in linears.items()}
     valid = {}
 
-    def hook(name):
-        def fn(_module, args):
-            x = args[0].reshape(-1, args[0].shape[-1])[valid["idx"]]
-            sums[name].add_((x.t() @ x).float())  # in the activations' dtype: bf16 products, fp32 sums
-        return fn
+    def read(name, x):
+        x = x[valid["idx"]]
+        sums[name].add_((x.t() @ x).float())  # in the activations' dtype: bf16 products, fp32 sums
 
     seqs = [s for s in seqs if s]
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
     n = 0
-    try:
-        with lora.disabled(model):
-            for start in range(0, len(seqs), 64):
-                # (ids, [pad]) makes the packed input row exactly ids
-                batch = make_batch([(s, [pad_id]) for s in seqs[start:start + 64]], pad_id, pack=pack).to(model.device)
-                valid["idx"] = (batch.segments.reshape(-1) >= 0).nonzero().squeeze(1)
-                n += int(valid["idx"].numel())
-                positions, mask = _layout(batch)
-                model.run_layers(model.embed(batch.input_ids), positions, mask, end=end)
-    finally:
-        for h in handles:
-            h.remove()
+    with lora.reading_inputs(model, settings, read) as end:
+        for start in range(0, len(seqs), 64):
+            # (ids, [pad]) makes the packed input row exactly ids
+            batch = make_batch([(s, [pad_id]) for s in seqs[start:start + 64]], pad_id, pack=pack).to(model.device)
+            valid["idx"] = (batch.segments.reshape(-1) >= 0).nonzero().squeeze(1)
+            n += int(valid["idx"].numel())
+            positions, mask = _layout(batch)
+            model.run_layers(model.embed(batch.input_ids), positions, mask, end=end)
     return {k: v / max(n, 1) for k, v in sums.items()}, n
 
 
