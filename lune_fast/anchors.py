@@ -83,6 +83,13 @@ def candidate_prompts(fact: Fact, rng: random.Random, n: int) -> list[str]:
     return [fact.prompt[:start] + s + fact.prompt[end:] for s in pool[:n]]
 
 
+def other_subject_prompts(facts: list[Fact], n: int, seed: int = 0) -> list[list[str]]:
+    """Per fact, up to n of its prompts with other subjects, none of them a forget prompt itself."""
+    rng = random.Random(seed)
+    forget_prompts = {f.prompt for f in facts}
+    return [[p for p in candidate_prompts(f, rng, n) if p not in forget_prompts] for f in facts]
+
+
 @dataclass
 class Anchor:
     prompt: str
@@ -97,9 +104,7 @@ def build_anchors(model: Transformer, enc: Encoder, facts: list[Fact], per_fact:
     """Up to `per_fact` anchors per fact: same template, another subject, an answer the base model gives
     with mean token probability ≥ min_prob that does not answer with the fact's target. Run on the frozen
     model (call before attaching adapters)."""
-    rng = random.Random(seed)
-    forget_prompts = {f.prompt for f in facts}
-    per = [[p for p in candidate_prompts(f, rng, candidates) if p not in forget_prompts] for f in facts]
+    per = other_subject_prompts(facts, candidates, seed)
     flat = [(i, p) for i, ps in enumerate(per) for p in ps]
     if not flat:
         return []

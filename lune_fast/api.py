@@ -394,8 +394,8 @@ class Unlearner:
         if s.adapter == "plain":
             return lora.LoraSettings(rank=s.rank, alpha=s.alpha, targets=targets, layers=layers, rslora=s.rslora)
         # keyed: one rank per fact, scale 1 (column i of B is what the layer writes on reading subject i)
-        first = lora.frozen_linears(self.model, lora.LoraSettings(targets=targets, layers=layers[:1]))
-        room = min(m.in_features for m in first.values()) // 2
+        adapted = lora.frozen_linears(self.model, lora.LoraSettings(targets=targets, layers=layers))
+        room = min(m.in_features for m in adapted.values()) // 2
         if len(facts) > room:
             raise SettingsError(f"keyed adapters take one rank per fact: {len(facts)} facts is more than {room} for "
                                 f"these projections; split the request or use --adapter plain")
@@ -428,15 +428,11 @@ class Unlearner:
     def _preserved(self, facts: list[Fact], s: Settings, lora_settings: lora.LoraSettings):
         """The inputs the adapter should leave alone: the forget prompts' templates with other subjects, and the
         preservation text (its moments computed once per model and adapter layout, then reused)."""
-        import random
-
-        from .anchors import candidate_prompts
+        from .anchors import other_subject_prompts
         from .preserve import combine, group_moments
 
-        rng = random.Random(s.seed)
-        forget_prompts = {f.prompt for f in facts}
-        prompts = [self.encoder.prompt_ids(p, f.chat) for f in facts
-                   for p in candidate_prompts(f, rng, s.preserve_prompts) if p not in forget_prompts]
+        prompts = [self.encoder.prompt_ids(p, f.chat)
+                   for f, ps in zip(facts, other_subject_prompts(facts, s.preserve_prompts, s.seed)) for p in ps]
         key = (lora_settings.targets, lora_settings.layers, s.preserve_text)
         if key not in self._text_moments:
             texts = read_lines(s.preserve_text or asset("preserve_text.jsonl"))

@@ -19,7 +19,7 @@ import torch
 
 from . import lora
 from .data import Encoder, Fact
-from .locate import subject_last_token
+from .locate import prompt_offsets, subject_last_token
 from .model import AttnMask, Transformer
 from .preserve import Preserved
 
@@ -52,12 +52,13 @@ def content_positions(enc: Encoder, f: Fact) -> tuple[list[int], list[int]]:
     """(prompt ids, positions of the last token of each content word of the prompt): the key of a fact with
     no subject is averaged over them ("A turtle is a type of" -> "turtle"), not read off the prompt's last
     token, which every prompt of the same template shares."""
-    text = enc.prompt_text(f.prompt, f.chat)
-    shift = text.rfind(f.prompt) if f.chat else 0
-    out = enc.tok(text, add_special_tokens=False, return_offsets_mapping=True) if f.chat else \
-        enc.tok(text, return_offsets_mapping=True)
-    ids, offsets = out["input_ids"], out["offset_mapping"]
-    ends = [m.end() + shift for m in re.finditer(r"[^\W\d_]{3,}", f.prompt) if m.group(0).lower() not in _FUNCTION_WORDS]
+    read = prompt_offsets(enc, f)
+    if read is None:
+        ids = enc.prompt_ids(f.prompt, f.chat)
+        return ids, [len(ids) - 1]
+    ids, offsets, shift = read
+    ends = [m.end() + shift for m in re.finditer(r"[^\W\d_]{3,}", f.prompt)
+            if m.group(0).lower() not in _FUNCTION_WORDS]
     positions = sorted({i for e in ends for i, (a, b) in enumerate(offsets) if a < e <= b})
     return ids, positions or [len(ids) - 1]
 
