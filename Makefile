@@ -27,8 +27,19 @@ $(STAMP): $(SOURCES) | $(PY)
 demo: $(STAMP)
 	$(VENV)/bin/lune-fast demo
 
+# The numerics tests run once more with oneDNN, ATen and MKL held to other instruction sets: AVX2 everywhere,
+# and AVX512 without bf16 where the CPU has AVX512-BF16 or AMX. bf16 rounds differently on each kind of CPU,
+# so one CI machine also runs the kernels another machine would.
+ISA_RUNS := AVX2:avx2:AVX2 $(shell grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && echo AVX512_CORE:avx512:AVX512)
+
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	@for run in $(ISA_RUNS); do \
+	  set -- $$(echo $$run | tr ':' ' '); \
+	  echo "== numerics tests with ONEDNN_MAX_CPU_ISA=$$1 ATEN_CPU_CAPABILITY=$$2 MKL_ENABLE_INSTRUCTIONS=$$3"; \
+	  ONEDNN_MAX_CPU_ISA=$$1 ATEN_CPU_CAPABILITY=$$2 MKL_ENABLE_INSTRUCTIONS=$$3 \
+	    $(PY) -m pytest -q -m "numerics and not slow" $(PYTEST_ARGS) || exit 1; \
+	done
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

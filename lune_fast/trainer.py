@@ -148,6 +148,11 @@ def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSett
     # leave the batch, and everything is checked again before the run may stop.
     shrinking = settings.per_example_stop and not (dist is not None and dist.fsdp)  # FSDP: same forwards on all ranks
     work = parts if work_spec is None else _rebuild(model, parts, work_spec, L0)
+    # Every iteration ends the run or takes one optimizer step, so the loop runs at most settings.steps times.
+    # The stop decision is read from one set of probabilities: the step's own forward when it covered the whole
+    # forget set, else one re-check on the whole set (at most once per step). When that re-check finds answers
+    # the working subset called done (a packed subset and the whole set round differently in bf16), those
+    # answers are trained in this same step, whatever the subset's forward said.
     with _InterruptFlag() as interrupt:
         try:
             step = start
@@ -157,15 +162,16 @@ def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSett
                 losses, probs, weights = _forward(model, work, L0, settings, replace)
                 # 4. stop on the criterion (every rank alike), before any update of this step
                 if _all_done(probs, settings, replace, dist, model.device):
-                    if work is parts:
+                    whole = work is parts
+                    if _everywhere(whole, dist, model.device):
                         outcome.stopped = "criterion"
                         break
-                    probs = _final_probs(model, parts, L0)
+                    probs = probs if whole else _final_probs(model, parts, L0)
                     if _all_done(probs, settings, replace, dist, model.device):
                         outcome.stopped = "criterion"
                         break
-                    work = _still_to_do(model, parts, probs, settings, replace, L0)  # some came back
-                    continue
+                    work = _still_to_do(model, parts, probs, settings, replace, L0)
+                    losses, _, weights = _forward(model, work, L0, settings, replace, train_all=True)
                 loss = _step_loss(model, params, losses, weights, settings, dist, retain_part, retain_ref, L0,
                                   preserved)
                 if not _finite(loss, dist, model.device):
@@ -209,14 +215,16 @@ def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSett
     return outcome
 
 
-def _forward(model, work: list[_Part], L0: int, settings: TrainSettings, replace: bool):
+def _forward(model, work: list[_Part], L0: int, settings: TrainSettings, replace: bool, train_all: bool = False):
     """Per micro-batch: the objective summed over its sequences (weight 0 for an answer already past the
-    threshold, with per-example stopping), the sequences' mean token probabilities, and those weights."""
+    threshold, with per-example stopping, unless train_all), the sequences' mean token probabilities, and those
+    weights."""
     losses, probs, weights = [], [], []
     for part in work:
         tok = target_logprobs(_hidden_at_answers(model, part, L0), model.head_weight, part.batch.targets)
         p = _mean_token_prob(tok, part.batch)
-        w = (~_done(p, settings, replace)).float() if settings.per_example_stop else torch.ones_like(p)
+        w = (~_done(p, settings, replace)).float() if settings.per_example_stop and not train_all \
+            else torch.ones_like(p)
         losses.append(forget_loss("replace" if replace else settings.objective, tok, part.batch.seq,
                                   part.batch.n_seq, part.ref_tok, weights=w, beta=settings.beta, reduction="sum"))
         probs.append(p)
@@ -229,13 +237,15 @@ def _done(probs: torch.Tensor, settings: TrainSettings, replace: bool) -> torch.
 
 
 def _all_done(probs, settings, replace, dist, device) -> bool:
-    local = bool(_done(probs, settings, replace).all())
-    return local if dist is None else dist.all_true(local, device)
+    return _everywhere(bool(_done(probs, settings, replace).all()), dist, device)
+
+
+def _everywhere(flag: bool, dist, device) -> bool:
+    return flag if dist is None else dist.all_true(flag, device)
 
 
 def _finite(loss, dist, device) -> bool:
-    finite = bool(torch.isfinite(loss))
-    return finite if dist is None else dist.all_true(finite, device)
+    return _everywhere(bool(torch.isfinite(loss)), dist, device)
 
 
 def _step_loss(model, params, losses, weights, settings, dist, retain_part, retain_ref, L0, preserved=None):

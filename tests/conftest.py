@@ -91,3 +91,15 @@ def tiny_lm(tmp_path_factory, default_dir):
         if (default_dir / name).exists():
             shutil.copy2(default_dir / name, folder / name)
     return folder
+
+
+def pytest_report_header(config):
+    """Which kernels this run exercises: the CPU's bf16 features and any instruction-set limits in force."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    have = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    limits = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+              if k in os.environ]
+    return f"cpu: {' '.join(have) or 'unknown'}; instruction-set limits: {' '.join(limits) or 'none'}"

@@ -5,6 +5,8 @@ import torch
 from conftest import rel_err
 from lune_fast import ops
 
+pytestmark = pytest.mark.numerics  # run again under other instruction sets (Makefile)
+
 pytestmark = pytest.mark.skipif(ops.extension() is None, reason=f"lune_fast._C not built: {ops.extension_error()}")
 # the same tests on every device present (CUDA where the extension was built with it)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and getattr(ops.extension(), "with_cuda", False) else [])

@@ -6,6 +6,8 @@ from conftest import make_tiny_hf, rel_err
 from lune_fast import lora
 from lune_fast.weights import load_model
 
+pytestmark = pytest.mark.numerics  # run again under other instruction sets (Makefile)
+
 
 def _plain(x, w, b, A, B, s):
     y = x @ w.t() + s * (x @ A.t()) @ B.t()

@@ -9,6 +9,8 @@ from lune_fast import lora, trainer
 from lune_fast.data import make_batch
 from lune_fast.weights import load_model
 
+pytestmark = pytest.mark.numerics  # run again under other instruction sets (Makefile)
+
 SETTINGS = lora.LoraSettings(rank=4, alpha=8, targets=("q", "v", "o", "gate", "up", "down"), layers=(1, 2))
 PAIRS = [([3, 17, 42, 9], [100, 7]), ([5, 6], [11, 12, 13]), ([88, 1, 2], [150])]
 

@@ -6,6 +6,8 @@ from conftest import make_tiny_hf, rel_err
 from lune_fast.model import ModelConfig, generate
 from lune_fast.weights import load_model
 
+pytestmark = pytest.mark.numerics  # run again under other instruction sets (Makefile)
+
 FAMILIES = [
     ("llama", {}),
     ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -83,19 +85,29 @@ def test_default_model_logits_float32(default_model, hf_default, tokenizer):
     assert err <= 1e-4, err
 
 
-def test_default_model_logits_bfloat16(default_dir, tokenizer):
-    # Both sides run in bfloat16 with different op orders (SDPA kernel, fused vs separate casts); bf16 keeps
-    # 8 mantissa bits, so one rounding of a logit of size ~20 is ~0.04 and a 30-layer stack compounds a few
-    # of them: 3e-2 of the largest logit is the bound measured (observed ~1e-2), and the argmax must agree.
+def test_default_model_logits_bfloat16(default_dir, default_model, tokenizer):
+    """bf16 parity with a derived bound, not one fitted to a CPU: against the float32 model on the same input,
+    our bf16 logits are at most twice as far as transformers' own bf16 logits, plus one bf16 rounding of the
+    largest logit (2^-8 relative). The last position's argmax agrees with transformers' wherever the float32
+    winner leads by more than the two bf16 errors together (there, rounding cannot reorder the top two)."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(default_dir), dtype=torch.bfloat16).eval()
     ours = load_model(default_dir, dtype=torch.bfloat16)
-    ids = torch.tensor([tokenizer(PROMPTS[0]).input_ids])
-    with torch.no_grad():
-        a, b = ours(ids).float(), hf(ids).logits.float()
-    assert rel_err(a, b) <= 3e-2
-    assert torch.equal(a[0, -1].argmax(), b[0, -1].argmax())
+    ours_err, hf_err, decided = [], [], 0
+    for prompt in PROMPTS:
+        ids = torch.tensor([tokenizer(prompt).input_ids])
+        with torch.no_grad():
+            ref, a, b = default_model(ids)[0].double(), ours(ids)[0].double(), hf(ids).logits[0].double()
+        ours_err.append(rel_err(a, ref))
+        hf_err.append(rel_err(b, ref))
+        scale = float(ref.abs().max())
+        top2 = ref[-1].topk(2).values
+        if float(top2[0] - top2[1]) > (ours_err[-1] + hf_err[-1]) * scale:
+            decided += 1
+            assert int(a[-1].argmax()) == int(b[-1].argmax()) == int(ref[-1].argmax()), prompt
+    assert max(ours_err) <= 2 * max(hf_err) + 2 ** -8, (ours_err, hf_err)
+    assert decided >= 1  # at least one prompt has a clear winner, so the argmax check ran
 
 
 def test_greedy_generation_matches_transformers(default_model, hf_default, tokenizer):

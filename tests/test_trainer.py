@@ -79,6 +79,33 @@ def test_interrupt_then_resume_is_bit_identical(folder, tmp_path, settings, monk
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
+def test_a_subset_and_the_whole_set_that_never_agree_still_end(folder, monkeypatch):
+    """The working subset says "all done" and the re-check on the whole forget set always says "not done" (a
+    permanent disagreement, as bf16 rounding of two packings can make): every iteration must still take an
+    optimizer step, so the run ends at `steps`, with at most one re-check per step."""
+    steps = 30
+    checks, forwards = [], []
+    real_forward = trainer._forward
+
+    def never_done(model, parts, L0):
+        checks.append(1)
+        return torch.ones(sum(p.batch.n_seq for p in parts))
+
+    def counting(*a, **k):
+        forwards.append(1)
+        if len(forwards) > 2 * steps:  # two forwards per step at most; more means an iteration without a step
+            raise AssertionError(f"{len(forwards)} forwards for {steps} steps")
+        return real_forward(*a, **k)
+
+    monkeypatch.setattr(trainer, "_final_probs", never_done)
+    monkeypatch.setattr(trainer, "_forward", counting)
+    monkeypatch.setattr(sys.modules[__name__], "PAIRS", PAIRS + [([4, 4, 4], [9, 9]), ([7, 8], [60])])
+    _, out = _run(folder, settings={**SHRINKING, "steps": steps})
+    assert out.steps == steps and out.stopped == "max_steps"
+    assert len(checks) >= 2  # the disagreement was met (and the last call is the final read-out)
+    assert len(checks) <= steps + 1
+
+
 def test_resume_with_other_settings_is_refused(folder, tmp_path):
     ckpt = tmp_path / "c.ckpt"
     _run(folder, checkpoint_dir=ckpt, settings={"checkpoint_every": 2})
