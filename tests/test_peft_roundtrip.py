@@ -40,10 +40,34 @@ def test_saved_adapter_loads_in_peft_and_matches(tmp_path, kind, rslora):
         assert rel_err(peft_model(ids).logits, ref) > 1e-3  # the adapter really changes the output
 
 
+def _config_as_transformers_writes_it(folder, tmp_path):
+    """Load `folder` with transformers' Auto class and save it again: the config.json it writes."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    model.save_pretrained(str(tmp_path / "resaved"))
+    return json.loads((tmp_path / "resaved" / "config.json").read_text())
+
+
+def test_default_model_config_is_what_transformers_writes(default_dir, tmp_path):
+    """The converted default model names its architecture (llama.cpp's converter and vLLM read it)."""
+    import json
+
+    ours = json.loads((default_dir / "config.json").read_text())
+    assert ours["architectures"] == ["LlamaForCausalLM"]
+    assert ours == _config_as_transformers_writes_it(default_dir, tmp_path)
+
+
 def test_merged_export_loads_in_transformers(tmp_path):
+    import json
+
     from transformers import AutoModelForCausalLM
 
     make_tiny_hf("llama", tmp_path / "base")
+    cfg_path = tmp_path / "base" / "config.json"  # as a GGUF conversion leaves it: no architectures
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "architectures": None}))
     model = load_model(tmp_path / "base")
     _random_adapter(model, lora.LoraSettings(rank=8, alpha=16, targets=("gate", "up", "down", "q"), layers=(1,)))
     ids = torch.randint(0, 211, (2, 9))
@@ -55,6 +79,9 @@ def test_merged_export_loads_in_transformers(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
     with torch.no_grad():
         assert rel_err(hf(ids).logits, adapted) <= 1e-5
+    merged = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert merged["architectures"] == ["LlamaForCausalLM"]
+    assert merged == _config_as_transformers_writes_it(tmp_path / "merged", tmp_path)
 
 
 def test_load_adapter_validates_before_use(tmp_path):
@@ -82,10 +109,11 @@ def test_load_adapter_validates_before_use(tmp_path):
     assert loaded.rank == 4 and loaded.targets == ("q", "v")
 
 
-def test_keyed_adapter_from_a_forget_run_loads_in_peft_and_matches(tiny_lm, tmp_path):
-    """The default (keyed) adapter is a plain LoRA of rank = number of facts, A fixed: PEFT reads it as is."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+def test_keyed_adapter_from_a_forget_run_loads_in_peft_and_matches(tiny_lm, tmp_path, monkeypatch):
+    """The default (keyed) adapter is a plain LoRA of rank = number of facts, A fixed: PEFT reads it as is, and
+    AutoPeftModelForCausalLM finds the base model from the adapter folder alone, offline."""
+    import huggingface_hub
+    from peft import AutoPeftModelForCausalLM
 
     from lune_fast.api import Unlearner
 
@@ -100,8 +128,10 @@ def test_keyed_adapter_from_a_forget_run_loads_in_peft_and_matches(tiny_lm, tmp_
     out = r.save(tmp_path / "ad")
     assert r.config["adapter"] == "keyed" and r.adapter_config["r"] == 3
     assert r.cost["trainable_params"] == 2 * 3 * u.model.config.hidden_size  # B only, two layers
-    hf = AutoModelForCausalLM.from_pretrained(str(tiny_lm), dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(hf, str(out)).eval()
+    assert r.adapter_config["base_model_name_or_path"] == str(tiny_lm.resolve())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()
     lora.load_adapter(u.model, out)
     ids = torch.randint(0, 1000, (2, 11))
     with torch.no_grad():
