@@ -1,5 +1,9 @@
-"""Fused LoRA linear: y = x Wᵀ (+ b) + s·(x Aᵀ) Bᵀ with W frozen — Triton kernels, autograd.Function,
-and the plain torch reference, in one file.
+"""The LoRA linear op: y = x Wᵀ (+ b) + s·(x Aᵀ) Bᵀ with W frozen — its Triton kernels, the two autograd
+Functions (Triton, and the torch addmm chain that CPUs run), the plain torch reference, and the one dispatch
+point, `lora_linear(..., backend=)`, in one file. Installed as lune_fast.kernels.lora_linear.
+
+Both Functions save only x (in its own dtype) and x·Aᵀ [N, r] for the backward. Adapter parameters are
+float32 master weights; the products run in the activations' dtype (bf16 on AMX / tensor cores).
 
 Forward (one kernel): each program owns a [BM, BN] tile of y; its K loop loads each x tile once and
 feeds it to both products, x·Wᵀ into the tile accumulator and x·Aᵀ into a [BM, r] accumulator; the rank-r
@@ -50,7 +54,7 @@ def rank_pad(r: int) -> int:
 
 # (BM, BN, BK, warps, stages, largest padded rank) per target and kernel; for the backward, (BN, BK) are
 # (dx tile width, reduction chunk). Chosen so that every config compiles without register spills and fits
-# shared memory at every rank it admits (tests/test_lora_kernels.py checks this from the cubins).
+# shared memory at every rank it admits (tests/test_gpu_build.py checks this from the cubins).
 # Hopper: 128x256 forward tiles keep wgmma busy and make the recomputed x·Aᵀ 6% of the work.
 CONFIGS = {
     ("hopper", "fwd"): [(128, 256, 64, 8, 3, 64), (128, 128, 64, 8, 4, 64), (64, 128, 64, 4, 4, 64)],
@@ -240,25 +244,71 @@ class LoRALinearTriton(torch.autograd.Function):
         return dx.view(ctx.shape) if ctx.needs_input_grad[0] else None, None, None, dA, dB, None
 
 
-def lora_linear(x, weight, bias, A, B, scale: float):
-    return LoRALinearTriton.apply(x, weight, bias, A, B, scale)
+class LoRALinearTorch(torch.autograd.Function):
+    """The CPU path: a chain of addmm's with the same contract (saves x and x·Aᵀ only)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scale):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        a, b = A.to(x.dtype), B.to(x.dtype)
+        xa = x2 @ a.t()
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        y.addmm_(xa, b.t(), alpha=scale)
+        ctx.save_for_backward(x2, xa, weight, A, B)
+        ctx.scale, ctx.shape = scale, shape
+        return y.view(*shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xa, weight, A, B = ctx.saved_tensors
+        s = ctx.scale
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
+        a, b = A.to(x2.dtype), B.to(x2.dtype)
+        dyb = dy2 @ b
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = dy2 @ weight
+            dx.addmm_(dyb, a, alpha=s)
+            dx = dx.view(ctx.shape)
+        dA = (dyb.t() @ x2).mul_(s).to(A.dtype) if ctx.needs_input_grad[3] else None
+        dB = (dy2.t() @ xa).mul_(s).to(B.dtype) if ctx.needs_input_grad[4] else None
+        return dx, None, None, dA, dB, None
 
 
-def grouped_lora_linear(x, weight_cat, bias_cat, As, Bs, scales, splits):
-    """Projections that share x (q/k/v, gate/up) in ONE kernel: weight_cat is their stacked frozen weights
+# -- the one dispatch point ----------------------------------------------------------------------------------
+BACKENDS = ("auto", "torch", "triton")
+_FUNCTIONS = {"torch": LoRALinearTorch, "triton": LoRALinearTriton}
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto": the Triton kernels for CUDA tensors when Triton is there, else the torch chain; "torch" forces
+    the chain (benchmarks compare the two); "triton" where it cannot run is an error, not a silent fallback."""
+    if backend not in BACKENDS:
+        raise ValueError(f"LoRA backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if torch.device(device).type == "cuda" and available() else "torch"
+    if backend == "triton" and not available():
+        raise ValueError("LoRA backend 'triton' needs triton and a CUDA device (or TRITON_INTERPRET=1)")
+    return backend
+
+
+def lora_linear(x, weight, bias, A, B, scale: float, backend: str = "auto"):
+    return _FUNCTIONS[resolve_backend(backend, x.device)].apply(x, weight, bias, A, B, scale)
+
+
+def grouped_lora_linear(x, weight_cat, bias_cat, As, Bs, scales, splits, backend: str = "auto"):
+    """Projections that share x (q/k/v, gate/up) as ONE op: weight_cat is their stacked frozen weights
     [ΣN_i, K] (contiguous), As/Bs their adapters. The stacked A is [Σr_i, K]; the block-diagonal B_s places
     s_i·B_i in its own rank columns, so one epilogue dot adds every adapter's term. Returns the outputs
     split per projection. Differentiable through A_i and B_i (the stacking ops are tracked by autograd)."""
     a_cat = torch.cat(list(As), 0)
-    rows, cols = [], 0
+    cols = sum(b.shape[1] for b in Bs)
+    blocks, c0 = [], 0
     for b, s in zip(Bs, scales):
-        rows.append((b, s, cols))
-        cols += b.shape[1]
-    blocks = []
-    for b, s, c0 in rows:
         blocks.append(torch.nn.functional.pad(b * s, (c0, cols - c0 - b.shape[1])))
-    b_bd = torch.cat(blocks, 0)
-    y = LoRALinearTriton.apply(x, weight_cat, bias_cat, a_cat, b_bd, 1.0)
+        c0 += b.shape[1]
+    y = lora_linear(x, weight_cat, bias_cat, a_cat, torch.cat(blocks, 0), 1.0, backend)
     return y.split(list(splits), dim=-1)
 
 
@@ -266,68 +316,3 @@ def lora_linear_reference(x, weight, bias, A, B, scale: float):
     """Plain torch: what every path must equal."""
     y = torch.nn.functional.linear(x, weight, bias)
     return y + scale * (x @ A.to(x.dtype).t()) @ B.to(x.dtype).t()
-
-
-# -- compiling for real GPUs without one (tests read PTX, SASS and resource usage) --------------------------
-def compile_for(kind: str, cap: int, config: tuple, dtype: str = "bf16", rank: int = 16, has_bias: bool = False):
-    """config: an entry of CONFIGS[(family, kind)]."""
-    """triton.compile the fwd/bwd kernel for CUDA capability `cap` (80, 90) at one config, no GPU needed."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    BM, BN, BK, warps, stages = config[:5]
-    p = f"*{dtype}"
-    if kind == "fwd":
-        sig = {"x_ptr": p, "w_ptr": p, "a_ptr": p, "b_ptr": p, "bias_ptr": p, "y_ptr": p, "xa_ptr": "*fp32",
-               "M": "i32", "N": "i32", "K": "i32", "R": "i32", "M_BUCKET": "i32", "HAS_BIAS": "constexpr",
-               "UPCAST": "constexpr", "RP": "constexpr", "BM": "constexpr", "BN": "constexpr", "BK": "constexpr",
-               "GROUP_M": "constexpr", "MAX_RP": "constexpr"}
-        consts = {"HAS_BIAS": has_bias, "UPCAST": False, "RP": rank_pad(rank), "BM": BM, "BN": BN, "BK": BK,
-                  "GROUP_M": 8, "MAX_RP": 64}
-        fn = _fwd_kernel
-    else:
-        sig = {"dy_ptr": p, "w_ptr": p, "a_ptr": p, "b_ptr": p, "x_ptr": p, "xa_ptr": "*fp32", "dx_ptr": p,
-               "pa_ptr": "*fp32", "pb_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
-               "M_BUCKET": "i32", "UPCAST": "constexpr", "RP": "constexpr", "BM": "constexpr", "BN": "constexpr",
-               "BK": "constexpr", "GROUP_M": "constexpr", "MAX_RP": "constexpr"}
-        # a backward config is (BM, dx tile width, reduction chunk) = (BM, BK, BN) of the kernel
-        consts = {"UPCAST": False, "RP": rank_pad(rank), "BM": BM, "BN": BK, "BK": BN, "GROUP_M": 8, "MAX_RP": 64}
-        fn = _bwd_kernel
-    # What the JIT would specialise at a real launch: 16-byte aligned pointers, and N, K (row strides) and r
-    # divisible by 16 where they are. Without these hints no load can become an async copy.
-    names = list(sig)
-    aligned = [i for i, n in enumerate(names) if sig[n].startswith("*") or n in ("N", "K") or (n == "R" and rank % 16 == 0)]
-    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": warps, "num_stages": stages})
-
-
-def _cuobjdump(cubin: bytes, *flags: str) -> str:
-    import subprocess
-    import tempfile
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([tool, *flags, f.name], capture_output=True, text=True, check=True).stdout
-
-
-def compile_report(families=("hopper", "ampere")) -> list[dict]:
-    """Compile every kernel at every config (at the largest rank it admits) for its chip and read off what
-    matters: wgmma in the PTX and HGMMA in the SASS (Hopper), shared memory, registers, stack (spills)."""
-    import re
-
-    rows = []
-    for family in families:
-        cap = 90 if family == "hopper" else 80
-        for kind in ("fwd", "bwd"):
-            for cfg in CONFIGS[(family, kind)]:
-                c = compile_for(kind, cap, cfg, rank=cfg[5])
-                res = _cuobjdump(c.asm["cubin"], "-res-usage")
-                reg, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", res).groups())
-                rows.append({"family": family, "kind": kind, "config": list(cfg), "cap": cap,
-                             "wgmma_ptx": "wgmma" in c.asm["ptx"],
-                             "hgmma_sass": "HGMMA" in _cuobjdump(c.asm["cubin"], "-sass"),
-                             "shared_bytes": c.metadata.shared, "registers": reg, "stack_bytes": stack})
-    return rows

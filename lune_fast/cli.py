@@ -21,31 +21,41 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
+def _defaults(key: str) -> str:
+    """'v1 (keyed suppress), v2 (keyed replace), ...': a setting's measured defaults, read from MODE_DEFAULTS."""
+    from .settings import MODE_DEFAULTS
+
+    by_value: dict[str, list[str]] = {}
+    for (mode, adapter), d in MODE_DEFAULTS.items():
+        by_value.setdefault(str(d[key]), []).append(f"{adapter} {mode}")
+    return "; ".join(f"{v} ({', '.join(who)})" for v, who in by_value.items()).replace("%", "%%")
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from .api import Settings
     from .losses import OBJECTIVES
+    from .settings import Settings
 
     d = Settings()
     p.add_argument("--mode", default=d.mode, choices=["suppress", "replace"])
     p.add_argument("--adapter", default=None, choices=["keyed", "plain"],
                    help="keyed (default): A fixed to the facts' subject keys whitened against preserved text, B "
                         "trained, rank = number of facts; plain: ordinary LoRA (the default under --fsdp)")
-    p.add_argument("--objective", default=None, choices=OBJECTIVES,
-                   help=f"default: {d.objective} (suppress), replace (replace mode)")
+    p.add_argument("--objective", default=None, choices=OBJECTIVES, help=f"default: {_defaults('objective')}")
     p.add_argument("--retain", help="facts whose answers must be kept (NLL or KL retain term)")
     p.add_argument("--retain-text", help="texts for retain perplexity (default: the package's own)")
     p.add_argument("--rank", type=int, default=d.rank, help="plain adapters (keyed: one rank per fact)")
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--targets", default=None,
-                   help="q,k,v,o,gate,up,down (or all, mlp, attn); default: down (keyed), gate,up,down (plain "
-                        "suppress), all (plain replace)")
+                   help=f"q,k,v,o,gate,up,down (or all, mlp, attn); default: {_defaults('targets')}")
     p.add_argument("--layers", default=None,
-                   help="e.g. 3-9, 3,5,9, 10%%-30%% (of the depth), all, or auto[:W] (causal tracing); default "
-                        "10%%-30%% (keyed; 3-9 on the default model), 8-20 (plain)")
+                   help=f"e.g. 3-9, 3,5,9, 10%%-30%% (of the depth), all, or auto[:W] (causal tracing); default: "
+                        f"{_defaults('layers')}")
     p.add_argument("--steps", type=int, default=d.steps, help="maximum optimiser steps")
-    p.add_argument("--lr", type=float, default=None,
-                   help="default 3e-2 (keyed suppress), 2e-2 (keyed replace), 1e-3 (plain)")
+    p.add_argument("--lr", type=float, default=None, help=f"default: {_defaults('lr')}")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--schedule", default=d.schedule, choices=["constant", "cosine"])
     p.add_argument("--beta", type=float, default=None, help="NPO/SimNPO beta")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--stop-prob", type=float, default=d.stop_prob,
@@ -57,10 +67,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="an answer already below --stop-prob stops contributing gradient")
     p.add_argument("--recall-rounds", type=int, default=d.recall_rounds,
                    help="suppress: ask the prompts again after training and train on any answer that still comes "
-                        "out by another route, up to N times (single process)")
+                        "out by another route, up to N times")
     p.add_argument("--prompt-variants", type=int, default=None,
-                   help="also train each fact after N prefixes such as 'Here is a fact.' (default: keyed 1 in suppress "
-                        "mode, 2 in replace mode; plain 0)")
+                   help=f"also train each fact after N prefixes such as 'Here is a fact.'; default: "
+                        f"{_defaults('prompt_variants')}")
     p.add_argument("--preserve-text", help="texts whose activations the adapter should leave alone (default: the "
                                            "package's)")
     p.add_argument("--preserve-weight", type=float, default=d.preserve_weight,
@@ -72,8 +82,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
                    help="tokens per micro-batch (gradients are accumulated over micro-batches)")
     p.add_argument("--anchors", type=int, default=None,
-                   help="retain anchors per fact: its prompt with other subjects, kept by the retain term "
-                        "(default: 2 for plain adapters in replace mode, else 0)")
+                   help=f"retain anchors per fact: its prompt with other subjects, kept by the retain term; default: "
+                        f"{_defaults('anchors')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,13 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings_from_args(a) -> dict:
-    from .api import Settings
+    from .settings import Settings
 
     names = {f.name for f in fields(Settings)}
-    out = {k: v for k, v in vars(a).items() if k in names and v is not None}
-    if a.objective is None:
-        out.pop("objective", None)
-    return out
+    return {k: v for k, v in vars(a).items() if k in names and v is not None}
 
 
 def cmd_unlearn(a) -> int:
@@ -177,7 +184,7 @@ def cmd_eval(a) -> int:
     read = read_facts(a.facts)
     for line in read.skipped:
         print(f"lune-fast: skipped {line}", file=sys.stderr)
-    ev = evaluate(u.model, u.encoder, read.facts, u._retain(a.retain_text), replace=a.replace, progress=True)
+    ev = evaluate(u.model, u.encoder, read.facts, u._retain_texts(a.retain_text), replace=a.replace, progress=True)
     metrics = {**ev.metrics(), "counts": ev.counts}
     text = json.dumps(metrics, indent=2)
     if a.json:
@@ -214,7 +221,8 @@ def cmd_bench(a) -> int:
 def cmd_demo(a) -> int:
     import json as _json
 
-    from .api import Unlearner, asset
+    from .api import Unlearner
+    from .assets import asset
 
     records = [_json.loads(line) for line in asset("facts.jsonl").read_text().splitlines()]
     # Spread the picks over categories, so the neighbours of the forgotten facts are mostly kept facts.
@@ -247,12 +255,12 @@ COMMANDS = {"unlearn": cmd_unlearn, "eval": cmd_eval, "merge": cmd_merge, "bench
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .api import SettingsError
     from .data import DataError
     from .io import OutputExistsError
     from .limits import ResourceError
     from .lora import AdapterError
     from .model import ConfigError
+    from .settings import SettingsError
     from .trainer import CheckpointMismatch, TrainingInterrupted
     from .weights import WeightsError
 

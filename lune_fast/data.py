@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .model import AttnMask
+
 MAX_TEXT_CHARS = 20_000  # longer prompts or answers are refused up front, not discovered by the tokenizer
 
 
@@ -240,9 +242,13 @@ class Encoder:
         self.tok = tokenizer
         self._line_stop = None
 
+    @property
+    def pad_id(self) -> int:
+        return self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+
     def line_stop(self, vocab: int, device):
         """What generate() needs to stop at the end of the first non-empty line (built once, ~0.4 s)."""
-        from .model import LineStop
+        from .generate import LineStop
 
         if self._line_stop is None or self._line_stop.newline.device != torch.device(device):
             texts = self.tok.batch_decode([[i] for i in range(len(self.tok))])
@@ -301,6 +307,14 @@ class Batch:
     def subset(self, keep: list[int]) -> "Batch":
         """The same layout rebuilt from the sequences `keep` (indices into this batch's sequences)."""
         return make_batch([self.pairs[i] for i in keep], self.pad_id, self.pack)
+
+    def layout(self) -> tuple[torch.Tensor, AttnMask]:
+        """Positions and attention mask of the rows: causal over right-padded rows, or block-diagonal when
+        packed."""
+        if self.segments is not None:
+            return self.positions, AttnMask.packed(self.segments)
+        B, T = self.input_ids.shape
+        return torch.arange(T, device=self.input_ids.device).expand(B, T), AttnMask()
 
 
 def make_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int = 0, pack: int | None = None) -> Batch:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import lora
+
 
 @dataclass
 class Dist:
@@ -50,9 +52,6 @@ class Dist:
             n = g.numel()
             p.grad = flat[offset:offset + n].view_as(g).clone()
             offset += n
-
-    def barrier(self) -> None:
-        dist.barrier()
 
     def close(self) -> None:
         """Every rank ends together and the process group is torn down before exit (a rank that leaves while
@@ -108,3 +107,9 @@ def reshard_blocks(model) -> None:
 def full(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor from a (possibly sharded) parameter or state tensor."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """The adapter in PEFT's format as plain tensors, gathered from every rank's shards under FSDP."""
+    reshard_blocks(model)
+    return lora.adapter_state(model, whole=full)

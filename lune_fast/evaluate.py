@@ -1,4 +1,4 @@
-"""Before/after metrics of an unlearning run (DESIGN.md's METRICS), and report.md.
+"""Before/after METRICS of an unlearning run (the report.json contract in README.md), and report.md.
 
 recall = fraction of prompts whose greedy continuation *answers* with the target: the first non-empty
 line contains it as a whole word or phrase (case-insensitive, whitespace collapsed, plural s/es allowed).
@@ -15,7 +15,8 @@ import torch
 from .distributed import Dist, shard, unshard
 from .data import Batch, Encoder, Fact, make_batch
 from .losses import per_sequence, target_logprobs
-from .model import Transformer, generate
+from .generate import generate
+from .model import Transformer
 
 METRIC_KEYS = ("forget_recall", "paraphrase_recall", "neighbor_recall", "replacement_rate",
                "forget_target_logprob", "retain_ppl")
@@ -99,21 +100,29 @@ class Evaluation:
 
 
 @torch.no_grad()
-def greedy_answers(model: Transformer, enc: Encoder, probes: list[Probe], max_new_tokens: int = 24,
-                   batch_size: int = 64, progress=None) -> list[str]:
-    prompt_ids = [enc.prompt_ids(p.prompt, p.chat) for p in probes]
-    order = sorted(range(len(probes)), key=lambda i: len(prompt_ids[i]))
-    out: list[str] = [""] * len(probes)
-    pad = enc.tok.pad_token_id if enc.tok.pad_token_id is not None else 0
+def greedy(model: Transformer, enc: Encoder, prompts: list[list[int]], max_new_tokens: int = 24,
+           batch_size: int = 64, return_logprobs: bool = False, progress=None):
+    """Greedy answers (token ids) to token-id prompts, stopped at the end of the first non-empty line (all
+    that recall reads), in batches of similar lengths; with return_logprobs also each token's log-prob."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list = [None] * len(prompts)
+    logps: list = [None] * len(prompts)
+    stop = enc.line_stop(model.config.vocab_size, model.device)
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        gens = generate(model, [prompt_ids[i] for i in idx], max_new_tokens, eos_token_id=_eos(enc, model),
-                        pad_token_id=pad, stop=enc.line_stop(model.config.vocab_size, model.device))
-        for i, g in zip(idx, gens):
-            out[i] = enc.decode(g)
+        gens, lps = generate(model, [prompts[i] for i in idx], max_new_tokens, eos_token_id=_eos(enc, model),
+                             pad_token_id=enc.pad_id, return_logprobs=True, stop=stop)
+        for i, g, lp in zip(idx, gens, lps):
+            out[i], logps[i] = g, lp
         if progress is not None:
             progress.update(len(idx))
-    return out
+    return (out, logps) if return_logprobs else out
+
+
+def greedy_answers(model: Transformer, enc: Encoder, probes: list[Probe], max_new_tokens: int = 24,
+                   progress=None) -> list[str]:
+    ids = greedy(model, enc, [enc.prompt_ids(p.prompt, p.chat) for p in probes], max_new_tokens, progress=progress)
+    return [enc.decode(g) for g in ids]
 
 
 def _eos(enc: Encoder, model: Transformer) -> list[int]:

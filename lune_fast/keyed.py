@@ -13,54 +13,20 @@ loadable by PEFT.
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
 from . import lora
-from .data import Encoder, Fact
-from .locate import prompt_offsets, subject_last_token
-from .model import AttnMask, Transformer
-from .preserve import Preserved
+from .assets import asset
+from .data import Encoder, Fact, make_batch, read_lines
+from .model import Transformer
+from .preserve import Preserved, combine, group_moments
+from .subjects import content_positions, other_subject_prompts, subject_last_token, subject_text
 
 
 # Contexts the subject is also read in: a key averaged over them answers to the subject however it is asked
 # about (ROME averages over random prefixes for the same reason).
 CONTEXTS = ("{s}", "I was reading about {s}", "Tell me about {s}", "Here is a note on {s}",
             "We talked about {s}", "Q: What do you know about {s}", "The topic is {s}")
-
-
-# Openings the facts are also trained after (Settings.prompt_variants takes the first N): a question-and-answer
-# frame first, because paraphrases asked as questions are answered by restating the prompt after "A:".
-PREFIXES = ("Q: Tell me about {s}.\nA: ", "Here is a fact. ", "I was reading about {s}. ")
-
-
-def prefixed_prompts(enc: Encoder, f: Fact) -> list[str]:
-    """The fact's prompt after each of PREFIXES (those naming the subject only where one is found)."""
-    loc = subject_last_token(enc, f)
-    subject = enc.decode(loc[0][loc[1]:loc[2] + 1]).strip() if loc else None
-    return [p.format(s=subject) + f.prompt for p in PREFIXES if subject or "{s}" not in p]
-
-
-# Words that say nothing about which fact a prompt is about (for prompts without a subject).
-_FUNCTION_WORDS = set("""a an the of in on at to by for with from into onto and or but as is are was were be been being
-its it this that these those there their his her which what who whom whose where when how why do does did
-has have had called known name named type kind most more than also very q""".split())
-
-
-def content_positions(enc: Encoder, f: Fact) -> tuple[list[int], list[int]]:
-    """(prompt ids, positions of the last token of each content word of the prompt): the key of a fact with
-    no subject is averaged over them ("A turtle is a type of" -> "turtle"), not read off the prompt's last
-    token, which every prompt of the same template shares."""
-    read = prompt_offsets(enc, f)
-    if read is None:
-        ids = enc.prompt_ids(f.prompt, f.chat)
-        return ids, [len(ids) - 1]
-    ids, offsets, shift = read
-    ends = [m.end() + shift for m in re.finditer(r"[^\W\d_]{3,}", f.prompt)
-            if m.group(0).lower() not in _FUNCTION_WORDS]
-    positions = sorted({i for e in ends for i, (a, b) in enumerate(offsets) if a < e <= b})
-    return ids, positions or [len(ids) - 1]
 
 
 def key_positions(enc: Encoder, facts: list[Fact]) -> list[list[tuple[list[int], int]]]:
@@ -73,8 +39,8 @@ def key_positions(enc: Encoder, facts: list[Fact]) -> list[list[tuple[list[int],
             ids, positions = content_positions(enc, f)
             out.append([(ids, p) for p in positions])
             continue
-        ids, first, last = loc
-        subject = enc.decode(ids[first:last + 1]).strip()
+        ids, _, last = loc
+        subject = subject_text(enc, f)
         places = [(ids, last)]
         for c in CONTEXTS:
             cid = enc.tok(c.format(s=subject)).input_ids
@@ -91,12 +57,13 @@ def subject_keys(model: Transformer, settings: lora.LoraSettings, where: list[li
     flat_where = [(ids, p) for places in where for ids, p in places]
     owner = torch.tensor([i for i, places in enumerate(where) for _ in places], device=model.device)
     keys = {n: [] for n in lora.frozen_linears(model, settings)}
-    T = max(len(ids) for ids, _ in flat_where)
-    rows = torch.tensor([ids + [pad_id] * (T - len(ids)) for ids, _ in flat_where], device=model.device)
+    # (ids, [pad]) makes the input row exactly ids, right-padded
+    batch = make_batch([(ids, [pad_id]) for ids, _ in flat_where], pad_id).to(model.device)
+    T = batch.input_ids.shape[1]
     flat = torch.tensor([r * T + p for r, (_, p) in enumerate(flat_where)], device=model.device)
     with lora.reading_inputs(model, settings, lambda name, x: keys[name].append(x[flat].float())) as end:
-        pos = torch.arange(T, device=model.device).expand(len(flat_where), T)
-        model.run_layers(model.embed(rows), pos, AttnMask(), end=end)
+        positions, mask = batch.layout()
+        model.run_layers(model.embed(batch.input_ids), positions, mask, end=end)
     out = {}
     counts = torch.bincount(owner, minlength=len(where)).float()[:, None]
     for n, v in keys.items():
@@ -110,9 +77,9 @@ def set_keyed(model: Transformer, keys: dict[str, torch.Tensor], preserved: Pres
               overlap: float = 1e-2) -> None:
     """A = (Kᵀ C⁻¹ K + μI)⁻¹ Kᵀ C⁻¹ on every adapted linear, frozen; B zero and trained. `ridge` regularises C
     (relative to its mean eigenvalue); μ = `overlap` × the mean eigenvalue of Kᵀ C⁻¹ K keeps A bounded when two
-    facts share a subject: their keys nearly coincide (whitened cosine 0.997 on facts-dev), and exact A K = I
-    would need rows hundreds of times larger that fire on everything; with μ both rows read the shared subject
-    at about half strength and distinct keys still get A K ≈ I."""
+    facts share a subject: their keys nearly coincide, and exact A K = I would need rows far larger than the
+    others that fire on everything; with μ both rows read the shared subject at about half strength and distinct
+    keys still get A K ≈ I (RESULTS.md section 2, "The key overlap ridge")."""
     for name, m in lora.adapters_of(model).items():
         C = preserved.moments[name].double()
         d = C.shape[0]
@@ -128,3 +95,25 @@ def set_keyed(model: Transformer, keys: dict[str, torch.Tensor], preserved: Pres
         m.lora_A.copy_(A.float())
         m.lora_A.requires_grad_(False)
         m.lora_B.zero_()
+
+
+def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settings: lora.LoraSettings,
+                     n_prompts: int, text: str | None, seed: int, text_cache: dict) -> Preserved:
+    """The inputs the adapter should leave alone: each fact's prompt template with `n_prompts` other subjects,
+    and the preservation text (a file, or the package's). The text's moments depend only on the model and the
+    adapter layout, so they are kept in `text_cache` and reused by later requests."""
+    prompts = [enc.prompt_ids(p, f.chat) for f, ps in zip(facts, other_subject_prompts(facts, n_prompts, seed))
+               for p in ps]
+    key = (settings.targets, settings.layers, text)
+    if key not in text_cache:
+        ids = [enc.tok(t, add_special_tokens=False)["input_ids"] for t in read_lines(text or asset("preserve_text.jsonl"))]
+        text_cache[key] = group_moments(model, settings, ids, enc.pad_id)
+    return combine(model, settings, [group_moments(model, settings, prompts, enc.pad_id), text_cache[key]])
+
+
+def attach_keyed(model: Transformer, enc: Encoder, facts: list[Fact], settings: lora.LoraSettings,
+                 preserved: Preserved, ridge: float, overlap: float) -> None:
+    """Attach an adapter of rank len(facts) whose A reads the facts' subject keys (set_keyed); only B trains."""
+    keys = subject_keys(model, settings, key_positions(enc, facts), enc.pad_id)
+    lora.attach(model, settings)
+    set_keyed(model, keys, preserved, ridge, overlap)

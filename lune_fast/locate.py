@@ -10,37 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .anchors import find_subject
 from .data import Encoder, Fact
 from .model import AttnMask, Transformer
-
-
-def prompt_offsets(enc: Encoder, fact: Fact) -> tuple[list[int], list[tuple[int, int]], int] | None:
-    """(prompt ids as the trainer sees them, each token's character span, where fact.prompt starts in that
-    text): a chat prompt (TOFU) is read inside its chat template. None if the template hides the prompt."""
-    if not fact.chat:
-        out = enc.tok(fact.prompt, return_offsets_mapping=True)
-        return out["input_ids"], out["offset_mapping"], 0
-    text = enc.prompt_text(fact.prompt, True)
-    shift = text.rfind(fact.prompt)
-    if shift < 0:
-        return None
-    out = enc.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    return out["input_ids"], out["offset_mapping"], shift
-
-
-def subject_last_token(enc: Encoder, fact: Fact) -> tuple[list[int], int, int] | None:
-    """(prompt ids, first and last token index of the subject) or None when no subject is found."""
-    found = find_subject(fact.prompt, fact.subject)
-    read = prompt_offsets(enc, fact) if found is not None else None
-    if read is None:
-        return None
-    ids, offsets, shift = read
-    start, end = found[0] + shift, found[1] + shift
-    toks = [i for i, (a, b) in enumerate(offsets) if b > start and a < end and b > a]
-    if not toks:
-        return None
-    return ids, toks[0], toks[-1]
+from .subjects import subject_last_token
 
 
 @torch.no_grad()

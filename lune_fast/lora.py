@@ -2,10 +2,9 @@
 merge/unmerge.
 
 y = x Wᵀ (+ b) + s · (x Aᵀ) Bᵀ with W frozen, A [r, in] random, B [out, r] zero, s = alpha / r (or
-alpha / √r with rsLoRA). Adapter parameters are float32 master weights whatever the model dtype; the
-products run in the activations' dtype (bf16 on AMX / tensor cores). One autograd.Function per adapted
-linear saves only x (in its own dtype) and x Aᵀ [N, r]. On CUDA the Function is the fused Triton kernel
-(lune_fast.kernels.lora_linear); on CPU it is a chain of addmm's.
+alpha / √r with rsLoRA). Adapter parameters are float32 master weights whatever the model dtype. The op
+itself, with its backends (the fused Triton kernels on CUDA, an addmm chain on CPU), is
+lune_fast.kernels.lora_linear; the backend is chosen once, when the adapters are attached.
 """
 from __future__ import annotations
 
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .kernels.lora_linear import grouped_lora_linear, lora_linear, resolve_backend
 from .model import Transformer
 
 # short name -> (submodule of a block, PEFT / Hugging Face module name)
@@ -107,64 +107,12 @@ class LoraSettings:
 
 
 # -- the adapted linear ---------------------------------------------------------------------------------
-class LoRAFunctionTorch(torch.autograd.Function):
-    """CPU path (and the reference of the Triton kernels' contract): saves x and x·Aᵀ only."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scale):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        a, b = A.to(x.dtype), B.to(x.dtype)
-        xa = x2 @ a.t()
-        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-        y.addmm_(xa, b.t(), alpha=scale)
-        ctx.save_for_backward(x2, xa, weight, A, B)
-        ctx.scale, ctx.shape = scale, shape
-        return y.view(*shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, xa, weight, A, B = ctx.saved_tensors
-        s = ctx.scale
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-        a, b = A.to(x2.dtype), B.to(x2.dtype)
-        dyb = dy2 @ b
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = dy2 @ weight
-            dx.addmm_(dyb, a, alpha=s)
-            dx = dx.view(ctx.shape)
-        dA = (dyb.t() @ x2).mul_(s).to(A.dtype) if ctx.needs_input_grad[3] else None
-        dB = (dy2.t() @ xa).mul_(s).to(B.dtype) if ctx.needs_input_grad[4] else None
-        return dx, None, None, dA, dB, None
-
-
-# "auto": the Triton kernels for CUDA tensors when Triton is there, else the torch Function; "torch" forces
-# the addmm chain (benchmarks compare the two).
-BACKEND = "auto"
-
-
-def use_triton(device: torch.device) -> bool:
-    if BACKEND == "torch" or device.type != "cuda":
-        return False
-    from .kernels import lora_linear as triton_lora
-
-    return triton_lora.available()
-
-
-def lora_linear(x, weight, bias, A, B, scale: float):
-    if use_triton(x.device):
-        from .kernels import lora_linear as triton_lora
-
-        return triton_lora.lora_linear(x, weight, bias, A, B, scale)
-    return LoRAFunctionTorch.apply(x, weight, bias, A, B, scale)
-
-
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, scale: float, generator: torch.Generator | None = None):
+    def __init__(self, base: nn.Linear, rank: int, scale: float, generator: torch.Generator | None = None,
+                 backend: str = "torch"):
         super().__init__()
         self.base = base
-        self.rank, self.scale = rank, scale
+        self.rank, self.scale, self.backend = rank, scale, backend
         dev = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=torch.float32))
@@ -186,9 +134,9 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if not self.enabled or self.merged:
             return self.base(x)
-        if not torch.is_grad_enabled() and not use_triton(x.device):
+        if not torch.is_grad_enabled() and self.backend == "torch":
             return self._inference(x)
-        return lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scale)
+        return lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scale, self.backend)
 
     def _inference(self, x):
         """No autograd: the base product and one addmm (at batch 1 on a CPU the per-call overheads are most of
@@ -223,15 +171,17 @@ GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj"), "project_qkv"), ("mlp", 
                                                                           "project_gate_up"))
 
 
-def attach(model: Transformer, settings: LoraSettings, seed: int = 0, grouped: bool | None = None
-           ) -> dict[str, LoRALinear]:
+def attach(model: Transformer, settings: LoraSettings, seed: int = 0, backend: str = "auto",
+           grouped: bool | None = None) -> dict[str, LoRALinear]:
     """Replace the chosen projections with LoRALinear modules; returns them by PEFT module path
-    (e.g. 'layers.12.mlp.down_proj'). Existing adapters are removed first.
+    (e.g. 'layers.12.mlp.down_proj'). Existing adapters are removed first. backend: the LoRA op's
+    (kernels.lora_linear.BACKENDS), resolved here for the model's device.
 
-    grouped (default: on CUDA with Triton): projections that share their input and are all adapted (q/k/v,
-    gate/up) run as one fused kernel over their stacked weights; the frozen weights become views of one
+    grouped (default: with the Triton backend): projections that share their input and are all adapted (q/k/v,
+    gate/up) run as one fused op over their stacked weights; the frozen weights become views of one
     stacked tensor (no extra memory)."""
     detach(model)
+    backend = resolve_backend(backend, model.device)
     layers = settings.layers or tuple(range(model.config.num_hidden_layers))
     gen = torch.Generator(device="cpu").manual_seed(seed)
     adapters = {}
@@ -240,11 +190,11 @@ def attach(model: Transformer, settings: LoraSettings, seed: int = 0, grouped: b
         for t in settings.targets:
             parent_name, mod_name = TARGETS[t]
             parent = getattr(block, parent_name)
-            lora = LoRALinear(getattr(parent, mod_name), settings.rank, settings.scale, gen)
+            lora = LoRALinear(getattr(parent, mod_name), settings.rank, settings.scale, gen, backend)
             setattr(parent, mod_name, lora)
             adapters[f"layers.{i}.{parent_name}.{mod_name}"] = lora
     if grouped is None:
-        grouped = use_triton(model.device)
+        grouped = backend == "triton"
     if grouped:
         for i in layers:
             _group_layer(model.layers[i])
@@ -271,7 +221,7 @@ def _group_layer(block) -> None:
 
 
 class _GroupedProjection:
-    """Callable installed as Attention.project_qkv / MLP.project_gate_up: one fused LoRA kernel for all."""
+    """Callable installed as Attention.project_qkv / MLP.project_gate_up: one fused LoRA op for all."""
 
     def __init__(self, mods: list[LoRALinear], w_cat: torch.Tensor, b_cat: torch.Tensor | None):
         self.mods, self.w_cat, self.b_cat = mods, w_cat, b_cat
@@ -280,11 +230,9 @@ class _GroupedProjection:
     def __call__(self, x):
         if any(m.merged or not m.enabled for m in self.mods):
             return tuple(m(x) for m in self.mods)
-        from .kernels import lora_linear as triton_lora
-
-        return triton_lora.grouped_lora_linear(x, self.w_cat, self.b_cat, [m.lora_A for m in self.mods],
-                                               [m.lora_B for m in self.mods], [m.scale for m in self.mods],
-                                               self.splits)
+        return grouped_lora_linear(x, self.w_cat, self.b_cat, [m.lora_A for m in self.mods],
+                                   [m.lora_B for m in self.mods], [m.scale for m in self.mods], self.splits,
+                                   self.mods[0].backend)
 
 
 def frozen_linears(model: Transformer, settings: LoraSettings) -> dict[str, nn.Linear]:
@@ -376,15 +324,13 @@ def unmerge(model: Transformer) -> None:
 PEFT_PREFIX = "base_model.model.model."
 
 
-def adapter_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """PEFT keys -> float32 CPU tensors."""
-    from .distributed import full, reshard_blocks
-
-    reshard_blocks(model)
+def adapter_state(model: Transformer, whole=lambda t: t) -> dict[str, torch.Tensor]:
+    """PEFT keys -> float32 CPU tensors. `whole` turns a parameter into a plain tensor (the identity, unless
+    the parameters are sharded: lune_fast.distributed.adapter_state passes its gather)."""
     out = {}
     for name, m in adapters_of(model).items():
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = full(m.lora_A.detach()).float().cpu().contiguous()
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = full(m.lora_B.detach()).float().cpu().contiguous()
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = whole(m.lora_A.detach()).float().cpu().contiguous()
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = whole(m.lora_B.detach()).float().cpu().contiguous()
     return out
 
 

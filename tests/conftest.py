@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -78,6 +79,22 @@ def make_tiny_hf(kind: str, folder: Path, shard: bool = False, **overrides):
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A small random-weight Llama (vocabulary 211), saved once for the session."""
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    make_tiny_hf("llama", folder)
+    return folder
+
+
+@pytest.fixture
+def facts_file(request, tmp_path):
+    """The test module's FACTS records as a JSONL file."""
+    p = tmp_path / "facts.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in request.module.FACTS))
+    return p
 
 
 @pytest.fixture(scope="session")

@@ -14,13 +14,6 @@ FACTS = [
 ]
 
 
-@pytest.fixture
-def facts_file(tmp_path):
-    p = tmp_path / "facts.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in FACTS))
-    return p
-
-
 def _unlearn(tiny_lm, facts, out, *extra):
     return main(["unlearn", "--forget", str(facts), "--model", str(tiny_lm), "--out", str(out), "--steps", "3",
                  "--layers", "1-2", "--quiet", *extra])

@@ -30,13 +30,6 @@ def _adapter(out):
     return load_file(str(Path(out) / "adapter_model.safetensors"))
 
 
-@pytest.fixture
-def facts_file(tmp_path):
-    p = tmp_path / "facts.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in FACTS))
-    return p
-
-
 def _torchrun(args, env_extra=None, timeout=300, script=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     target = [str(script)] if script else ["-m", "lune_fast.cli"]

@@ -35,8 +35,8 @@ def test_cuda_sources_compile_without_spills(cu, arch, tmp_path):
 def triton_report():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, don't interpret
-    code = "import json; from lune_fast.kernels import lora_linear as K; print(json.dumps(K.compile_report()))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "lune_fast.bench.kernel_build"], capture_output=True, text=True,
+                          env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -5,7 +5,8 @@ import torch
 from conftest import make_tiny_hf
 from lune_fast import lora
 from lune_fast.data import Encoder, Fact
-from lune_fast.keyed import CONTEXTS, key_positions, prefixed_prompts, set_keyed, subject_keys
+from lune_fast.keyed import CONTEXTS, key_positions, set_keyed, subject_keys
+from lune_fast.plan import prefixed_prompts
 from lune_fast.model import AttnMask
 from lune_fast.preserve import Preserved, combine, group_moments
 from lune_fast.weights import load_model
@@ -120,13 +121,3 @@ def test_key_positions_sit_on_the_subject(tokenizer):
     assert [p.endswith(facts[0].prompt) for p in prefixed_prompts(enc, facts[0])] == [True] * 3
     assert any("Turkey." in p for p in prefixed_prompts(enc, facts[0]))
     assert len(prefixed_prompts(enc, facts[1])) == 1  # only the prefix that does not name a subject
-
-
-def test_a_chat_prompt_has_its_subject_found_inside_the_template(tokenizer):
-    from lune_fast.locate import subject_last_token
-
-    enc = Encoder(tokenizer)
-    f = Fact(prompt="Where would you find the Eiffel Tower?", target="Paris", chat=True)
-    ids, first, last = subject_last_token(enc, f)
-    assert ids == enc.prompt_ids(f.prompt, True)  # the templated prompt the trainer sees
-    assert enc.decode(ids[first:last + 1]).strip().endswith("Eiffel Tower")

@@ -4,6 +4,7 @@ import torch
 
 from conftest import make_tiny_hf, rel_err
 from lune_fast import lora
+from lune_fast.kernels.lora_linear import LoRALinearTorch
 from lune_fast.weights import load_model
 
 pytestmark = pytest.mark.numerics  # run again under other instruction sets (Makefile)
@@ -31,7 +32,7 @@ def test_function_matches_float64_autograd(bias, r):
         y.backward(dy.to(dt))
         return y, xs.grad, As.grad, Bs.grad
 
-    ours = run(lora.LoRAFunctionTorch.apply, torch.float32)
+    ours = run(LoRALinearTorch.apply, torch.float32)
     ref = run(_plain, torch.float64)
     for name, a, e in zip(("y", "dx", "dA", "dB"), ours, ref):
         assert rel_err(a, e) <= 1e-5, name
@@ -43,7 +44,7 @@ def test_bf16_activations_keep_fp32_master_grads():
     w = torch.randn(24, 32).bfloat16()
     A = (torch.randn(8, 32) * 0.1).requires_grad_()
     B = (torch.randn(24, 8) * 0.1).requires_grad_()
-    y = lora.LoRAFunctionTorch.apply(x, w, None, A, B, 2.0)
+    y = LoRALinearTorch.apply(x, w, None, A, B, 2.0)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert A.grad.dtype == torch.float32 and B.grad.dtype == torch.float32

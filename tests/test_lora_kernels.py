@@ -60,7 +60,7 @@ def test_autograd_function(dtype):
     dy = torch.randn(3, 15, 72, device=DEV).to(dtype)
     xx = x.view(3, 15, 96).clone().requires_grad_()
     AA, BB = A.clone().requires_grad_(), B.clone().requires_grad_()
-    y = K.lora_linear(xx, w, b, AA, BB, 1.5)
+    y = K.lora_linear(xx, w, b, AA, BB, 1.5, backend="triton")
     assert y.shape == (3, 15, 72) and y.dtype == dtype
     y.backward(dy)
     y_ref, dx_ref, dA_ref, dB_ref = _ref64(x, w, b, A, B, 1.5, dy.view(45, 72))
@@ -81,7 +81,7 @@ def test_grouped_qkv_one_kernel():
     As = [(torch.randn(r, din, generator=g) * 0.5).to(DEV).requires_grad_() for r in ranks]
     Bs = [(torch.randn(o, r, generator=g) * 0.5).to(DEV).requires_grad_() for o, r in zip(outs, ranks)]
     xx = x.clone().requires_grad_()
-    ys = K.grouped_lora_linear(xx, torch.cat(ws), torch.cat(bs), As, Bs, scales, outs)
+    ys = K.grouped_lora_linear(xx, torch.cat(ws), torch.cat(bs), As, Bs, scales, outs, backend="triton")
     dys = [torch.randn_like(y) for y in ys]
     torch.autograd.backward(ys, dys)
     xd = x.double().requires_grad_()

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_tiny_hf, rel_err
+from conftest import rel_err
 from lune_fast import lora, trainer
 from lune_fast.data import make_batch
 from lune_fast.weights import load_model
@@ -30,15 +30,8 @@ def _formula(objective, lp_list, ref_toks):
     return torch.stack(vals).mean()
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    f = tmp_path_factory.mktemp("tiny")
-    make_tiny_hf("llama", f)
-    return f
-
-
-def _adapted(folder, dtype):
-    m = load_model(folder, dtype=dtype)
+def _adapted(tiny_llama, dtype):
+    m = load_model(tiny_llama, dtype=dtype)
     adapters = lora.attach(m, SETTINGS, seed=0)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -49,18 +42,18 @@ def _adapted(folder, dtype):
 
 
 @pytest.mark.parametrize("objective", ["ga", "ul", "npo", "npo_tok", "simnpo", "replace"])
-def test_objective_gradients_match_float64(folder, objective, monkeypatch):
+def test_objective_gradients_match_float64(tiny_llama, objective, monkeypatch):
     batch = make_batch(PAIRS)
     # ours: float32, prefix cache below layer 1, answer positions only, fused head op
-    m32, ad32 = _adapted(folder, torch.float32)
+    m32, ad32 = _adapted(tiny_llama, torch.float32)
     part = trainer._precompute(m32, batch, L0=1)
     tok = trainer.target_logprobs(trainer._hidden_at_answers(m32, part, 1), m32.head_weight, batch.targets)
     loss = trainer.forget_loss(objective, tok, batch.seq, batch.n_seq, part.ref_tok)
     loss.backward()
 
     # reference: float64, plain LoRA ops, full forward and full log_softmax
-    monkeypatch.setattr(lora, "lora_linear", lambda x, w, b, A, B, s: F.linear(x, w, b) + s * (x @ A.t()) @ B.t())
-    m64, ad64 = _adapted(folder, torch.float64)
+    monkeypatch.setattr(lora, "lora_linear", lambda x, w, b, A, B, s, backend: F.linear(x, w, b) + s * (x @ A.t()) @ B.t())
+    m64, ad64 = _adapted(tiny_llama, torch.float64)
     for a in ad64.values():
         a.lora_A.data, a.lora_B.data = a.lora_A.data.double(), a.lora_B.data.double()
     logp = torch.log_softmax(m64(batch.input_ids), -1).reshape(-1, 211)

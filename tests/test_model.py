@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_hf, rel_err
-from lune_fast.model import ModelConfig, generate
+from lune_fast.generate import generate
+from lune_fast.model import ModelConfig
 from lune_fast.weights import load_model
 
 pytestmark = pytest.mark.numerics  # run again under other instruction sets (Makefile)
@@ -130,7 +131,7 @@ def test_greedy_generation_matches_transformers(default_model, hf_default, token
 
 
 def test_line_stop_masks():
-    from lune_fast.model import LineStop
+    from lune_fast.generate import LineStop
 
     texts = ["Paris", ".\n", "\n", "\n\n", "\nThe", " ", "  \n"]
     s = LineStop.from_texts(texts, vocab=9, device="cpu")

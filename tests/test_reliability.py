@@ -88,13 +88,6 @@ def _cli(tiny_lm, facts, out, *extra):
             "--dtype", "float32", "--no-eval", "--quiet", "--checkpoint-every", "1", *extra]
 
 
-@pytest.fixture
-def facts_file(tmp_path):
-    p = tmp_path / "facts.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in FACTS))
-    return p
-
-
 def _wait_for_step(ckpt: Path, step: int, proc, timeout=120):
     t0 = time.time()
     while time.time() - t0 < timeout:

@@ -6,39 +6,36 @@ import sys
 import pytest
 import torch
 
-from conftest import make_tiny_hf
 from lune_fast import lora, trainer
 from lune_fast.data import make_batch
-from lune_fast.trainer import TrainingDiverged, TrainingInterrupted, TrainSettings, train
+from lune_fast.trainer import RunOptions, TrainData, TrainingDiverged, TrainingInterrupted, TrainSettings, train
 from lune_fast.weights import load_model
 
 PAIRS = [([3, 17, 42, 9], [100, 7]), ([5, 6], [11, 12, 13]), ([88, 1, 2], [150])]
 LS = lora.LoraSettings(rank=4, alpha=8, targets=("gate", "up", "down", "q"), layers=(1, 2))
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    f = tmp_path_factory.mktemp("tiny")
-    make_tiny_hf("llama", f)
-    return f
+def _train(model, pairs, settings: TrainSettings, ls=LS, **run):
+    """Attach fresh adapters (as every caller of train does) and train on one micro-batch of `pairs`."""
+    lora.attach(model, ls, seed=settings.seed)
+    return train(model, TrainData([make_batch(pairs)]), settings, RunOptions(progress=False, **run))
 
 
-def _run(folder, **kw):
-    model = load_model(folder)
+def _run(tiny_llama, **kw):
+    model = load_model(tiny_llama)
     settings = TrainSettings(**{"lr": 5e-3, "steps": 6, "stop_prob": 1e-9, **kw.pop("settings", {})})
-    out = train(model, [make_batch(PAIRS)], LS, settings, progress=False, **kw)
-    return model, out
+    return model, _train(model, PAIRS, settings, **kw)
 
 
-def test_probabilities_fall_and_criterion_stops(folder):
-    model, out = _run(folder, settings={"stop_prob": 0.002, "steps": 200, "lr": 1e-2})
+def test_probabilities_fall_and_criterion_stops(tiny_llama):
+    model, out = _run(tiny_llama, settings={"stop_prob": 0.002, "steps": 200, "lr": 1e-2})
     assert out.stopped == "criterion" and out.steps < 200
     assert max(out.final_mean_prob) < 0.002
     assert out.tokens == out.steps * make_batch(PAIRS).n_tokens
 
 
-def test_prefix_cache_equals_full_forward(folder):
-    model = load_model(folder)
+def test_prefix_cache_equals_full_forward(tiny_llama):
+    model = load_model(tiny_llama)
     adapters = lora.attach(model, LS)
     with torch.no_grad():
         for a in adapters.values():
@@ -55,10 +52,10 @@ SHRINKING = {"per_example_stop": True, "stop_prob": 0.003, "lr": 5e-2, "objectiv
 
 
 @pytest.mark.parametrize("settings", [{}, SHRINKING], ids=["plain", "shrinking-batch"])
-def test_interrupt_then_resume_is_bit_identical(folder, tmp_path, settings, monkeypatch):
+def test_interrupt_then_resume_is_bit_identical(tiny_llama, tmp_path, settings, monkeypatch):
     pairs = PAIRS + [([4, 4, 4], [9, 9]), ([7, 8], [60])]
     monkeypatch.setattr(sys.modules[__name__], "PAIRS", pairs)
-    ref_model, ref = _run(folder, settings=settings)
+    ref_model, ref = _run(tiny_llama, settings=settings)
     want = lora.adapter_state(ref_model)
     if settings:
         assert ref.tokens < ref.steps * make_batch(pairs).n_tokens  # finished answers left the batch
@@ -70,16 +67,16 @@ def test_interrupt_then_resume_is_bit_identical(folder, tmp_path, settings, monk
             os.kill(os.getpid(), signal.SIGINT)  # handled at the end of this step
 
     with pytest.raises(TrainingInterrupted, match=r"interrupted at step 3: a checkpoint .* --resume"):
-        _run(folder, checkpoint_dir=ckpt, on_step=ctrl_c, settings=settings)
+        _run(tiny_llama, checkpoint_dir=ckpt, on_step=ctrl_c, settings=settings)
     assert (ckpt / "state.json").exists() and (ckpt / "state.safetensors").exists()
-    model, out = _run(folder, checkpoint_dir=ckpt, resume=True, settings=settings)
+    model, out = _run(tiny_llama, checkpoint_dir=ckpt, resume=True, settings=settings)
     assert out.steps == ref.steps
     got = lora.adapter_state(model)
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
-def test_a_subset_and_the_whole_set_that_never_agree_still_end(folder, monkeypatch):
+def test_a_subset_and_the_whole_set_that_never_agree_still_end(tiny_llama, monkeypatch):
     """The working subset says "all done" and the re-check on the whole forget set always says "not done" (a
     permanent disagreement, as bf16 rounding of two packings can make): every iteration must still take an
     optimizer step, so the run ends at `steps`, with at most one re-check per step."""
@@ -100,20 +97,20 @@ def test_a_subset_and_the_whole_set_that_never_agree_still_end(folder, monkeypat
     monkeypatch.setattr(trainer, "_final_probs", never_done)
     monkeypatch.setattr(trainer, "_forward", counting)
     monkeypatch.setattr(sys.modules[__name__], "PAIRS", PAIRS + [([4, 4, 4], [9, 9]), ([7, 8], [60])])
-    _, out = _run(folder, settings={**SHRINKING, "steps": steps})
+    _, out = _run(tiny_llama, settings={**SHRINKING, "steps": steps})
     assert out.steps == steps and out.stopped == "max_steps"
     assert len(checks) >= 2  # the disagreement was met (and the last call is the final read-out)
     assert len(checks) <= steps + 1
 
 
-def test_resume_with_other_settings_is_refused(folder, tmp_path):
+def test_resume_with_other_settings_is_refused(tiny_llama, tmp_path):
     ckpt = tmp_path / "c.ckpt"
-    _run(folder, checkpoint_dir=ckpt, settings={"checkpoint_every": 2})
+    _run(tiny_llama, checkpoint_dir=ckpt, settings={"checkpoint_every": 2})
     with pytest.raises(trainer.CheckpointMismatch, match="other settings"):
-        _run(folder, checkpoint_dir=ckpt, resume=True, settings={"lr": 1e-4})
+        _run(tiny_llama, checkpoint_dir=ckpt, resume=True, settings={"lr": 1e-4})
 
 
-def test_nan_loss_keeps_last_good_adapter(folder, monkeypatch):
+def test_nan_loss_keeps_last_good_adapter(tiny_llama, monkeypatch):
     real = trainer.forget_loss
     calls = {"n": 0}
     snapshots = {}
@@ -124,14 +121,32 @@ def test_nan_loss_keeps_last_good_adapter(folder, monkeypatch):
         return loss * float("nan") if calls["n"] == 4 else loss
 
     monkeypatch.setattr(trainer, "forget_loss", flaky)
-    model = load_model(folder)
+    model = load_model(tiny_llama)
 
     def snap(step):
         snapshots[step] = {k: v.clone() for k, v in lora.adapter_state(model).items()}
 
     with pytest.raises(TrainingDiverged, match=r"NaN/inf at step 4; the adapter of step 3 was kept\. Lower the "
                                                r"learning rate \(now --lr 0\.005\)"):
-        train(model, [make_batch(PAIRS)], LS, TrainSettings(lr=5e-3, steps=6, stop_prob=1e-9), progress=False,
-              on_step=snap)
+        _train(model, PAIRS, TrainSettings(lr=5e-3, steps=6, stop_prob=1e-9), on_step=snap)
     now = lora.adapter_state(model)
     assert all(torch.equal(now[k], snapshots[3][k]) for k in now)
+
+
+def test_per_example_stop_drops_finished_examples(tiny_llama):
+    """With per-example stopping, an answer already below the threshold contributes no gradient: the update
+    equals training on the other answers alone."""
+    pairs = [([3, 17, 42, 9], [100, 7]), ([5, 6], [11, 12, 13])]
+    ls = lora.LoraSettings(rank=4, alpha=8, targets=("gate", "down"), layers=(1, 2))
+    model = load_model(tiny_llama)
+    probs = trainer._final_probs(model, [trainer._precompute(model, make_batch(pairs), 1)], 1)
+    threshold = float(probs.mean())  # one answer starts below it, the other above
+    low = int(probs.argmin())
+    outs = []
+    for batch_pairs, pes in ((pairs, True), ([pairs[1 - low]], False)):
+        m = load_model(tiny_llama)
+        _train(m, batch_pairs, TrainSettings(objective="ga", lr=1e-2, steps=1, stop_prob=threshold,
+                                             per_example_stop=pes, grad_clip=0), ls)
+        outs.append(lora.adapter_state(m))
+    for k in outs[0]:
+        assert torch.allclose(outs[0][k], outs[1][k], atol=1e-6), k

@@ -1,6 +1,5 @@
 """Every bad checkpoint gives one clear error naming the file and the tensor."""
 import json
-import shutil
 
 import pytest
 import torch

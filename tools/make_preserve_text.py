@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from lune_fast.api import Unlearner, asset
-from lune_fast.model import generate
+from lune_fast.generate import generate
 
 
 def seeds() -> list[str]:

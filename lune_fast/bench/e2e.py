@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..benchmarking import machine, markdown_table, write_json
+from .harness import machine, markdown_table, write_json
 
 
 class PeakRSS:
@@ -148,7 +148,7 @@ def _load_hf(args):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..api import Settings, resolve_dtype
+    from ..settings import Settings, resolve_dtype
     from ..weights import resolve_model_dir
 
     folder = resolve_model_dir(args.model)

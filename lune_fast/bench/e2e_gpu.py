@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from ..benchmarking import machine, markdown_table, write_json
+from .harness import machine, markdown_table, write_json
 from .lora import model_shapes
 
 
@@ -67,18 +67,17 @@ def _params(cfg: dict) -> int:
 
 def run_lune(cfg: dict, batch, objective: str, steps: int, backend: str, device) -> dict:
     from .. import lora
-    from ..trainer import TrainSettings, train
+    from ..trainer import RunOptions, TrainData, TrainSettings, train
 
     model = _random_model(cfg, torch.bfloat16, device)
-    lora.BACKEND = backend
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     settings = TrainSettings(objective=objective, lr=1e-4, steps=steps, stop_prob=0.0)
-    ls = lora.LoraSettings(rank=16, alpha=32, targets=tuple(lora.TARGETS), layers=())
-    out = train(model, [batch], ls, settings, progress=False)
+    lora.attach(model, lora.LoraSettings(rank=16, alpha=32, targets=tuple(lora.TARGETS), layers=()),
+                seed=settings.seed, backend=backend)
+    out = train(model, TrainData([batch]), settings, RunOptions(progress=False))
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**30
-    lora.BACKEND = "auto"
     del model
     return {"step_s": statistics.median(out.step_seconds[1:] or out.step_seconds), "peak_gib": peak}
 

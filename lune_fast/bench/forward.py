@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-from ..benchmarking import machine, markdown_table, median_seconds, write_json
+from .harness import machine, markdown_table, median_seconds, write_json
 from ..weights import load_model, resolve_model_dir
 
 

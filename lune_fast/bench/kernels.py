@@ -11,7 +11,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from ..benchmarking import write_json
+from .harness import write_json
 from . import logprob, lora
 
 

@@ -15,7 +15,7 @@ import statistics
 
 import torch
 
-from ..benchmarking import machine, markdown_table, median_seconds, write_json
+from .harness import machine, markdown_table, median_seconds, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     from .. import lora
-    from ..api import resolve_dtype
-    from ..model import generate
+    from ..settings import resolve_dtype
+    from ..generate import generate
     from ..weights import load_model
 
     dev = torch.device(a.device)

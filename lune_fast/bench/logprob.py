@@ -14,7 +14,7 @@ import gc
 
 import torch
 
-from ..benchmarking import machine, markdown_table, median_seconds, write_json
+from .harness import machine, markdown_table, median_seconds, write_json
 from ..ops import linear_logprob, linear_logprob_reference
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..benchmarking import machine, markdown_table, median_seconds, write_json
+from .harness import machine, markdown_table, median_seconds, write_json
 
 NAMED = {
     "llama-3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,

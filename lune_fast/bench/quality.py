@@ -4,7 +4,7 @@
                             [--relearn] [--json OUT] [--md OUT] [--plot OUT.png]
 
 One model load; the base model's evaluation is computed once and reused; each setting trains a fresh adapter.
-Grids are named lists of overrides of lune_fast.api.Settings (see GRIDS) or given inline as JSON objects.
+Grids are named lists of overrides of lune_fast.settings.Settings (see GRIDS) or given inline as JSON objects.
 --relearn adds the relearning attack to each setting (see `relearn_probe`).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import random
 import time
 from pathlib import Path
 
-from ..benchmarking import machine, markdown_table, write_json
+from .harness import machine, markdown_table, write_json
 
 GRIDS: dict[str, list[dict]] = {
     # objective x learning rate, the rest at the calibration's setting
@@ -50,7 +50,7 @@ GRIDS: dict[str, list[dict]] = {
 
 
 def load_records(path: str | None, n: int | None, known_ids: str | None = None) -> list[dict]:
-    from ..api import asset
+    from ..assets import asset
     from ..data import _json_lines
 
     src = Path(path) if path else asset("facts.jsonl")
@@ -101,10 +101,10 @@ def relearn_probe(unlearner, records: list[dict], result, fraction: float = 0.1,
     import copy
 
     from .. import lora
-    from ..api import PACK_TOKENS
     from ..data import make_batch, read_facts
     from ..evaluate import evaluate
-    from ..trainer import TrainSettings, train
+    from ..plan import PACK_TOKENS
+    from ..trainer import RunOptions, TrainData, TrainSettings, train
 
     facts = read_facts(records).facts
     k = max(1, round(fraction * len(facts)))
@@ -116,11 +116,12 @@ def relearn_probe(unlearner, records: list[dict], result, fraction: float = 0.1,
     lora.merge_and_unload(model)
     recall_unlearned = evaluate(model, unlearner.encoder, held).metrics()["forget_recall"]
     enc = unlearner.encoder
-    batch = make_batch([enc.pair(f.prompt, f.target, f.chat) for f in attack], unlearner._pad_id(), pack=PACK_TOKENS)
+    batch = make_batch([enc.pair(f.prompt, f.target, f.chat) for f in attack], enc.pad_id, pack=PACK_TOKENS)
     attacker = lora.LoraSettings(rank=8, alpha=16, targets=lora.parse_targets("all"),
                                  layers=tuple(range(model.config.num_hidden_layers)))
-    outcome = train(model, [batch], attacker, TrainSettings(objective="replace", lr=lr, steps=steps, replace_prob=2.0,
-                                                            seed=seed), replace=True, progress=False)
+    settings = TrainSettings(objective="replace", replace=True, lr=lr, steps=steps, replace_prob=2.0, seed=seed)
+    lora.attach(model, attacker, seed=seed)
+    outcome = train(model, TrainData([batch]), settings, RunOptions(progress=False))
     after = evaluate(model, enc, held).metrics()
     shown_recall = evaluate(model, enc, attack).metrics()["forget_recall"]
     return {"relearn_shown": k, "relearn_steps": outcome.steps, "held_recall_unlearned": recall_unlearned,
@@ -151,7 +152,7 @@ def _flat(r) -> dict:
 
 
 def meets_goals(row: dict, mode: str = "suppress") -> bool:
-    """The trainer issue's quality goals (suppress: forget ≤ .05, para ≤ .2; replace: replacement ≥ .9;
+    """The quality goals the defaults are chosen against (suppress: forget ≤ .05, para ≤ .2; replace: replacement ≥ .9;
     both: neighbours ≥ .9 × before, retain perplexity ≤ 1.1 × before)."""
     local = (row["neigh_rel"] is None or row["neigh_rel"] >= 0.9) and (row["ppl_rel"] is None or row["ppl_rel"] <= 1.1)
     if mode == "replace":

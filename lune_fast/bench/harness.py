@@ -64,6 +64,6 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:
-    from .io import atomic_write_text
+    from ..io import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(payload, indent=2) + "\n")

@@ -1,0 +1,81 @@
+"""Recall rounds: after training, ask every forget prompt again (greedy, adapter on) and train on any target
+that still comes out by another route ("the Blue Nile", once "Nile" is unlikely right after "is the").
+
+A fact whose greedy answer still contains its target gives a new pair: the prompt plus the words said before
+the target, answered by the target's tokens. Training then goes on with the same adapter, a fresh optimiser and
+the steps left. A keyed adapter gives each fact its own column of B, so only the facts that came out train
+again; a plain adapter shares its weights, so every pair trains again. Under data parallel each rank asks its
+share of the prompts and the answers are gathered, so that every rank takes the same decision.
+
+The loop ends: each round trains or stops it, there are at most Settings.recall_rounds rounds, and none starts
+once the step budget is spent.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .data import Encoder, Fact
+from .distributed import Dist, shard, unshard
+from .evaluate import answers_with, greedy
+from .model import Transformer
+from .plan import Plan
+from .settings import train_settings
+from .trainer import RunOptions, TrainOutcome, train_keeping_last_good
+
+
+def self_negatives(model: Transformer, enc: Encoder, facts: list[Fact], max_new_tokens: int = 24,
+                   dist: Dist | None = None) -> list[list[int] | None]:
+    """The model's own greedy answer tokens up to and including the target, or None where it does not say the
+    target. Under data parallel each rank answers its share; under FSDP every rank answers all of them (the
+    sharded blocks must run the same forwards everywhere)."""
+    split = dist if dist is not None and not dist.fsdp else None
+    mine = shard(facts, split)
+    said = unshard(greedy(model, enc, [enc.prompt_ids(f.prompt, f.chat) for f in mine], max_new_tokens),
+                   len(facts), split)
+    out = []
+    for f, g in zip(facts, said):
+        cut = next((k for k in range(1, len(g) + 1) if answers_with(enc.decode(g[:k]), f.target)), None)
+        out.append(g[:cut] if cut else None)
+    return out
+
+
+def route_to(enc: Encoder, f: Fact, said: list[int] | None) -> tuple[list[int], list[int]] | None:
+    """(prompt + the words said before the target, the target's tokens) from a greedy answer `said` that ends
+    with the target; None where the target did not come out."""
+    if said is None:
+        return None
+    start = next((j for j in range(len(said) - 1, -1, -1) if answers_with(enc.decode(said[j:]), f.target)), None)
+    if start is None:
+        return None
+    return enc.prompt_ids(f.prompt, f.chat) + said[:start], said[start:]
+
+
+@dataclass
+class Rounds:
+    outcome: TrainOutcome  # the first run followed by every continuation
+    rounds: int  # continuations trained
+    error: str | None  # the divergence message, if a continuation diverged (its last good adapter is kept)
+
+
+def recall_rounds(model: Transformer, enc: Encoder, plan: Plan, outcome: TrainOutcome, run: RunOptions,
+                  preserved=None) -> Rounds:
+    """Check and continue, up to plan.settings.recall_rounds times, after a first run that ended in `outcome`."""
+    s = plan.settings
+    rounds, error = 0, None
+    for _ in range(s.recall_rounds):
+        left = s.steps - outcome.steps
+        if left <= 0:
+            break
+        found = [route_to(enc, f, x) for f, x in
+                 zip(plan.facts, self_negatives(model, enc, plan.facts, s.max_new_tokens, run.dist))]
+        routes = [r for r in found if r is not None]
+        if not routes:
+            break
+        again = [p for p, i in zip(plan.pairs, plan.owners) if s.adapter == "plain" or found[i] is not None]
+        data = plan.train_data(model, again + routes, run.dist, preserved)
+        more, error = train_keeping_last_good(model, data, train_settings(s, steps=left),
+                                              replace(run, checkpoint_dir=None, resume=False))
+        outcome, rounds = outcome.then(more), rounds + 1
+        if error is not None:
+            break
+    return Rounds(outcome, rounds, error)

@@ -1,0 +1,152 @@
+"""Everything a run is made of (Settings), the measured defaults of each mode and adapter kind, and the
+precision the frozen weights run in.
+
+Each default is the best point measured on facts-dev; the figures are in benchmarks/RESULTS.md, section 2
+(rows named after the setting), not here, so that they are kept in one place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .losses import OBJECTIVES
+from .trainer import TrainSettings
+
+
+# Openings the facts are also trained after (Settings.prompt_variants takes the first N): a question-and-answer
+# frame first, because paraphrases asked as questions are answered by restating the prompt after "A:".
+PREFIXES = ("Q: Tell me about {s}.\nA: ", "Here is a fact. ", "I was reading about {s}. ")
+
+
+class SettingsError(ValueError):
+    """A run setting out of its range."""
+
+
+# The defaults of each (mode, adapter kind), for the settings left at None (RESULTS.md section 2, "Keyed
+# adapters" and "Replace mode"). keyed: subject-keyed adapters on the MLP output of the early layers, where
+# causal tracing puts the facts' subjects; plain: ordinary LoRA, for FSDP and comparison.
+# NPO per token forgets as well as NPO per sequence and keeps the retain text far better on every set tried;
+# replace mode trains towards the replacement (supervised).
+MODE_DEFAULTS = {
+    ("suppress", "keyed"): {"objective": "npo_tok", "targets": "down", "layers": "10%-30%", "lr": 3e-2, "anchors": 0,
+                            "prompt_variants": 1, "key_overlap": 1e-3},
+    ("replace", "keyed"): {"objective": "replace", "targets": "down", "layers": "10%-30%", "lr": 2e-2, "anchors": 0,
+                           "prompt_variants": 2, "key_overlap": 1e-2},
+    ("suppress", "plain"): {"objective": "npo_tok", "targets": "gate,up,down", "layers": "8-20", "lr": 1e-3,
+                            "anchors": 0, "prompt_variants": 0},
+    # all seven projections with two anchors per fact keep the most neighbours of the plain settings
+    ("replace", "plain"): {"objective": "replace", "targets": "all", "layers": "8-20", "lr": 1e-3, "anchors": 2,
+                           "prompt_variants": 0},
+}
+
+
+@dataclass
+class Settings:
+    """Everything a run is made of; report.json's "config" is this, plus what it resolved to. None = the
+    measured default of the mode and adapter kind (MODE_DEFAULTS)."""
+    mode: str = "suppress"  # suppress | replace
+    # keyed: A fixed to the facts' subject keys, whitened against preserved text (lune_fast.keyed), rank = the
+    # number of facts; plain: LoRA with random A. None = keyed (plain under FSDP).
+    adapter: str | None = None
+    objective: str | None = None  # npo | npo_tok | ga | ul | simnpo | replace
+    rank: int = 8  # plain adapters
+    alpha: float = 16.0
+    targets: str | None = None
+    layers: str | None = None
+    rslora: bool = False
+    steps: int = 60
+    lr: float | None = None
+    beta: float | None = None
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine
+    stop_prob: float = 0.05
+    replace_prob: float = 0.9
+    grad_clip: float = 1.0
+    seed: int = 0
+    negatives: str = "gold"  # gold | self | both: the answer text trained against in suppress mode
+    per_example_stop: bool = True  # same forgetting as stopping the whole batch, far less damage to the retain text
+    # suppress: after training, ask each prompt again (greedy) and train on any answer that still comes out by
+    # another route ("the Blue Nile"), at most this many times; 0 = trust the probability criterion alone
+    recall_rounds: int = 2
+    # each fact is also trained after this many of PREFIXES, for paraphrases
+    prompt_variants: int | None = None
+    retain_weight: float = 1.0
+    retain_loss: str = "nll"  # nll | kl
+    # per forget fact: same-template prompts with other subjects, kept by the retain term (lune_fast.anchors)
+    anchors: int | None = None
+    anchor_candidates: int = 12
+    anchor_min_prob: float = 0.5
+    # the preserved inputs (keyed adapters are whitened against them; preserve_weight > 0 also penalises the
+    # relative change of the adapted projections' outputs on them, lune_fast.preserve): the forget prompts'
+    # templates with other subjects (`preserve_prompts` per fact) and a text file (None = the package's)
+    preserve_prompts: int = 12
+    preserve_text: str | None = None
+    preserve_weight: float = 0.0
+    key_ridge: float = 1e-2  # keyed: ridge of the preserved-input moment, relative to its mean eigenvalue
+    key_overlap: float | None = None  # keyed: ridge of the keys' Gram matrix (facts sharing a subject; set_keyed)
+    refusals: str | None = None  # replace mode without a record replacement: file of refusal strings
+    max_new_tokens: int = 24
+    checkpoint_every: int = 0
+    max_batch_tokens: int = 4096  # per micro-batch; larger forget sets accumulate gradients over several
+
+    def resolved(self, sharded: bool = False) -> "Settings":
+        """Every None filled with the measured default of the mode and adapter kind."""
+        adapter = self.adapter or ("plain" if sharded else "keyed")
+        defaults = MODE_DEFAULTS.get((self.mode, adapter), {})
+        return replace(self, adapter=adapter, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+    def check(self) -> None:
+        if self.mode not in ("suppress", "replace"):
+            raise SettingsError(f"mode must be suppress or replace, got {self.mode!r}")
+        if self.objective not in OBJECTIVES:
+            raise SettingsError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.negatives not in ("gold", "self", "both"):
+            raise SettingsError(f"negatives must be gold, self or both, got {self.negatives!r}")
+        if self.adapter not in ("keyed", "plain"):
+            raise SettingsError(f"adapter must be keyed or plain, got {self.adapter!r}")
+        if self.rank <= 0 or self.steps < 0 or self.lr <= 0:
+            raise SettingsError("rank and lr must be positive and steps non-negative")
+        if self.prompt_variants < 0 or self.prompt_variants > len(PREFIXES):
+            raise SettingsError(f"prompt_variants must be 0-{len(PREFIXES)}, got {self.prompt_variants}")
+        if self.retain_loss not in ("nll", "kl"):
+            raise SettingsError(f"retain_loss must be nll or kl, got {self.retain_loss!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise SettingsError(f"schedule must be constant or cosine, got {self.schedule!r}")
+        if self.recall_rounds < 0:
+            raise SettingsError(f"recall_rounds must be non-negative, got {self.recall_rounds}")
+
+
+def train_settings(s: Settings, steps: int | None = None) -> TrainSettings:
+    """The trainer's settings of a run, field by field (tests/test_api.py checks that none is left out)."""
+    return TrainSettings(
+        objective=s.objective, replace=s.mode == "replace", lr=s.lr, steps=s.steps if steps is None else steps,
+        beta=s.beta, stop_prob=s.stop_prob, replace_prob=s.replace_prob, grad_clip=s.grad_clip,
+        weight_decay=s.weight_decay, warmup_steps=s.warmup_steps, schedule=s.schedule, seed=s.seed,
+        per_example_stop=s.per_example_stop, retain_weight=s.retain_weight, retain_loss=s.retain_loss,
+        preserve_weight=s.preserve_weight, checkpoint_every=s.checkpoint_every)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 matmuls run at least twice as fast as fp32 here: CUDA, or a CPU with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """'auto' = bfloat16 frozen weights where bf16 is native (same unlearning quality at about twice the
+    matmul rate: RESULTS.md, "Machine"), else float32. Adapters are float32 either way."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise SettingsError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return getattr(torch, dtype)
