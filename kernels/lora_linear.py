@@ -219,29 +219,36 @@ def backward(dy2, x2, xa, w, a, b_s, dx=None):
     return dx, pa.sum(0)[:R], pb.sum(0)[:, :R]
 
 
+def _keep(ctx, x2, xa, weight, A, B, scale, shape, y):
+    """What both Functions save for the backward (x as rows, x·Aᵀ, the operands); y back in x's shape."""
+    ctx.save_for_backward(x2, xa, weight, A, B)
+    ctx.scale, ctx.shape = scale, shape
+    return y.view(*shape[:-1], weight.shape[0])
+
+
+def _grads(ctx, dx, dA, dB):
+    """The backward's outputs, None where no gradient was asked for."""
+    need = ctx.needs_input_grad
+    return (dx.view(ctx.shape) if need[0] else None, None, None, dA if need[3] else None,
+            dB if need[4] else None, None)
+
+
 class LoRALinearTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scale):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).contiguous()
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
         a = A.to(x.dtype).contiguous()
         b_s = (B * scale).to(x.dtype).contiguous()
         y, xa = forward(x2, weight.contiguous(), a, b_s, bias)
-        ctx.save_for_backward(x2, xa, weight, A, B)
-        ctx.scale, ctx.shape = scale, shape
-        return y.view(*shape[:-1], weight.shape[0])
+        return _keep(ctx, x2, xa, weight, A, B, scale, x.shape, y)
 
     @staticmethod
     def backward(ctx, dy):
         x2, xa, weight, A, B = ctx.saved_tensors
-        s = ctx.scale
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype).contiguous()
-        a = A.to(x2.dtype).contiguous()
-        b_s = (B * s).to(x2.dtype).contiguous()
-        dx, da, g = backward(dy2, x2, xa, weight.contiguous(), a, b_s)
-        dA = da.to(A.dtype) if ctx.needs_input_grad[3] else None
-        dB = (g * s).to(B.dtype) if ctx.needs_input_grad[4] else None
-        return dx.view(ctx.shape) if ctx.needs_input_grad[0] else None, None, None, dA, dB, None
+        b_s = (B * ctx.scale).to(x2.dtype).contiguous()
+        dx, da, g = backward(dy2, x2, xa, weight.contiguous(), A.to(x2.dtype).contiguous(), b_s)
+        return _grads(ctx, dx, da.to(A.dtype), (g * ctx.scale).to(B.dtype))
 
 
 class LoRALinearTorch(torch.autograd.Function):
@@ -249,31 +256,22 @@ class LoRALinearTorch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scale):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        a, b = A.to(x.dtype), B.to(x.dtype)
-        xa = x2 @ a.t()
+        x2 = x.reshape(-1, x.shape[-1])
+        xa = x2 @ A.to(x.dtype).t()
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-        y.addmm_(xa, b.t(), alpha=scale)
-        ctx.save_for_backward(x2, xa, weight, A, B)
-        ctx.scale, ctx.shape = scale, shape
-        return y.view(*shape[:-1], weight.shape[0])
+        y.addmm_(xa, B.to(x.dtype).t(), alpha=scale)
+        return _keep(ctx, x2, xa, weight, A, B, scale, x.shape, y)
 
     @staticmethod
     def backward(ctx, dy):
         x2, xa, weight, A, B = ctx.saved_tensors
-        s = ctx.scale
+        s, need = ctx.scale, ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-        a, b = A.to(x2.dtype), B.to(x2.dtype)
-        dyb = dy2 @ b
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = dy2 @ weight
-            dx.addmm_(dyb, a, alpha=s)
-            dx = dx.view(ctx.shape)
-        dA = (dyb.t() @ x2).mul_(s).to(A.dtype) if ctx.needs_input_grad[3] else None
-        dB = (dy2.t() @ xa).mul_(s).to(B.dtype) if ctx.needs_input_grad[4] else None
-        return dx, None, None, dA, dB, None
+        dyb = dy2 @ B.to(x2.dtype)
+        dx = (dy2 @ weight).addmm_(dyb, A.to(x2.dtype), alpha=s) if need[0] else None
+        dA = (dyb.t() @ x2).mul_(s).to(A.dtype) if need[3] else None
+        dB = (dy2.t() @ xa).mul_(s).to(B.dtype) if need[4] else None
+        return _grads(ctx, dx, dA, dB)
 
 
 # -- the one dispatch point ----------------------------------------------------------------------------------

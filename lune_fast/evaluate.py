@@ -198,7 +198,7 @@ def _fmt(v) -> str:
 
 def report_markdown(model_name: str, config: dict, before: dict, after: dict, cost: dict,
                     examples: list[tuple[str, str, str]] | None = None) -> str:
-    lines = [f"# lune_fast unlearning report", "", f"Model: `{model_name}`  ", f"Mode: {config.get('mode')}, "
+    lines = ["# lune_fast unlearning report", "", f"Model: `{model_name}`  ", f"Mode: {config.get('mode')}, "
              f"objective: {config.get('objective')}, LoRA r={config.get('rank')} on "
              f"{','.join(config.get('targets', []))}, layers {config.get('layers_spec')}", "",
              "| metric | before | after |", "|---|---|---|"]

@@ -163,8 +163,8 @@ class AttnMask:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask) -> torch.Tensor:
     """softmax(q kᵀ/√d + mask) v with grouped-query heads. On CPU in reduced precision, torch's SDPA kernels
-    are several times slower than plain matmuls at the short lengths unlearning uses (measured: bf16, 32 x 15
-    tokens, fwd+bwd 12 ms vs 2 ms), so that case takes the explicit path; everything else takes SDPA."""
+    are several times slower than plain matmuls at the short lengths unlearning uses (RESULTS.md section 5,
+    "Where the time went"), so that case takes the explicit path; everything else takes SDPA."""
     B, H, T, D = q.shape
     kvh = k.shape[1]
     if q.is_cuda or q.dtype == torch.float32:
@@ -272,7 +272,7 @@ class Transformer(nn.Module):
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # dtype first, still on meta: memory is allocated once, in the final dtype, and only touched by the
-        # weight copy (measured: 406 MB of RSS for the bf16 default model before, 270 MB after)
+        # weight copy (no float32 copy of a bf16 model is ever resident)
         self.to(dtype)
         self.to_empty(device=device)
         self.requires_grad_(False)

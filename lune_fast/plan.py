@@ -18,7 +18,7 @@ from .subjects import subject_text
 from .trainer import TrainData
 
 # Training sequences are packed into rows of this many tokens (or the longest sequence): a packed step beats
-# both a padded one and one long row (RESULTS.md section 5, "packing").
+# both a padded one and one long row (RESULTS.md section 5, "Where the time went").
 PACK_TOKENS = 64
 
 Pair = tuple[list[int], list[int]]

@@ -54,7 +54,8 @@ def group_moments(model: Transformer, settings: lora.LoraSettings, seqs: list[li
 
     def read(name, x):
         x = x[valid["idx"]]
-        sums[name].add_((x.t() @ x).float())  # in the activations' dtype: bf16 products, fp32 sums
+        x = x.float()  # float32 products: A = (KᵀC⁻¹K)⁻¹KᵀC⁻¹ amplifies any rounding of C
+        sums[name].add_(x.t() @ x)
 
     seqs = [s for s in seqs if s]
     n = 0

@@ -120,7 +120,7 @@ class Settings:
 
 
 def train_settings(s: Settings, steps: int | None = None) -> TrainSettings:
-    """The trainer's settings of a run, field by field (tests/test_api.py checks that none is left out)."""
+    """The trainer's settings of a run, field by field (tests/test_settings.py checks that none is left out)."""
     return TrainSettings(
         objective=s.objective, replace=s.mode == "replace", lr=s.lr, steps=s.steps if steps is None else steps,
         beta=s.beta, stop_prob=s.stop_prob, replace_prob=s.replace_prob, grad_clip=s.grad_clip,

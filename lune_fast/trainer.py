@@ -61,14 +61,12 @@ class TrainOutcome:
     final_mean_prob: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
-    precompute_seconds: float = 0.0
 
     def then(self, more: "TrainOutcome") -> "TrainOutcome":
         """This run followed by `more`, a continuation of it on the same adapter."""
         return TrainOutcome(self.steps + more.steps, more.stopped, self.seconds + more.seconds,
                             self.tokens + more.tokens, more.final_mean_prob or self.final_mean_prob,
-                            self.losses + more.losses, self.step_seconds + more.step_seconds,
-                            self.precompute_seconds + more.precompute_seconds)
+                            self.losses + more.losses, self.step_seconds + more.step_seconds)
 
 
 class TrainingDiverged(RuntimeError):
@@ -136,7 +134,6 @@ def train(model: Transformer, data: TrainData, settings: TrainSettings, run: Run
     retain = _Retain.of(model, data.retain, L0, settings)
     preserved = data.preserved if settings.preserve_weight > 0 else None
     step_terms = _StepTerms(model, params, settings, dist, retain, preserved, L0)
-    t_precomputed = time.perf_counter()
 
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(settings))
@@ -152,7 +149,6 @@ def train(model: Transformer, data: TrainData, settings: TrainSettings, run: Run
         bar = tqdm(total=settings.steps, initial=start, desc="unlearning", unit="step", leave=False)
     outcome = TrainOutcome(steps=start, stopped="max_steps", seconds=0.0,
                            tokens=sum(p.batch.n_tokens for p in parts) * start)
-    outcome.precompute_seconds = t_precomputed - t_start
     # With per-example stopping, each step runs only the answers still to be forgotten (`work`); finished ones
     # leave the batch, and everything is checked again before the run may stop.
     shrinking = settings.per_example_stop and not (dist is not None and dist.fsdp)  # FSDP: same forwards on all ranks
@@ -219,6 +215,8 @@ def train(model: Transformer, data: TrainData, settings: TrainSettings, run: Run
             if bar is not None:
                 bar.close()
     outcome.final_mean_prob = [float(x) for x in probs]
+    if dist is not None:  # every rank's share
+        outcome.tokens = int(dist.sum_(torch.tensor([outcome.tokens], device=model.device)).item())
     outcome.seconds = time.perf_counter() - t_start
     return outcome
 

@@ -125,7 +125,6 @@ def load_model(model: str | os.PathLike | None = "default", dtype: torch.dtype =
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise WeightsError(f"{folder}: tensor(s) missing from the checkpoint: {shown}")
-    net.name_or_path = str(model) if model is not None else "default"
     return net
 
 

@@ -52,7 +52,7 @@ def test_forward_backward_float32(cr, cv, device):
     assert bool((grad_dir[y == -100] == 0).all())
 
 
-def test_autograd_wrapper_and_poisoned_buffers():
+def test_autograd_wrapper_over_vocabulary_chunks():
     h, w, y = _inputs(33, 32, 517, torch.float32, seed=3)
     hh = h.clone().requires_grad_()
     lp = ops.linear_logprob(hh, w, y, chunk_mb=0.01)  # tiny budget: vocabulary chunks

@@ -43,7 +43,7 @@ def test_tiny_logits_parity(tmp_path, kind, overrides, shard):
     assert rel_err(got[real], ref[real]) <= 1e-5
 
 
-def test_config_reads_qwen2_bias_and_llama3_rope(tmp_path):
+def test_config_reads_qwen2_attention_bias(tmp_path):
     make_tiny_hf("qwen2", tmp_path)
     cfg = ModelConfig.from_file(tmp_path / "config.json")
     assert cfg.attention_bias and cfg.model_type == "qwen2"

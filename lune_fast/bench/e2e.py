@@ -19,49 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from .harness import machine, markdown_table, write_json
-
-
-class PeakRSS:
-    """Samples this process's resident memory every few ms; .peak_mb after stop()."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.peak = interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def current() -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.current())
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.peak = self.current()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.current())
-
-    @property
-    def peak_mb(self) -> float:
-        return self.peak / 2**20
+from .harness import PeakRSS, machine, markdown_table, write_json
 
 
 def _records(path: str | None, n: int) -> list[dict]:

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         t_h, t_o = sorted(t_hf)[1], sorted(t_ours)[1]
         rows.append({"dtype": str(dtype).replace("torch.", ""), "transformers_ms": 1e3 * t_h,
                      "lune_fast_ms": 1e3 * t_o, "ratio (hf/ours)": t_h / t_o})
-        del ours, hf
+        ours = hf = None  # free both before the next dtype loads
     info = machine()
     print(info)
     print(f"forward, batch {a.batch} x {a.seq} tokens, full logits, median of {a.repeats} (x3 alternating)")

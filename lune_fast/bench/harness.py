@@ -1,4 +1,5 @@
-"""What every benchmark here shares: medians of repeats in one process, machine facts, a table printer."""
+"""What every benchmark here shares: medians of repeats in one process, peak resident memory, machine facts,
+a table printer, atomic JSON."""
 from __future__ import annotations
 
 import datetime
@@ -7,6 +8,7 @@ import os
 import platform
 import statistics
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -67,3 +69,36 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
     from ..io import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(payload, indent=2) + "\n")
+
+
+class PeakRSS:
+    """Samples this process's resident memory every few ms; .peak_mb after stop()."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def current() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.peak = self.current()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20

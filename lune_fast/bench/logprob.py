@@ -40,7 +40,7 @@ def _measure(fn, h, w, y, repeats: int, device: str):
         torch.cuda.synchronize()
         extra = torch.cuda.max_memory_allocated() - base
     else:
-        from .e2e import PeakRSS
+        from .harness import PeakRSS
 
         with PeakRSS(interval=0.001) as mem:
             base = PeakRSS.current()

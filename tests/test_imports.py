@@ -1,0 +1,67 @@
+"""Imports run one way: no module of the package imports, directly or through others, a module that imports
+it back, and the low layers (the model, the data, the ops and kernels) import nothing above them."""
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ROOTS = {"lune_fast": REPO / "lune_fast", "lune_fast.kernels": REPO / "kernels"}
+LOW = {"lune_fast.model", "lune_fast.data", "lune_fast.ops", "lune_fast.io", "lune_fast.assets",
+       "lune_fast.kernels.lora_linear", "lune_fast.generate"}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg, root in ROOTS.items():
+        for f in root.rglob("*.py"):
+            parts = f.relative_to(root).with_suffix("").parts
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            out[".".join((pkg, *parts))] = f
+    return out
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package modules `name` imports anywhere in its file (function bodies too)."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([node.module] if node.module else []))
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names}
+    return {m for m in found if m in known and m != name}
+
+
+def _graph():
+    mods = _modules()
+    return {name: _imports(name, path, set(mods)) for name, path in mods.items()}
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_low_layers_import_nothing_above_them():
+    allowed = LOW | {"lune_fast", "lune_fast.kernels"}
+    for name, deps in _graph().items():
+        if name in LOW:
+            assert deps <= allowed, f"{name} imports {sorted(deps - allowed)}"

@@ -1,0 +1,45 @@
+"""Settings: the measured defaults fill what is left at None, bad values are refused, and every trainer
+setting is carried into the run."""
+from dataclasses import fields
+
+import pytest
+
+from lune_fast.settings import MODE_DEFAULTS, Settings, SettingsError, train_settings
+from lune_fast.trainer import TrainSettings
+
+
+def test_every_trainer_setting_comes_from_the_run_settings():
+    values = {"objective": "ul", "lr": 0.123, "steps": 17, "beta": 0.7, "stop_prob": 0.011, "replace_prob": 0.77,
+              "grad_clip": 2.5, "weight_decay": 0.05, "warmup_steps": 3, "schedule": "cosine", "seed": 9,
+              "per_example_stop": True, "retain_weight": 4.0, "retain_loss": "kl", "preserve_weight": 0.3,
+              "checkpoint_every": 5}
+    ts = train_settings(Settings(mode="replace", **values))
+    names = {f.name for f in fields(TrainSettings)}
+    assert names == set(values) | {"replace"}  # a new trainer setting must be added here and to train_settings
+    assert ts.replace is True
+    for name, v in values.items():
+        assert getattr(ts, name) == v, name
+        assert v != getattr(TrainSettings(), name), f"{name}: pick a value that is not the default"
+    assert train_settings(Settings(steps=30, lr=1.0), steps=4).steps == 4  # a continuation's budget
+
+
+@pytest.mark.parametrize("mode,adapter", sorted(MODE_DEFAULTS))
+def test_defaults_fill_only_what_is_unset(mode, adapter):
+    s = Settings(mode=mode, adapter=adapter).resolved()
+    for key, value in MODE_DEFAULTS[(mode, adapter)].items():
+        assert getattr(s, key) == value, key
+    mine = Settings(mode=mode, adapter=adapter, lr=0.5, objective="ga").resolved()
+    assert mine.lr == 0.5 and mine.objective == "ga"
+    s.check()
+
+
+def test_fsdp_default_is_plain_and_keyed_elsewhere():
+    assert Settings().resolved().adapter == "keyed" and Settings().resolved(sharded=True).adapter == "plain"
+
+
+@pytest.mark.parametrize("bad,match", [({"mode": "erase"}, "mode must be"), ({"objective": "kl"}, "objective"),
+                                       ({"schedule": "linear"}, "schedule"), ({"prompt_variants": 9}, "0-3"),
+                                       ({"recall_rounds": -1}, "recall_rounds")])
+def test_bad_values_are_refused(bad, match):
+    with pytest.raises(SettingsError, match=match):
+        Settings(**bad).resolved().check()
