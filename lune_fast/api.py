@@ -115,10 +115,37 @@ class Unlearner:
         overrides. The model is left as it was; the adapter and the before/after METRICS are in the result."""
         s = self._settings(mode, overrides)
         read = read_facts(records)
-        texts = self._retain_texts(retain_texts)
+        texts = self.retain_texts(retain_texts)
         t0 = time.perf_counter()
         # 1. the plan: what to train (refusing what cannot fit before any work), where the adapter goes
-        kept = plan.answers(self.encoder, read.facts, s, self.model, read.skipped)
+        job = self._plan(read.facts, read.skipped, s, retain)
+        before = self.base_evaluation(job.facts, texts, s.mode == "replace", s.max_new_tokens, progress) \
+            if evaluate_before else None
+        run = RunOptions(checkpoint_dir=None if self.fsdp else checkpoint_dir, resume=resume, progress=progress,
+                         dist=self.dist)  # sharded optimiser state: checkpoints are a data-parallel feature
+        # 2. the adapter, training (a diverged run keeps its last good adapter), the recall rounds; evaluate
+        t_train = time.perf_counter()
+        try:
+            rounds = self._train(job, run)
+            train_seconds = time.perf_counter() - t_train
+            after = evaluate(self.model, self.encoder, job.facts, texts, s.mode == "replace", s.max_new_tokens,
+                             progress, self.dist) if evaluate_after else None
+            state = distributed.adapter_state(self.model)
+            trained = sum(p.numel() for p in lora.trainable_parameters(self.model))
+        finally:
+            if not self.fsdp:  # a sharded model stays as it is: one request per process under FSDP
+                lora.detach(self.model)
+        # 3. the result: adapter, METRICS (paraphrases/neighbours on what the base model answered), cost
+        cost = {"train_seconds": round(train_seconds, 3), "steps": rounds.outcome.steps,
+                "train_tokens": rounds.outcome.tokens, "recall_rounds": rounds.rounds,
+                "peak_memory_mb": round(_peak_memory_mb(self.device), 1), "trainable_params": trained,
+                "device": str(self.device), "total_seconds": round(time.perf_counter() - t0, 3)}
+        return self._result(job, read.skipped, before, after, rounds, state, cost)
+
+    def _plan(self, facts, skipped: list[str], s: Settings, retain) -> plan.Plan:
+        """What to train and where: the facts kept, their pairs (with the model's own answers for
+        negatives=self|both), the adapter layout (under FSDP also attached and sharded) and the retain pairs."""
+        kept = plan.answers(self.encoder, facts, s, self.model, skipped)
         facts = [f for f, _ in kept]
         layout = plan.adapter_layout(self.model, self.encoder, facts, s)
         if self.fsdp:  # each rank holds only its row chunks: the model runs once its blocks are sharded
@@ -128,47 +155,35 @@ class Unlearner:
         pairs, owners = plan.training_pairs(self.encoder, kept, s, own)
         if self.fsdp and len(pairs) < self.dist.world:  # every rank must run the same sharded forwards
             raise DataError(f"{len(pairs)} training example(s) for {self.dist.world} ranks: run on fewer processes")
-        before = self.base_evaluation(facts, texts, s.mode == "replace", s.max_new_tokens, progress) \
-            if evaluate_before else None
         anchors = build_anchors(self.model, self.encoder, facts, s.anchors, s.anchor_candidates, s.anchor_min_prob,
                                 s.seed) if s.anchors > 0 else []
-        job = plan.Plan(s, facts, pairs, owners, plan.retain_pairs(self.encoder, anchors, retain), layout,
-                        self.encoder.pad_id)
-        run = RunOptions(checkpoint_dir=None if self.fsdp else checkpoint_dir, resume=resume, progress=progress,
-                         dist=self.dist)  # sharded optimiser state: checkpoints are a data-parallel feature
-        # 2. the adapter (keyed: its A from the preserved inputs, counted as training), train (a diverged run
-        # keeps its last good adapter), the recall rounds, evaluate, detach
-        t_train = time.perf_counter()
-        try:
-            preserved = preserved_inputs(self.model, self.encoder, facts, layout, s.preserve_prompts,
-                                         s.preserve_text, s.seed, self._text_moments) \
-                if s.adapter == "keyed" or s.preserve_weight > 0 else None
-            if s.adapter == "keyed":
-                attach_keyed(self.model, self.encoder, facts, layout, preserved, s.key_ridge, s.key_overlap)
-            elif not self.fsdp:
-                lora.attach(self.model, layout, seed=s.seed, backend=self.backend)
-            outcome, error = train_keeping_last_good(
-                self.model, job.train_data(self.model, dist=self.dist, preserved=preserved), train_settings(s), run)
-            rounds = recall.Rounds(outcome, 0, error)
-            if error is None and s.mode == "suppress":
-                rounds = recall.recall_rounds(self.model, self.encoder, job, outcome, run, preserved)
-            train_seconds = time.perf_counter() - t_train
-            after = evaluate(self.model, self.encoder, facts, texts, s.mode == "replace", s.max_new_tokens,
-                             progress, self.dist) if evaluate_after else None
-            state = distributed.adapter_state(self.model)
-            trained = sum(p.numel() for p in lora.trainable_parameters(self.model))
-        finally:
-            if not self.fsdp:  # a sharded model stays as it is: one request per process under FSDP
-                lora.detach(self.model)
-        # 3. the result: adapter, METRICS (paraphrases/neighbours on what the base model answered), cost
-        outcome, known = rounds.outcome, before.known_mask() if before is not None else None
+        return plan.Plan(s, facts, pairs, owners, plan.retain_pairs(self.encoder, anchors, retain), layout,
+                         self.encoder.pad_id, [a.prompt for a in anchors])
+
+    def _train(self, job: plan.Plan, run: RunOptions) -> recall.Rounds:
+        """Attach the adapter (keyed: its A from the preserved inputs; under FSDP it is on already), train, and
+        in suppress mode check again and continue (the recall rounds)."""
+        s = job.settings
+        preserved = preserved_inputs(self.model, self.encoder, job.facts, job.layout, s.preserve_prompts,
+                                     s.preserve_text, s.seed, self._text_moments) \
+            if s.adapter == "keyed" or s.preserve_weight > 0 else None
+        if s.adapter == "keyed":
+            attach_keyed(self.model, self.encoder, job.facts, job.layout, preserved, s.key_ridge, s.key_overlap)
+        elif not self.fsdp:
+            lora.attach(self.model, job.layout, seed=s.seed, backend=self.backend)
+        data = job.train_data(self.model, dist=self.dist, preserved=preserved)
+        outcome, error = train_keeping_last_good(self.model, data, train_settings(s), run)
+        if error is not None or s.mode != "suppress":
+            return recall.Rounds(outcome, 0, error)
+        return recall.recall_rounds(self.model, self.encoder, job, outcome, run, preserved)
+
+    def _result(self, job: plan.Plan, skipped: list[str], before, after, rounds: recall.Rounds,
+                state: dict, cost: dict) -> ForgetResult:
+        s, layout = job.settings, job.layout
+        known = before.known_mask() if before is not None else None
         config = {**asdict(s), "rank": layout.rank, "alpha": layout.alpha, "targets": list(layout.targets),
-                  "layers": list(layout.layers), "layers_spec": s.layers, "anchors_built": len(anchors),
-                  "dtype": str(self.dtype).replace("torch.", ""), "facts": len(facts)}
-        cost = {"train_seconds": round(train_seconds, 3), "steps": outcome.steps, "train_tokens": outcome.tokens,
-                "recall_rounds": rounds.rounds, "peak_memory_mb": round(_peak_memory_mb(self.device), 1),
-                "trainable_params": trained, "device": str(self.device),
-                "total_seconds": round(time.perf_counter() - t0, 3)}
+                  "layers": list(layout.layers), "layers_spec": s.layers, "anchors_built": len(job.anchors),
+                  "dtype": str(self.dtype).replace("torch.", ""), "facts": len(job.facts)}
         examples = [] if before is None or after is None else [
             (p.prompt, b, a) for p, b, a in zip(before.probes, before.generations, after.generations)
             if p.kind == "forget"][:8]
@@ -177,9 +192,9 @@ class Unlearner:
                                                            self.model.config.num_hidden_layers),
             before=before.metrics(known) if before is not None else None,
             after=after.metrics(known) if after is not None else None,
-            cost=cost, config=config, model=self.model_name, skipped=read.skipped, examples=examples,
-            stopped=outcome.stopped, error=rounds.error, anchors=[a.prompt for a in anchors],
-            evaluation_before=before, evaluation_after=after, outcome=outcome)
+            cost=cost, config=config, model=self.model_name, skipped=skipped, examples=examples,
+            stopped=rounds.outcome.stopped, error=rounds.error, anchors=job.anchors,
+            evaluation_before=before, evaluation_after=after, outcome=rounds.outcome)
 
     def _attach_sharded(self, s: Settings, layout: lora.LoraSettings) -> None:
         """Under FSDP: the request's plain adapter on the model, and the blocks sharded with it (once per
@@ -211,7 +226,7 @@ class Unlearner:
                                              progress, self.dist)
         return self._base_evals[key]
 
-    def _retain_texts(self, texts) -> list[str]:
+    def retain_texts(self, texts=None) -> list[str]:
         """Texts for retain perplexity: a file, a list, or the package's own."""
         if isinstance(texts, (str, Path)):
             return read_lines(texts)

@@ -184,7 +184,7 @@ def cmd_eval(a) -> int:
     read = read_facts(a.facts)
     for line in read.skipped:
         print(f"lune-fast: skipped {line}", file=sys.stderr)
-    ev = evaluate(u.model, u.encoder, read.facts, u._retain_texts(a.retain_text), replace=a.replace, progress=True)
+    ev = evaluate(u.model, u.encoder, read.facts, u.retain_texts(a.retain_text), replace=a.replace, progress=True)
     metrics = {**ev.metrics(), "counts": ev.counts}
     text = json.dumps(metrics, indent=2)
     if a.json:

@@ -99,7 +99,7 @@ def adapter_layout(model: Transformer, enc: Encoder, facts: list[Fact], s: Setti
 @dataclass
 class Plan:
     """One request, planned: the settings it resolved to, the facts kept, the pairs to train (owners[j] = the
-    fact pair j trains), the retain pairs (anchors and the user's retain facts) and the adapter layout."""
+    fact pair j trains), the retain pairs (anchors and the user's retain facts), the adapter layout."""
     settings: Settings
     facts: list[Fact]
     pairs: list[Pair]
@@ -107,6 +107,7 @@ class Plan:
     retain_pairs: list[Pair]
     layout: lora.LoraSettings
     pad_id: int
+    anchors: list[str]  # the anchor prompts behind the retain pairs
 
     def train_data(self, model: Transformer, pairs: list[Pair] | None = None, dist: Dist | None = None,
                    preserved=None) -> TrainData:

@@ -123,3 +123,45 @@ def test_evaluation_shares_gather_back_in_order(tmp_path):
     proc = _torchrun([], script=script, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["4", "3"]
+
+
+# -- the default model, every mode and adapter kind: slow (make test-all) ------------------------------------
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory):
+    """One-process float32 runs on 8 of the package's facts, per (mode, adapter), made once for the module."""
+    from lune_fast.assets import asset
+
+    folder = tmp_path_factory.mktemp("ranks")
+    records = [json.loads(line) for line in asset("facts.jsonl").read_text().splitlines()][::6][:8]
+    facts = folder / "facts8.jsonl"
+    facts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder, facts, {}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
+@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("mode,adapter", [("suppress", "keyed"), ("suppress", "plain"), ("replace", "keyed"),
+                                          ("replace", "plain")])
+def test_default_model_gives_one_process_adapter_on_any_number_of_ranks(one_process_runs, mode, adapter, ranks):
+    """The defaults (recall rounds included) under torchrun, float32: the adapter of one process and the same
+    metrics. (In bfloat16 a CPU's kernels round differently with the thread count, one process included: see
+    RESULTS.md section 8.)"""
+    folder, facts, done = one_process_runs
+    args = ["unlearn", "--forget", str(facts), "--mode", mode, "--adapter", adapter, "--dtype", "float32", "--quiet"]
+    one = folder / f"{mode}-{adapter}-1"
+    if (mode, adapter) not in done:
+        proc = subprocess.run([sys.executable, "-m", "lune_fast.cli", *args, "--out", str(one)], capture_output=True,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "2"}, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        done[(mode, adapter)] = True
+    many = folder / f"{mode}-{adapter}-{ranks}"
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", str(ranks), "-m", "lune_fast.cli",
+                           *args, "--out", str(many)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert _rel_l2(_adapter(many), _adapter(one)) <= 5e-3
+    r1, rn = (json.loads((d / "report.json").read_text()) for d in (one, many))
+    for key in ("forget_recall", "paraphrase_recall", "neighbor_recall", "replacement_rate"):
+        assert rn["after"][key] == r1["after"][key], key
+    assert (rn["cost"]["steps"], rn["cost"]["recall_rounds"]) == (r1["cost"]["steps"], r1["cost"]["recall_rounds"])

@@ -177,7 +177,7 @@ def _evaluate_with(u, records, install) -> dict:
     from ..evaluate import evaluate
 
     facts = read_facts(records).facts
-    texts = u._retain(None)
+    texts = u.retain_texts()
     before = u.base_evaluation(facts, texts, False, 24)
     install(u.model)
     return evaluate(u.model, u.encoder, facts, texts).metrics(before.known_mask())
