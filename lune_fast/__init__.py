@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Unlearner": "api", "ForgetResult": "api",
     "load_model": "weights", "load_tokenizer": "weights", "default_model_dir": "weights",
-    "resolve_model_dir": "weights",
-    "Transformer": "model", "ModelConfig": "model", "generate": "model",
+    "resolve_model_dir": "weights", "Settings": "settings",
+    "Transformer": "model", "ModelConfig": "model", "generate": "generate",
     "linear_logprob": "ops",
 }
 

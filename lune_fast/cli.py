@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     from .lora import AdapterError
     from .model import ConfigError
     from .settings import SettingsError
-    from .trainer import CheckpointMismatch, TrainingInterrupted
+    from .checkpoints import CheckpointMismatch
+    from .trainer import TrainingInterrupted
     from .weights import WeightsError
 
     try:

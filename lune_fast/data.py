@@ -36,6 +36,9 @@ class Fact:
     chat: bool = False  # the prompt is a question for the chat template (TOFU)
     source: str = ""
     subject: str | None = None  # where known (CounterFact): anchors swap it for other subjects
+    # paraphrases that describe the subject instead of naming it ({"prompt", "names_subject": false}): out of
+    # reach of anything keyed on the subject's tokens, so they are measured on their own
+    indirect: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -81,6 +84,14 @@ def _str_list(obj: dict, key: str, item_key: str = "prompt") -> list[str]:
             raise RecordError(f"{key}[{i}] is {len(item):,} characters; the limit is {MAX_TEXT_CHARS:,}")
         out.append(item)
     return out
+
+
+def _paraphrases(obj: dict) -> tuple[list[str], list[str]]:
+    """(paraphrases that name the subject, those marked "names_subject": false)."""
+    prompts = _str_list(obj, "paraphrases")
+    raw = obj["paraphrases"] if isinstance(obj.get("paraphrases"), list) else prompts
+    indirect = [isinstance(item, dict) and item.get("names_subject") is False for item in raw]
+    return [p for p, x in zip(prompts, indirect) if not x], [p for p, x in zip(prompts, indirect) if x]
 
 
 def _neighbors(obj: dict) -> list[tuple[str, str]]:
@@ -140,10 +151,11 @@ def parse_record(obj, source: str = "") -> Fact:
                     paraphrases=[para] if para else [], neighbors=neighbors, source=source,
                     subject=_text(obj, "subject", required=False))
     if "prompt" in obj or "target" in obj:
+        named, indirect = _paraphrases(obj)
         return Fact(prompt=_text(obj, "prompt"), target=_text(obj, "target"),
-                    replacement=_text(obj, "replacement", required=False),
-                    paraphrases=_str_list(obj, "paraphrases"), neighbors=_neighbors(obj), source=source,
-                    subject=_text(obj, "subject", required=False))
+                    replacement=_text(obj, "replacement", required=False), paraphrases=named,
+                    neighbors=_neighbors(obj), source=source, subject=_text(obj, "subject", required=False),
+                    indirect=indirect)
     keys = ", ".join(sorted(obj)[:6]) or "none"
     raise RecordError(f"unrecognised record (fields: {keys}); expected prompt/target, question/answer, "
                       f"requested_rewrite, or prompt/ground_truth/target_new")

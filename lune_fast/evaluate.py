@@ -18,7 +18,7 @@ from .losses import per_sequence, target_logprobs
 from .generate import generate
 from .model import Transformer
 
-METRIC_KEYS = ("forget_recall", "paraphrase_recall", "neighbor_recall", "replacement_rate",
+METRIC_KEYS = ("forget_recall", "paraphrase_recall", "indirect_recall", "neighbor_recall", "replacement_rate",
                "forget_target_logprob", "retain_ppl")
 
 
@@ -45,7 +45,7 @@ def answers_with(continuation: str, target: str) -> bool:
 @dataclass
 class Probe:
     """One prompt to answer: which fact it belongs to and what answer counts."""
-    kind: str  # forget | paraphrase | neighbor
+    kind: str  # forget | paraphrase | indirect (a paraphrase that does not name the subject) | neighbor
     prompt: str
     target: str
     chat: bool = False
@@ -59,6 +59,9 @@ def build_probes(facts: list[Fact]) -> list[Probe]:
     for f in facts:
         for p in f.paraphrases:
             probes.append(Probe("paraphrase", p, f.target, f.chat, f.replacement))
+    for f in facts:
+        for p in f.indirect:
+            probes.append(Probe("indirect", p, f.target, f.chat, f.replacement))
     for f in facts:
         for p, t in f.neighbors:
             if p in forget_prompts or p in seen:  # a neighbour that is itself forgotten is not a neighbour
@@ -89,6 +92,7 @@ class Evaluation:
         return {
             "forget_recall": rate("forget", self.hits),
             "paraphrase_recall": rate("paraphrase", self.hits),
+            "indirect_recall": rate("indirect", self.hits),
             "neighbor_recall": rate("neighbor", self.hits),
             "replacement_rate": rate("forget", self.replaced),
             "forget_target_logprob": self.forget_target_logprob,
@@ -185,7 +189,7 @@ def evaluate(model: Transformer, enc: Encoder, facts: list[Fact], retain_texts: 
                 for g, p in zip(gens, probes)]
     lp = answer_logprobs(model, make_batch([enc.pair(f.prompt, f.target, f.chat) for f in facts]))
     ppl = perplexity(model, enc, retain_texts) if retain_texts else None
-    counts = {k: sum(p.kind == k for p in probes) for k in ("forget", "paraphrase", "neighbor")}
+    counts = {k: sum(p.kind == k for p in probes) for k in ("forget", "paraphrase", "indirect", "neighbor")}
     return Evaluation(probes, gens, hits, replaced, float(lp.mean()), ppl, counts)
 
 

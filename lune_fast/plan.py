@@ -11,7 +11,7 @@ from . import lora
 from .assets import asset
 from .data import DataError, Encoder, Fact, make_batch, read_facts, read_lines
 from .distributed import Dist, shard
-from .limits import check_context, check_memory, split_by_tokens
+from .limits import ResourceError, check_context, check_memory, split_by_tokens
 from .model import Transformer
 from .settings import MODE_DEFAULTS, PREFIXES, Settings, SettingsError
 from .subjects import subject_text
@@ -114,13 +114,29 @@ class Plan:
         """Packed micro-batches of this process's share of `pairs` (default: all of the plan's) and the retain
         batch, after the up-front memory check."""
         s = self.settings
-        mine = shard(self.pairs if pairs is None else pairs, dist)
-        batches = [make_batch(g, self.pad_id, pack=PACK_TOKENS) for g in split_by_tokens(mine, s.max_batch_tokens)]
+        batches = [make_batch(g, self.pad_id, pack=PACK_TOKENS)
+                   for g in micro_batches(self.pairs if pairs is None else pairs, s.max_batch_tokens, dist)]
         retain = make_batch(self.retain_pairs, self.pad_id, pack=PACK_TOKENS) if self.retain_pairs else None
         layers_run = model.config.num_hidden_layers - min(self.layout.layers)
         tokens = max((b.input_ids.numel() for b in batches), default=0) + (retain.input_ids.numel() if retain else 0)
         check_memory(model.config, tokens, layers_run, model.dtype, model.device)
         return TrainData(batches, retain, preserved)
+
+
+def micro_batches(pairs: list[Pair], max_tokens: int, dist: Dist | None = None) -> list[list[Pair]]:
+    """This process's share of the pairs (every world-th), in groups of at most max_tokens. Under FSDP every
+    rank gets the same number of groups: the sharded blocks all-gather in every forward, so a rank with one
+    forward more than the others would wait for them forever."""
+    groups = split_by_tokens(shard(pairs, dist), max_tokens)
+    if dist is None or not dist.fsdp:
+        return groups
+    n = max(len(split_by_tokens(shard(pairs, Dist(r, dist.world)), max_tokens)) for r in range(dist.world))
+    mine = shard(pairs, dist)
+    if len(mine) < n:
+        raise ResourceError(f"under FSDP every rank needs {n} micro-batches but this one has {len(mine)} example(s); "
+                            f"raise --max-batch-tokens or run on fewer ranks")
+    cuts = [round(i * len(mine) / n) for i in range(n + 1)]
+    return [mine[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
 def retain_pairs(enc: Encoder, anchors, retain) -> list[Pair]:

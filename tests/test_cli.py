@@ -26,9 +26,10 @@ def test_unlearn_writes_the_contract(tiny_lm, facts_file, tmp_path):
                                                       "report.json", "report.md"]
     report = json.loads((out / "report.json").read_text())
     assert set(report) >= {"model", "config", "before", "after", "cost"}
-    metrics = {"forget_recall", "paraphrase_recall", "neighbor_recall", "replacement_rate",
+    metrics = {"forget_recall", "paraphrase_recall", "indirect_recall", "neighbor_recall", "replacement_rate",
                "forget_target_logprob", "retain_ppl"}
     assert set(report["before"]) == metrics and set(report["after"]) == metrics
+    assert report["after"]["indirect_recall"] is None  # no paraphrase here describes its subject
     assert set(report["cost"]) >= {"train_seconds", "steps", "train_tokens", "peak_memory_mb", "trainable_params",
                                    "device"}
     assert report["config"]["layers"] == [1, 2] and report["config"]["mode"] == "suppress"
@@ -82,7 +83,7 @@ def test_replace_mode_eval_and_merge(tiny_lm, facts_file, tmp_path):
     assert main(["eval", "--facts", str(facts_file), "--model", str(tiny_lm), "--adapter", str(out), "--json",
                  str(tmp_path / "m.json")]) == 0
     m = json.loads((tmp_path / "m.json").read_text())
-    assert m["counts"] == {"forget": 2, "paraphrase": 1, "neighbor": 1}
+    assert m["counts"] == {"forget": 2, "paraphrase": 1, "indirect": 0, "neighbor": 1}
     assert m["forget_target_logprob"] == pytest.approx(report["after"]["forget_target_logprob"], rel=1e-4)
 
     merged = tmp_path / "merged"

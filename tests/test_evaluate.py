@@ -55,3 +55,18 @@ def test_recall_after_counts_only_what_the_base_model_answered():
     # a paraphrase or neighbour the base model did not answer says nothing about forgetting or keeping
     assert m["forget_recall"] == 0.0 and m["paraphrase_recall"] == 1.0 and m["neighbor_recall"] == 0.0
     assert after.metrics()["paraphrase_recall"] == 1.0 and after.metrics()["neighbor_recall"] == 0.5
+
+
+def test_paraphrases_that_do_not_name_the_subject_are_counted_on_their_own():
+    from lune_fast.data import parse_record
+
+    f = parse_record({"prompt": "A baby cat is called a", "target": "kitten",
+                      "paraphrases": ["The young of a cat is a", {"prompt": "A baby of the pet that purrs is a",
+                                                                   "names_subject": False}]})
+    assert f.paraphrases == ["The young of a cat is a"] and f.indirect == ["A baby of the pet that purrs is a"]
+    probes = build_probes([f])
+    assert [p.kind for p in probes] == ["forget", "paraphrase", "indirect"]
+    ev = Evaluation(probes, [""] * 3, hits=[False, True, False], replaced=[None] * 3, forget_target_logprob=-5.0,
+                    retain_ppl=None)
+    m = ev.metrics()
+    assert m["paraphrase_recall"] == 1.0 and m["indirect_recall"] == 0.0

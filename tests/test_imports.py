@@ -65,3 +65,10 @@ def test_low_layers_import_nothing_above_them():
     for name, deps in _graph().items():
         if name in LOW:
             assert deps <= allowed, f"{name} imports {sorted(deps - allowed)}"
+
+
+def test_every_public_name_resolves():
+    import lune_fast
+
+    for name in lune_fast.__all__:
+        assert getattr(lune_fast, name) is not None, name

@@ -92,3 +92,25 @@ def test_attach_starts_as_base_and_merge_roundtrip(tmp_path):
         lora.detach(model)
         assert rel_err(model(ids), base) <= 1e-6
     assert not lora.adapters_of(model)
+
+
+def test_one_dispatch_point_for_the_lora_op():
+    """Every adapted projection reaches the op through lora_linear(backend=): "auto" is the torch chain on a CPU
+    tensor, a backend that does not exist is refused by name."""
+    from lune_fast.kernels.lora_linear import lora_linear, lora_linear_reference, resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("torch", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="must be one of auto, torch, triton, got 'cuda'"):
+        resolve_backend("cuda", torch.device("cpu"))
+    x, w, A, B = torch.randn(5, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    assert rel_err(lora_linear(x, w, None, A, B, 0.5, "torch"), lora_linear_reference(x, w, None, A, B, 0.5)) <= 1e-6
+    model_settings = lora.LoraSettings(rank=2, alpha=2, targets=("down",), layers=(0,))
+    from lune_fast.model import ModelConfig, Transformer
+
+    cfg = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 32, "hidden_size": 8, "intermediate_size": 16,
+                                 "num_hidden_layers": 1, "num_attention_heads": 2})
+    m = Transformer(cfg)
+    with pytest.raises(ValueError, match="must be one of"):
+        lora.attach(m, model_settings, backend="fast")
+    assert all(a.backend == "torch" for a in lora.attach(m, model_settings).values())

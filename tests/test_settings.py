@@ -43,3 +43,15 @@ def test_fsdp_default_is_plain_and_keyed_elsewhere():
 def test_bad_values_are_refused(bad, match):
     with pytest.raises(SettingsError, match=match):
         Settings(**bad).resolved().check()
+
+
+def test_micro_batches_under_fsdp_are_as_many_on_every_rank():
+    """Sharded blocks all-gather in every forward: ranks must run the same number of micro-batches."""
+    from lune_fast.distributed import Dist
+    from lune_fast.plan import micro_batches
+
+    pairs = [([1] * n, [2]) for n in (30, 5, 30, 5, 30, 5, 5)]  # rank 0 gets the three long ones
+    plain = [len(micro_batches(pairs, 40, Dist(r, 2))) for r in (0, 1)]
+    fsdp = [micro_batches(pairs, 40, Dist(r, 2, fsdp=True)) for r in (0, 1)]
+    assert plain[0] != plain[1] and len(fsdp[0]) == len(fsdp[1])
+    assert sorted(p for r in fsdp for g in r for p in map(id, g)) == sorted(map(id, pairs))  # every pair, once

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lune_fast import lora, trainer
+from lune_fast.checkpoints import CheckpointMismatch
 from lune_fast.data import make_batch
 from lune_fast.trainer import RunOptions, TrainData, TrainingDiverged, TrainingInterrupted, TrainSettings, train
 from lune_fast.weights import load_model
@@ -106,7 +107,7 @@ def test_a_subset_and_the_whole_set_that_never_agree_still_end(tiny_llama, monke
 def test_resume_with_other_settings_is_refused(tiny_llama, tmp_path):
     ckpt = tmp_path / "c.ckpt"
     _run(tiny_llama, checkpoint_dir=ckpt, settings={"checkpoint_every": 2})
-    with pytest.raises(trainer.CheckpointMismatch, match="other settings"):
+    with pytest.raises(CheckpointMismatch, match="other settings"):
         _run(tiny_llama, checkpoint_dir=ckpt, resume=True, settings={"lr": 1e-4})
 
 

@@ -83,7 +83,8 @@ def run(unlearner, records: list[dict], grid: list[dict], base: dict, progress: 
         settings = {**base, **overrides}
         t0 = time.perf_counter()
         r = unlearner.forget(records, progress=False, **settings)
-        row = {"setting": json.dumps(overrides, sort_keys=True), **_flat(r), "wall_s": time.perf_counter() - t0}
+        row = {"setting": json.dumps(overrides, sort_keys=True), **_flat(r, records),
+               "wall_s": time.perf_counter() - t0}
         if relearn:
             row.update(relearn_probe(unlearner, records, r))
         rows.append(row)
@@ -128,27 +129,82 @@ def relearn_probe(unlearner, records: list[dict], result, fraction: float = 0.1,
             "held_recall_attacked": after["forget_recall"], "shown_recall_attacked": shown_recall}
 
 
+def kept(r, kind: str, prompts: set[str] | None = None, exclude: set[str] = frozenset()) -> tuple[int, int]:
+    """(answered after, answered before) over the probes of `kind` the base model answered (optionally only
+    those whose prompt is in `prompts`, and none in `exclude`)."""
+    eb, ea = r.evaluation_before, r.evaluation_after
+    if eb is None or ea is None:
+        return 0, 0
+    pairs = [(h, k) for p, h, k in zip(ea.probes, ea.hits, eb.hits) if p.kind == kind and k and
+             (prompts is None or p.prompt in prompts) and p.prompt not in exclude]
+    return sum(h for h, _ in pairs), len(pairs)
+
+
+def _rate(n_k: tuple[int, int]) -> float | None:
+    return n_k[0] / n_k[1] if n_k[1] else None
+
+
 def unseen_neighbor_recall(r) -> float | None:
     """Neighbour recall over the neighbours the base model answered whose prompt was not itself an anchor:
     what the method keeps without having trained on that exact prompt."""
-    eb, ea = r.evaluation_before, r.evaluation_after
-    if eb is None or ea is None:
-        return None
-    seen = set(r.anchors)
-    hits = [h for p, h, k in zip(ea.probes, ea.hits, eb.hits) if p.kind == "neighbor" and k and p.prompt not in seen]
-    return sum(hits) / len(hits) if hits else None
+    return _rate(kept(r, "neighbor", exclude=set(r.anchors)))
 
 
-def _flat(r) -> dict:
+def _shares(records: list[dict]) -> dict[str, set[str]]:
+    """Neighbour prompts by what they share with their fact ("relation", "subject"), where records say so."""
+    out: dict[str, set[str]] = {}
+    for rec in records:
+        for n in rec.get("neighbors") or []:
+            if isinstance(n, dict) and n.get("shares"):
+                out.setdefault(n["shares"], set()).add(n["prompt"])
+    return out
+
+
+def _flat(r, records: list[dict] | None = None) -> dict:
     b, a = r.before, r.after
     rel = lambda k: (a[k] / b[k]) if (a.get(k) is not None and b.get(k)) else None  # noqa: E731
-    return {
-        "forget": a["forget_recall"], "para": a["paraphrase_recall"], "neigh": a["neighbor_recall"],
+    row = {
+        "forget": a["forget_recall"], "para": a["paraphrase_recall"], "indirect": a.get("indirect_recall"),
+        "neigh": a["neighbor_recall"],
         "neigh_rel": rel("neighbor_recall"), "neigh_unseen": unseen_neighbor_recall(r), "anchors": len(r.anchors), "replace": a["replacement_rate"], "ppl_rel": rel("retain_ppl"),
         "steps": r.cost["steps"], "train_s": r.cost["train_seconds"], "stopped": r.stopped,
         "before_forget": b["forget_recall"], "before_para": b["paraphrase_recall"],
         "before_neigh": b["neighbor_recall"],
     }
+    for kind, prompts in _shares(records or []).items():
+        row[f"neigh_{kind}"] = _rate(kept(r, "neighbor", prompts))
+    return row
+
+
+def run_per_request(unlearner, records: list[dict], overrides: dict, progress: bool = True) -> dict:
+    """One request per record, each from the frozen model: pooled recall over the requests (each request's
+    paraphrases and neighbours that the base model answered), the fewest neighbours any one request kept,
+    the mean retain perplexity ratio and train time per request."""
+    from tqdm.auto import tqdm
+
+    totals = {k: [0, 0] for k in ("forget", "paraphrase", "indirect", "neighbor", "replace")}
+    worst, ppl, seconds, steps = None, [], [], []
+    for rec in tqdm(records, desc="one request per fact", unit="request", disable=not progress):
+        r = unlearner.forget([rec], progress=False, **overrides)
+        for kind in ("forget", "paraphrase", "indirect", "neighbor"):
+            n, k = kept(r, kind) if kind != "forget" else (round(r.after["forget_recall"]), 1)
+            totals[kind][0] += n
+            totals[kind][1] += k
+        if r.after["replacement_rate"] is not None:
+            totals["replace"][0] += r.after["replacement_rate"]
+            totals["replace"][1] += 1
+        n, k = kept(r, "neighbor")
+        if k:
+            worst = n / k if worst is None else min(worst, n / k)
+        ppl.append(r.after["retain_ppl"] / r.before["retain_ppl"])
+        seconds.append(r.cost["train_seconds"])
+        steps.append(r.cost["steps"])
+    rate = {k: (v[0] / v[1] if v[1] else None) for k, v in totals.items()}
+    return {"setting": json.dumps({**overrides, "per_request": True}, sort_keys=True), "forget": rate["forget"],
+            "para": rate["paraphrase"], "indirect": rate["indirect"], "neigh": rate["neighbor"],
+            "neigh_rel": rate["neighbor"], "neigh_min": worst, "replace": rate["replace"],
+            "ppl_rel": sum(ppl) / len(ppl), "ppl_rel_max": max(ppl), "steps": sum(steps) / len(steps),
+            "train_s": sum(seconds) / len(seconds), "requests": len(records), "anchors": 0, "stopped": ""}
 
 
 def meets_goals(row: dict, mode: str = "suppress") -> bool:
@@ -200,8 +256,8 @@ def _short(setting: str) -> str:
 
 
 RELEARN_COLUMNS = ["relearn_shown", "held_recall_unlearned", "held_recall_attacked", "shown_recall_attacked"]
-COLUMNS = ["setting", "forget", "para", "neigh", "neigh_unseen", "replace", "ppl_rel", "anchors", "steps", "train_s",
-           "stopped"]
+COLUMNS = ["setting", "forget", "para", "indirect", "neigh", "neigh_unseen", "replace", "ppl_rel", "anchors", "steps",
+           "train_s", "stopped"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default="{}", help="JSON overrides applied to every setting")
     ap.add_argument("--model", default="default")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--per-request", action="store_true",
+                    help="also forget each record in a request of its own (pooled recall, the worst request's "
+                         "neighbours kept, train seconds per request)")
     ap.add_argument("--relearn", action="store_true",
                     help="add the relearning attack: 20 steps on 10%% of the records, recall of the rest")
     ap.add_argument("--json", help="write rows here (JSON)")
@@ -242,9 +301,14 @@ def main(argv: list[str] | None = None) -> int:
                 fh.write(json.dumps({**row, "facts": a.facts, "n": len(records), "base": base}) + "\n")
 
     rows = run(u, records, grid, base, on_row=append, relearn=a.relearn)
+    if a.per_request:
+        for overrides in grid:
+            rows.append(run_per_request(u, records, {**base, **overrides}))
+            append(rows[-1])
     for r in rows:
         r["goals"] = "yes" if meets_goals(r, json.loads(r["setting"]).get("mode", mode)) else "no"
-    table = markdown_table(rows, COLUMNS + ["goals"] + (RELEARN_COLUMNS if a.relearn else []))
+    extra = [c for c in ("neigh_relation", "neigh_subject", "neigh_min") if any(c in r for r in rows)]
+    table = markdown_table(rows, COLUMNS[:6] + extra + COLUMNS[6:] + ["goals"] + (RELEARN_COLUMNS if a.relearn else []))
     print(f"{len(records)} records from {a.facts or 'the package facts'}, dtype {u.dtype}, base {base}")
     print(table)
     if a.md:

@@ -1,0 +1,71 @@
+"""Training checkpoints: the adapter, the optimiser and the schedule as safetensors + JSON (never pickle),
+written atomically, and refused on resume when the run's settings differ."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import lora
+from .io import atomic_output_dir
+
+
+def _fingerprint(settings, lora_settings: lora.LoraSettings) -> dict:
+    d = asdict(settings)
+    d.pop("checkpoint_every", None)
+    return {"train": d, "lora": lora.settings_dict(lora_settings)}
+
+
+def save_checkpoint(folder: Path, step: int, model, opt, sched, settings, work: list | None = None) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_output_dir(Path(folder), overwrite=True) as tmp:
+        tensors, opt_steps = {}, {}
+        for name, m in lora.adapters_of(model).items():
+            for part in ("lora_A", "lora_B"):
+                p = getattr(m, part)
+                tensors[f"{name}.{part}"] = p.detach().cpu().contiguous()
+                st = opt.state.get(p, {})
+                if st:
+                    tensors[f"{name}.{part}.exp_avg"] = st["exp_avg"].cpu().contiguous()
+                    tensors[f"{name}.{part}.exp_avg_sq"] = st["exp_avg_sq"].cpu().contiguous()
+                    opt_steps[f"{name}.{part}"] = float(st["step"])
+        save_file(tensors, str(tmp / "state.safetensors"))
+        meta = {"step": step, "opt_steps": opt_steps, "scheduler": sched.state_dict(),
+                "fingerprint": _fingerprint(settings, model.lora_settings), "work": work}
+        meta["scheduler"].pop("lr_lambdas", None)
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+
+
+class CheckpointMismatch(ValueError):
+    pass
+
+
+def load_checkpoint(folder: Path, model, opt, sched, settings) -> tuple[int, list | None]:
+    """Restores adapter, optimiser and schedule; returns the step and the sequences still being trained."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "state.json").read_text())
+    if meta.get("fingerprint") != _fingerprint(settings, model.lora_settings):
+        raise CheckpointMismatch(f"{folder}: the checkpoint was made with other settings; rerun with the same "
+                                 f"options, or remove the folder to start again")
+    tensors = load_file(str(folder / "state.safetensors"))
+    with torch.no_grad():
+        for name, m in lora.adapters_of(model).items():
+            for part in ("lora_A", "lora_B"):
+                p = getattr(m, part)
+                p.copy_(tensors[f"{name}.{part}"])
+                key = f"{name}.{part}"
+                if key in meta["opt_steps"]:
+                    opt.state[p] = {"step": torch.tensor(meta["opt_steps"][key]),
+                                    "exp_avg": tensors[f"{key}.exp_avg"].to(p.device).clone(),
+                                    "exp_avg_sq": tensors[f"{key}.exp_avg_sq"].to(p.device).clone()}
+    sched_state = meta["scheduler"]
+    sched.last_epoch = sched_state["last_epoch"]
+    sched._step_count = sched_state.get("_step_count", sched.last_epoch + 1)
+    for group, lr in zip(opt.param_groups, sched_state.get("_last_lr", [])):
+        group["lr"] = lr
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+    return int(meta["step"]), meta.get("work")
