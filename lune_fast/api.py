@@ -113,8 +113,8 @@ class Unlearner:
                checkpoint_dir: Path | None = None, resume: bool = False, **overrides) -> ForgetResult:
         """Train an adapter that forgets (suppress) or replaces the records' answers; see Settings for the
         overrides. The model is left as it was; the adapter and the before/after METRICS are in the result."""
-        s = self._settings(mode, overrides)
         read = read_facts(records)
+        s = self._settings(mode, overrides, chat=all(f.chat for f in read.facts))
         texts = self.retain_texts(retain_texts)
         t0 = time.perf_counter()
         # 1. the plan: what to train (refusing what cannot fit before any work), where the adapter goes
@@ -165,7 +165,7 @@ class Unlearner:
         in suppress mode check again and continue (the recall rounds)."""
         s = job.settings
         preserved = preserved_inputs(self.model, self.encoder, job.facts, job.layout, s.preserve_prompts,
-                                     s.preserve_text, s.seed, self._text_moments) \
+                                     s.preserve_text, s.seed, self._text_moments, s.preserve_neighbors) \
             if s.adapter == "keyed" or s.preserve_weight > 0 else None
         if s.adapter == "keyed":
             attach_keyed(self.model, self.encoder, job.facts, job.layout, preserved, s.key_ridge, s.key_overlap)
@@ -206,12 +206,12 @@ class Unlearner:
         distributed.fully_shard_blocks(self.model)
         self._sharded = True
 
-    def _settings(self, mode: str | None, overrides: dict) -> Settings:
+    def _settings(self, mode: str | None, overrides: dict, chat: bool = False) -> Settings:
         s = replace(self.defaults, **({"mode": mode} if mode else {}), **overrides)
         if self.fsdp and (s.adapter == "keyed" or s.preserve_weight > 0):
             raise SettingsError("keyed adapters and --preserve-weight are not supported under FSDP (they read whole "
                                 "adapter matrices); use --adapter plain without --preserve-weight")
-        s = s.resolved(sharded=self.fsdp)
+        s = s.resolved(sharded=self.fsdp, chat=chat)
         if self.fsdp and s.layers.startswith("auto"):
             raise SettingsError("--layers auto traces the unsharded model; give the layers explicitly under FSDP")
         s.check()

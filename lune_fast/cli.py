@@ -58,8 +58,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default=d.schedule, choices=["constant", "cosine"])
     p.add_argument("--beta", type=float, default=None, help="NPO/SimNPO beta")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--stop-prob", type=float, default=d.stop_prob,
-                   help="suppress: stop when every answer's mean token probability is below this")
+    p.add_argument("--stop-prob", type=float, default=None,
+                   help=f"suppress: stop when every answer's mean token probability is below this; default: "
+                        f"{_defaults('stop_prob')}")
     p.add_argument("--replace-prob", type=float, default=d.replace_prob)
     p.add_argument("--negatives", default=d.negatives, choices=["gold", "self", "both"],
                    help="suppress: train against the gold target, the model's own answer up to it, or both")
@@ -73,6 +74,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         f"{_defaults('prompt_variants')}")
     p.add_argument("--preserve-text", help="texts whose activations the adapter should leave alone (default: the "
                                            "package's)")
+    p.add_argument("--preserve-neighbors", action=argparse.BooleanOptionalAction, default=d.preserve_neighbors,
+                   help="keyed: the records' listed neighbours join the inputs the adapter must leave alone "
+                        "(their prompts, not their answers)")
     p.add_argument("--preserve-weight", type=float, default=d.preserve_weight,
                    help="weight of the penalty on the adapted projections' output change on the preserved inputs")
     p.add_argument("--retain-loss", default=d.retain_loss, choices=["nll", "kl"])

@@ -19,7 +19,7 @@ from .generate import generate
 from .model import Transformer
 
 METRIC_KEYS = ("forget_recall", "paraphrase_recall", "indirect_recall", "neighbor_recall", "replacement_rate",
-               "forget_target_logprob", "retain_ppl")
+               "paraphrase_replacement_rate", "forget_target_logprob", "retain_ppl")
 
 
 def first_line(text: str) -> str:
@@ -95,6 +95,7 @@ class Evaluation:
             "indirect_recall": rate("indirect", self.hits),
             "neighbor_recall": rate("neighbor", self.hits),
             "replacement_rate": rate("forget", self.replaced),
+            "paraphrase_replacement_rate": rate("paraphrase", self.replaced),
             "forget_target_logprob": self.forget_target_logprob,
             "retain_ppl": self.retain_ppl,
         }
@@ -185,8 +186,8 @@ def evaluate(model: Transformer, enc: Encoder, facts: list[Fact], retain_texts: 
         if bar is not None:
             bar.close()
     hits = [answers_with(g, p.target) for g, p in zip(gens, probes)]
-    replaced = [answers_with(g, p.replacement) if (replace and p.kind == "forget" and p.replacement) else None
-                for g, p in zip(gens, probes)]
+    replaced = [answers_with(g, p.replacement) if (replace and p.kind in ("forget", "paraphrase") and p.replacement)
+                else None for g, p in zip(gens, probes)]
     lp = answer_logprobs(model, make_batch([enc.pair(f.prompt, f.target, f.chat) for f in facts]))
     ppl = perplexity(model, enc, retain_texts) if retain_texts else None
     counts = {k: sum(p.kind == k for p in probes) for k in ("forget", "paraphrase", "indirect", "neighbor")}

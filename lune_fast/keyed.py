@@ -98,17 +98,24 @@ def set_keyed(model: Transformer, keys: dict[str, torch.Tensor], preserved: Pres
 
 
 def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settings: lora.LoraSettings,
-                     n_prompts: int, text: str | None, seed: int, text_cache: dict) -> Preserved:
-    """The inputs the adapter should leave alone: each fact's prompt template with `n_prompts` other subjects,
-    and the preservation text (a file, or the package's). The text's moments depend only on the model and the
-    adapter layout, so they are kept in `text_cache` and reused by later requests."""
+                     n_prompts: int, text: str | None, seed: int, text_cache: dict, neighbors: bool = True
+                     ) -> Preserved:
+    """The inputs the adapter should leave alone, in groups of equal weight: each fact's prompt template with
+    `n_prompts` other subjects; the neighbours the records list (with `neighbors`: their prompts only, not their
+    answers; the request says they must stay); and the preservation text (a file, or the package's). The text's
+    moments depend only on the model and the adapter layout, so they are kept in `text_cache` and reused."""
     prompts = [enc.prompt_ids(p, f.chat) for f, ps in zip(facts, other_subject_prompts(facts, n_prompts, seed))
                for p in ps]
+    groups = [group_moments(model, settings, prompts, enc.pad_id)]
+    forget = {f.prompt for f in facts}
+    listed = [enc.prompt_ids(p, f.chat) for f in facts for p, _ in f.neighbors if p not in forget] if neighbors else []
+    if listed:
+        groups.append(group_moments(model, settings, listed, enc.pad_id))
     key = (settings.targets, settings.layers, text)
     if key not in text_cache:
         ids = [enc.tok(t, add_special_tokens=False)["input_ids"] for t in read_lines(text or asset("preserve_text.jsonl"))]
         text_cache[key] = group_moments(model, settings, ids, enc.pad_id)
-    return combine(model, settings, [group_moments(model, settings, prompts, enc.pad_id), text_cache[key]])
+    return combine(model, settings, groups + [text_cache[key]])
 
 
 def attach_keyed(model: Transformer, enc: Encoder, facts: list[Fact], settings: lora.LoraSettings,

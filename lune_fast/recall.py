@@ -50,6 +50,10 @@ def route_to(enc: Encoder, f: Fact, said: list[int] | None) -> tuple[list[int], 
     return enc.prompt_ids(f.prompt, f.chat) + said[:start], said[start:]
 
 
+# the stop threshold of round k is Settings.stop_prob × ROUND_FACTOR^k
+ROUND_FACTOR = 0.25
+
+
 @dataclass
 class Rounds:
     outcome: TrainOutcome  # the first run followed by every continuation
@@ -73,8 +77,10 @@ def recall_rounds(model: Transformer, enc: Encoder, plan: Plan, outcome: TrainOu
             break
         again = [p for p, i in zip(plan.pairs, plan.owners) if s.adapter == "plain" or found[i] is not None]
         data = plan.train_data(model, again + routes, run.dist, preserved)
-        more, error = train_keeping_last_good(model, data, train_settings(s, steps=left),
-                                              replace(run, checkpoint_dir=None, resume=False))
+        # a target can still come out while its probability is under the stop threshold (nothing else is more
+        # likely): each round asks for a quarter of the last round's threshold, so that it trains at all
+        settings = replace(train_settings(s, steps=left), stop_prob=s.stop_prob * ROUND_FACTOR ** (rounds + 1))
+        more, error = train_keeping_last_good(model, data, settings, replace(run, checkpoint_dir=None, resume=False))
         outcome, rounds = outcome.then(more), rounds + 1
         if error is not None:
             break

@@ -31,14 +31,14 @@ class SettingsError(ValueError):
 # replace mode trains towards the replacement (supervised).
 MODE_DEFAULTS = {
     ("suppress", "keyed"): {"objective": "npo_tok", "targets": "down", "layers": "10%-30%", "lr": 3e-2, "anchors": 0,
-                            "prompt_variants": 1, "key_overlap": 1e-3},
+                            "prompt_variants": 1, "key_overlap": 1e-3, "stop_prob": 0.01},
     ("replace", "keyed"): {"objective": "replace", "targets": "down", "layers": "10%-30%", "lr": 2e-2, "anchors": 0,
-                           "prompt_variants": 2, "key_overlap": 1e-2},
+                           "prompt_variants": 2, "key_overlap": 1e-2, "stop_prob": 0.05},
     ("suppress", "plain"): {"objective": "npo_tok", "targets": "gate,up,down", "layers": "8-20", "lr": 1e-3,
-                            "anchors": 0, "prompt_variants": 0},
+                            "anchors": 0, "prompt_variants": 0, "stop_prob": 0.05},
     # all seven projections with two anchors per fact keep the most neighbours of the plain settings
     ("replace", "plain"): {"objective": "replace", "targets": "all", "layers": "8-20", "lr": 1e-3, "anchors": 2,
-                           "prompt_variants": 0},
+                           "prompt_variants": 0, "stop_prob": 0.05},
 }
 
 
@@ -48,7 +48,7 @@ class Settings:
     measured default of the mode and adapter kind (MODE_DEFAULTS)."""
     mode: str = "suppress"  # suppress | replace
     # keyed: A fixed to the facts' subject keys, whitened against preserved text (lune_fast.keyed), rank = the
-    # number of facts; plain: LoRA with random A. None = keyed (plain under FSDP).
+    # number of facts; plain: LoRA with random A. None = keyed (plain under FSDP and for chat questions).
     adapter: str | None = None
     objective: str | None = None  # npo | npo_tok | ga | ul | simnpo | replace
     rank: int = 8  # plain adapters
@@ -62,7 +62,7 @@ class Settings:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "constant"  # constant | cosine
-    stop_prob: float = 0.05
+    stop_prob: float | None = None  # suppress: every answer's mean token probability below this
     replace_prob: float = 0.9
     grad_clip: float = 1.0
     seed: int = 0
@@ -83,6 +83,7 @@ class Settings:
     # relative change of the adapted projections' outputs on them, lune_fast.preserve): the forget prompts'
     # templates with other subjects (`preserve_prompts` per fact) and a text file (None = the package's)
     preserve_prompts: int = 12
+    preserve_neighbors: bool = True  # the records' listed neighbours are preserved inputs too (prompts, not answers)
     preserve_text: str | None = None
     preserve_weight: float = 0.0
     key_ridge: float = 1e-2  # keyed: ridge of the preserved-input moment, relative to its mean eigenvalue
@@ -92,9 +93,12 @@ class Settings:
     checkpoint_every: int = 0
     max_batch_tokens: int = 4096  # per micro-batch; larger forget sets accumulate gradients over several
 
-    def resolved(self, sharded: bool = False) -> "Settings":
-        """Every None filled with the measured default of the mode and adapter kind."""
-        adapter = self.adapter or ("plain" if sharded else "keyed")
+    def resolved(self, sharded: bool = False, chat: bool = False) -> "Settings":
+        """Every None filled with the measured default of the mode and adapter kind. The adapter kind itself is
+        keyed, except under FSDP (keyed adapters read whole matrices) and for requests of chat questions only
+        (TOFU-like: long templates around a question, no neighbours; plain LoRA damages the retain text less
+        there, RESULTS.md section 9)."""
+        adapter = self.adapter or ("plain" if sharded or chat else "keyed")
         defaults = MODE_DEFAULTS.get((self.mode, adapter), {})
         return replace(self, adapter=adapter, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 

@@ -27,7 +27,7 @@ def test_unlearn_writes_the_contract(tiny_lm, facts_file, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert set(report) >= {"model", "config", "before", "after", "cost"}
     metrics = {"forget_recall", "paraphrase_recall", "indirect_recall", "neighbor_recall", "replacement_rate",
-               "forget_target_logprob", "retain_ppl"}
+               "paraphrase_replacement_rate", "forget_target_logprob", "retain_ppl"}
     assert set(report["before"]) == metrics and set(report["after"]) == metrics
     assert report["after"]["indirect_recall"] is None  # no paraphrase here describes its subject
     assert set(report["cost"]) >= {"train_seconds", "steps", "train_tokens", "peak_memory_mb", "trainable_params",

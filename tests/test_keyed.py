@@ -121,3 +121,31 @@ def test_key_positions_sit_on_the_subject(tokenizer):
     assert [p.endswith(facts[0].prompt) for p in prefixed_prompts(enc, facts[0])] == [True] * 3
     assert any("Turkey." in p for p in prefixed_prompts(enc, facts[0]))
     assert len(prefixed_prompts(enc, facts[1])) == 1  # only the prefix that does not name a subject
+
+
+def test_listed_neighbours_become_inputs_the_adapter_reads_less(tiny_lm):
+    """With preserve_neighbors the records' neighbour prompts are a group of the preserved inputs: A then
+    answers less to them (tr(A C_neighbours Aᵀ) falls) while still answering 1 to its own keys."""
+    from lune_fast.keyed import attach_keyed, preserved_inputs
+    from lune_fast.weights import load_tokenizer
+
+    model = load_model(tiny_lm)
+    enc = Encoder(load_tokenizer(tiny_lm))
+    facts = [Fact(prompt="The capital of France is", target="Paris",
+                  neighbors=[("The capital of Spain is", "Madrid"), ("The capital of Italy is", "Rome")]),
+             Fact(prompt="The chemical symbol for gold is", target="Au",
+                  neighbors=[("The chemical symbol for silver is", "Ag")])]
+    settings = lora.LoraSettings(rank=2, alpha=2, targets=("down",), layers=(1, 2))
+    listed = [enc.prompt_ids(p, False) for f in facts for p, _ in f.neighbors]
+    c_neigh, _ = group_moments(model, settings, listed, enc.pad_id)
+    keys = subject_keys(model, settings, key_positions(enc, facts), enc.pad_id)
+    read = []
+    for with_neighbors in (False, True):
+        pres = preserved_inputs(model, enc, facts, settings, 4, None, 0, {}, neighbors=with_neighbors)
+        attach_keyed(model, enc, facts, settings, pres, ridge=1e-2, overlap=1e-3)
+        read.append({n: float(torch.trace(m.lora_A @ c_neigh[n] @ m.lora_A.t()))
+                     for n, m in lora.adapters_of(model).items()})
+        for n, m in lora.adapters_of(model).items():
+            assert torch.allclose(m.lora_A @ keys[n].t(), torch.eye(2), atol=0.05), n
+        lora.detach(model)
+    assert all(read[1][n] < read[0][n] for n in read[0]), read

@@ -33,8 +33,10 @@ def test_defaults_fill_only_what_is_unset(mode, adapter):
     s.check()
 
 
-def test_fsdp_default_is_plain_and_keyed_elsewhere():
-    assert Settings().resolved().adapter == "keyed" and Settings().resolved(sharded=True).adapter == "plain"
+def test_default_adapter_is_keyed_but_plain_under_fsdp_and_for_chat_questions():
+    assert Settings().resolved().adapter == "keyed"
+    assert Settings().resolved(sharded=True).adapter == "plain" and Settings().resolved(chat=True).adapter == "plain"
+    assert Settings(adapter="keyed").resolved(chat=True).adapter == "keyed"  # asked for: kept
 
 
 @pytest.mark.parametrize("bad,match", [({"mode": "erase"}, "mode must be"), ({"objective": "kl"}, "objective"),

@@ -74,8 +74,41 @@ def known_records(u, records: list[dict]) -> list[dict]:
     return [r for r, p, g in zip(records, probes, gens) if answers_with(g, p.target)]
 
 
+class Bystanders:
+    """Facts of the records file outside the request: how many of those the base model answers still come out
+    with the adapter on (their main prompts). The locality measure that no setting can have read: the records'
+    listed neighbours may be used by the method (--preserve-neighbors), these never are."""
+
+    def __init__(self, unlearner, records: list[dict]):
+        import copy
+
+        from ..data import read_facts
+        from ..evaluate import Probe
+
+        self.enc = unlearner.encoder
+        self.probes = [Probe("forget", f.prompt, f.target, f.chat) for f in read_facts(records).facts]
+        self.model = copy.deepcopy(unlearner.model)  # the adapters go on this copy, never on the unlearner's
+        self.known = self._hits()
+
+    def _hits(self) -> list[bool]:
+        from ..evaluate import answers_with, greedy_answers
+
+        return [answers_with(g, p.target) for g, p in zip(greedy_answers(self.model, self.enc, self.probes),
+                                                          self.probes)]
+
+    def kept(self, result) -> tuple[int, int]:
+        from .. import lora
+
+        result.attach_to(self.model)
+        try:
+            after = self._hits()
+        finally:
+            lora.detach(self.model)
+        return sum(a for a, k in zip(after, self.known) if k), sum(self.known)
+
+
 def run(unlearner, records: list[dict], grid: list[dict], base: dict, progress: bool = True,
-        on_row=None, relearn: bool = False) -> list[dict]:
+        on_row=None, relearn: bool = False, bystanders: Bystanders | None = None) -> list[dict]:
     from tqdm.auto import tqdm
 
     rows = []
@@ -85,6 +118,8 @@ def run(unlearner, records: list[dict], grid: list[dict], base: dict, progress: 
         r = unlearner.forget(records, progress=False, **settings)
         row = {"setting": json.dumps(overrides, sort_keys=True), **_flat(r, records),
                "wall_s": time.perf_counter() - t0}
+        if bystanders is not None:
+            row["bystand"] = _rate(bystanders.kept(r))
         if relearn:
             row.update(relearn_probe(unlearner, records, r))
         rows.append(row)
@@ -166,7 +201,8 @@ def _flat(r, records: list[dict] | None = None) -> dict:
     row = {
         "forget": a["forget_recall"], "para": a["paraphrase_recall"], "indirect": a.get("indirect_recall"),
         "neigh": a["neighbor_recall"],
-        "neigh_rel": rel("neighbor_recall"), "neigh_unseen": unseen_neighbor_recall(r), "anchors": len(r.anchors), "replace": a["replacement_rate"], "ppl_rel": rel("retain_ppl"),
+        "neigh_rel": rel("neighbor_recall"), "neigh_unseen": unseen_neighbor_recall(r), "anchors": len(r.anchors),
+        "replace": a["replacement_rate"], "para_replace": a.get("paraphrase_replacement_rate"), "ppl_rel": rel("retain_ppl"),
         "steps": r.cost["steps"], "train_s": r.cost["train_seconds"], "stopped": r.stopped,
         "before_forget": b["forget_recall"], "before_para": b["paraphrase_recall"],
         "before_neigh": b["neighbor_recall"],
@@ -176,13 +212,14 @@ def _flat(r, records: list[dict] | None = None) -> dict:
     return row
 
 
-def run_per_request(unlearner, records: list[dict], overrides: dict, progress: bool = True) -> dict:
+def run_per_request(unlearner, records: list[dict], overrides: dict, progress: bool = True,
+                    bystanders: Bystanders | None = None) -> dict:
     """One request per record, each from the frozen model: pooled recall over the requests (each request's
     paraphrases and neighbours that the base model answered), the fewest neighbours any one request kept,
     the mean retain perplexity ratio and train time per request."""
     from tqdm.auto import tqdm
 
-    totals = {k: [0, 0] for k in ("forget", "paraphrase", "indirect", "neighbor", "replace")}
+    totals = {k: [0, 0] for k in ("forget", "paraphrase", "indirect", "neighbor", "replace", "bystand")}
     worst, ppl, seconds, steps = None, [], [], []
     for rec in tqdm(records, desc="one request per fact", unit="request", disable=not progress):
         r = unlearner.forget([rec], progress=False, **overrides)
@@ -196,6 +233,10 @@ def run_per_request(unlearner, records: list[dict], overrides: dict, progress: b
         n, k = kept(r, "neighbor")
         if k:
             worst = n / k if worst is None else min(worst, n / k)
+        if bystanders is not None:
+            n, k = bystanders.kept(r)
+            totals["bystand"][0] += n
+            totals["bystand"][1] += k
         ppl.append(r.after["retain_ppl"] / r.before["retain_ppl"])
         seconds.append(r.cost["train_seconds"])
         steps.append(r.cost["steps"])
@@ -203,7 +244,8 @@ def run_per_request(unlearner, records: list[dict], overrides: dict, progress: b
     return {"setting": json.dumps({**overrides, "per_request": True}, sort_keys=True), "forget": rate["forget"],
             "para": rate["paraphrase"], "indirect": rate["indirect"], "neigh": rate["neighbor"],
             "neigh_rel": rate["neighbor"], "neigh_min": worst, "replace": rate["replace"],
-            "ppl_rel": sum(ppl) / len(ppl), "ppl_rel_max": max(ppl), "steps": sum(steps) / len(steps),
+            "bystand": rate["bystand"], "ppl_rel": sum(ppl) / len(ppl), "ppl_rel_max": max(ppl),
+            "steps": sum(steps) / len(steps),
             "train_s": sum(seconds) / len(seconds), "requests": len(records), "anchors": 0, "stopped": ""}
 
 
@@ -274,8 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="default")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--per-request", action="store_true",
-                    help="also forget each record in a request of its own (pooled recall, the worst request's "
-                         "neighbours kept, train seconds per request)")
+                    help="forget each record in a request of its own instead of all at once (pooled recall, the "
+                         "worst request's neighbours kept, train seconds per request)")
+    ap.add_argument("--bystanders", type=int, default=0,
+                    help="also measure recall on this many of the file's other records (never in the request)")
     ap.add_argument("--relearn", action="store_true",
                     help="add the relearning attack: 20 steps on 10%% of the records, recall of the rest")
     ap.add_argument("--json", help="write rows here (JSON)")
@@ -300,14 +344,22 @@ def main(argv: list[str] | None = None) -> int:
             with open(a.jsonl, "a") as fh:
                 fh.write(json.dumps({**row, "facts": a.facts, "n": len(records), "base": base}) + "\n")
 
-    rows = run(u, records, grid, base, on_row=append, relearn=a.relearn)
+    asked = {json.dumps(r, sort_keys=True) for r in records}
+    others = [r for r in load_records(a.facts, None, a.known_ids) if json.dumps(r, sort_keys=True) not in asked]
+    if a.bystanders and not others:
+        print("no other records to use as bystanders: --bystanders ignored")
+    by = Bystanders(u, others[:a.bystanders]) if a.bystanders and others else None
     if a.per_request:
+        rows = []
         for overrides in grid:
-            rows.append(run_per_request(u, records, {**base, **overrides}))
+            rows.append(run_per_request(u, records, {**base, **overrides}, bystanders=by))
             append(rows[-1])
+    else:
+        rows = run(u, records, grid, base, on_row=append, relearn=a.relearn, bystanders=by)
     for r in rows:
         r["goals"] = "yes" if meets_goals(r, json.loads(r["setting"]).get("mode", mode)) else "no"
-    extra = [c for c in ("neigh_relation", "neigh_subject", "neigh_min") if any(c in r for r in rows)]
+    extra = [c for c in ("neigh_relation", "neigh_subject", "neigh_min", "bystand", "para_replace")
+             if any(r.get(c) is not None for r in rows)]
     table = markdown_table(rows, COLUMNS[:6] + extra + COLUMNS[6:] + ["goals"] + (RELEARN_COLUMNS if a.relearn else []))
     print(f"{len(records)} records from {a.facts or 'the package facts'}, dtype {u.dtype}, base {base}")
     print(table)
