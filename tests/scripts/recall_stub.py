@@ -19,5 +19,7 @@ def greedy(model, enc, prompts, max_new_tokens=24, **kw):
 
 recall.greedy = greedy
 code = main(sys.argv[2:])
-print("greedy calls", calls, file=sys.stderr)
+# one write per line: two ranks share the stderr pipe, and print() writes its pieces separately
+sys.stderr.write(f"greedy calls {calls}\n")
+sys.stderr.flush()
 sys.exit(code)
