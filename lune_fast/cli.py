@@ -72,6 +72,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-variants", type=int, default=None,
                    help=f"also train each fact after N prefixes such as 'Here is a fact.'; default: "
                         f"{_defaults('prompt_variants')}")
+    p.add_argument("--robust-to", choices=["f16", "bf16", "q8_0", "q4_1", "q4_0"], default=None,
+                   help="suppress: the recall rounds check the model as its GGUF export at this type answers, so "
+                        "that the forgetting survives `lune-fast export --quant` (use with --recall-rounds >= 1)")
     p.add_argument("--preserve-text", help="texts whose activations the adapter should leave alone (default: the "
                                            "package's)")
     p.add_argument("--preserve-neighbors", action=argparse.BooleanOptionalAction, default=d.preserve_neighbors,
@@ -118,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True)
     m.add_argument("--overwrite", action="store_true")
     _add_model_args(m)
+
+    x = sub.add_parser("export", help="write the model, with an adapter merged, as a GGUF for llama.cpp/Ollama")
+    x.add_argument("--adapter", help="adapter folder (PEFT format); without it, the model as it is")
+    x.add_argument("--gguf", required=True, help="output .gguf file")
+    x.add_argument("--quant", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_1", "q4_0"],
+                   help="the blocks' type (q4_*: the embedding at q8_0, as llama.cpp's own quantizer does)")
+    x.add_argument("--name", help="general.name in the file (default: the model folder's name)")
+    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--model", default="default", help="model folder (config.json + safetensors) or 'default'")
 
     b = sub.add_parser("bench", help="benchmarks: forward, logprob, lora, e2e, kernels, quality")
     b.add_argument("what", choices=["forward", "logprob", "lora", "kernels", "e2e", "e2e-gpu", "latency", "quality"])
@@ -215,6 +227,24 @@ def cmd_merge(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from . import lora
+    from .export import write_gguf
+    from .io import OutputExistsError
+    from .weights import load_model, resolve_model_dir
+
+    if Path(a.gguf).exists() and not a.overwrite:  # before any work
+        raise OutputExistsError(f"{a.gguf} already exists; pass --overwrite to replace it")
+    folder = resolve_model_dir(a.model)
+    model = load_model(folder)  # float32: each tensor is rounded once, to the file's type
+    if a.adapter:
+        lora.load_adapter(model, a.adapter)
+        lora.merge_and_unload(model)
+    out = write_gguf(model, folder, Path(a.gguf), a.quant, name=a.name, overwrite=a.overwrite)
+    print(f"{a.quant} GGUF written to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
 def cmd_bench(a) -> int:
     from importlib import import_module
 
@@ -254,12 +284,14 @@ def cmd_demo(a) -> int:
     return 0
 
 
-COMMANDS = {"unlearn": cmd_unlearn, "eval": cmd_eval, "merge": cmd_merge, "bench": cmd_bench, "demo": cmd_demo}
+COMMANDS = {"unlearn": cmd_unlearn, "eval": cmd_eval, "merge": cmd_merge, "export": cmd_export, "bench": cmd_bench,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .data import DataError
+    from .export import ExportError
     from .io import OutputExistsError
     from .limits import ResourceError
     from .lora import AdapterError
@@ -278,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         print("lune-fast: interrupted before training started; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (DataError, WeightsError, ConfigError, AdapterError, OutputExistsError, CheckpointMismatch,
-            SettingsError, ResourceError) as e:
+            SettingsError, ResourceError, ExportError) as e:
         print(f"lune-fast: error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from .data import Encoder, Fact
 from .distributed import Dist, shard, unshard
 from .evaluate import answers_with, greedy
+from .export import quantized
 from .model import Transformer
 from .plan import Plan
 from .settings import train_settings
@@ -70,8 +71,9 @@ def recall_rounds(model: Transformer, enc: Encoder, plan: Plan, outcome: TrainOu
         left = s.steps - outcome.steps
         if left <= 0:
             break
-        found = [route_to(enc, f, x) for f, x in
-                 zip(plan.facts, self_negatives(model, enc, plan.facts, s.max_new_tokens, run.dist))]
+        with quantized(model, s.robust_to):  # as the export at that type answers, when asked for
+            said = self_negatives(model, enc, plan.facts, s.max_new_tokens, run.dist)
+        found = [route_to(enc, f, x) for f, x in zip(plan.facts, said)]
         routes = [r for r in found if r is not None]
         if not routes:
             break

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .export import QUANTS
 from .losses import OBJECTIVES
 from .trainer import TrainSettings
 
@@ -71,6 +72,9 @@ class Settings:
     # suppress: after training, ask each prompt again (greedy) and train on any answer that still comes out by
     # another route ("the Blue Nile"), at most this many times; 0 = trust the probability criterion alone
     recall_rounds: int = 2
+    # suppress: the recall rounds ask the model as its GGUF export at this type would answer (adapter folded
+    # in, every weight rounded: lune_fast.export.quantized), so that the forgetting survives the quantization
+    robust_to: str | None = None
     # each fact is also trained after this many of PREFIXES, for paraphrases
     prompt_variants: int | None = None
     retain_weight: float = 1.0
@@ -121,6 +125,10 @@ class Settings:
             raise SettingsError(f"schedule must be constant or cosine, got {self.schedule!r}")
         if self.recall_rounds < 0:
             raise SettingsError(f"recall_rounds must be non-negative, got {self.recall_rounds}")
+        if self.robust_to is not None and self.robust_to not in QUANTS:
+            raise SettingsError(f"robust_to must be one of {', '.join(QUANTS)}, got {self.robust_to!r}")
+        if self.robust_to is not None and (self.mode != "suppress" or self.recall_rounds == 0):
+            raise SettingsError("robust_to works through the recall rounds: suppress mode with recall_rounds > 0")
 
 
 def train_settings(s: Settings, steps: int | None = None) -> TrainSettings:

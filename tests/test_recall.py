@@ -48,3 +48,28 @@ def test_recall_rounds_train_on_an_answer_that_comes_out_by_another_route(monkey
     assert trained == [1, 2]  # the continuation trains on the record plus its route
     assert r.cost["recall_rounds"] == 1 and steps[1] >= 1 and r.cost["steps"] == sum(steps)
     assert torch.is_tensor(next(iter(r.adapter.values())))
+
+
+def test_robust_to_checks_the_model_as_its_quantized_export_answers(monkeypatch, tiny_lm):
+    """With robust_to the recall check runs inside lune_fast.export.quantized: the adapter folded in and the
+    weights on the q4_1 grid while it asks; the weights are the trained ones again afterwards."""
+    from lune_fast import lora
+    from lune_fast.api import Unlearner
+    from lune_fast.export import round_trip, tensor_type
+
+    u = Unlearner(str(tiny_lm), dtype="float32")
+    seen = []
+
+    def said(model, enc, facts, max_new_tokens=24, dist=None):
+        m = next(iter(lora.adapters_of(model).values()))
+        w = m.base.weight
+        seen.append((m.merged, torch.equal(w, round_trip(w, tensor_type("blk.0.ffn_down.weight", tuple(w.shape),
+                                                                          "q4_1")))))
+        return [None] * len(facts)
+
+    monkeypatch.setattr(recall, "self_negatives", said)
+    records = [{"prompt": "The chemical symbol for gold is", "target": "Au"}]
+    for robust in (None, "q4_1"):
+        u.forget(records, progress=False, evaluate_before=False, evaluate_after=False, steps=2, layers="1-2",
+                 robust_to=robust)
+    assert seen == [(False, False), (True, True)]

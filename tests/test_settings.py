@@ -57,3 +57,15 @@ def test_micro_batches_under_fsdp_are_as_many_on_every_rank():
     fsdp = [micro_batches(pairs, 40, Dist(r, 2, fsdp=True)) for r in (0, 1)]
     assert plain[0] != plain[1] and len(fsdp[0]) == len(fsdp[1])
     assert sorted(p for r in fsdp for g in r for p in map(id, g)) == sorted(map(id, pairs))  # every pair, once
+
+
+def test_robust_to_names_its_types_and_needs_the_recall_rounds():
+    from lune_fast.settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match="robust_to must be one of"):
+        Settings(robust_to="q3_k").resolved().check()
+    with pytest.raises(SettingsError, match="recall rounds"):
+        Settings(robust_to="q4_1", recall_rounds=0).resolved().check()
+    with pytest.raises(SettingsError, match="recall rounds"):
+        Settings(robust_to="q4_1", mode="replace").resolved().check()
+    Settings(robust_to="q4_1").resolved().check()

@@ -107,8 +107,47 @@ class Bystanders:
         return sum(a for a, k in zip(after, self.known) if k), sum(self.known)
 
 
+class QuantizedProbe:
+    """Recall after the GGUF round trip at each type: the adapter folded into the weights and every weight
+    rounded as `lune-fast export --quant` writes it (lune_fast.export.quantized), run by our model. Paraphrases
+    and neighbours count over what the base model answers at that same type (the goal compares with the base
+    model at the precision it is served at)."""
+
+    def __init__(self, unlearner, records: list[dict], quants: list[str], replace: bool):
+        from ..data import read_facts
+
+        self.u, self.quants, self.replace = unlearner, quants, replace
+        self.facts = read_facts(records).facts
+        self.base = {q: self._evaluate(q) for q in quants}  # the frozen model, no adapter on
+
+    def _evaluate(self, quant: str):
+        from ..evaluate import evaluate
+        from ..export import quantized
+
+        with quantized(self.u.model, quant):
+            return evaluate(self.u.model, self.u.encoder, self.facts, None, self.replace)
+
+    def row(self, result) -> dict:
+        from .. import lora
+
+        out = {}
+        for q in self.quants:
+            result.attach_to(self.u.model)
+            try:
+                m = self._evaluate(q).metrics(self.base[q].hits)
+            finally:
+                lora.detach(self.u.model)
+            base = self.base[q].metrics()
+            out.update({f"forget@{q}": m["forget_recall"], f"para@{q}": m["paraphrase_recall"],
+                        f"neigh@{q}": m["neighbor_recall"], f"base_forget@{q}": base["forget_recall"]})
+            if self.replace:
+                out[f"replace@{q}"] = m["replacement_rate"]
+        return out
+
+
 def run(unlearner, records: list[dict], grid: list[dict], base: dict, progress: bool = True,
-        on_row=None, relearn: bool = False, bystanders: Bystanders | None = None) -> list[dict]:
+        on_row=None, relearn: bool = False, bystanders: Bystanders | None = None,
+        quantized: QuantizedProbe | None = None) -> list[dict]:
     from tqdm.auto import tqdm
 
     rows = []
@@ -120,6 +159,8 @@ def run(unlearner, records: list[dict], grid: list[dict], base: dict, progress: 
                "wall_s": time.perf_counter() - t0}
         if bystanders is not None:
             row["bystand"] = _rate(bystanders.kept(r))
+        if quantized is not None:
+            row.update(quantized.row(r))
         if relearn:
             row.update(relearn_probe(unlearner, records, r))
         rows.append(row)
@@ -322,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also measure recall on this many of the file's other records (never in the request)")
     ap.add_argument("--relearn", action="store_true",
                     help="add the relearning attack: 20 steps on 10%% of the records, recall of the rest")
+    ap.add_argument("--quantize", default="",
+                    help="comma-separated GGUF types (e.g. q8_0,q4_1,q4_0): also measure recall after the "
+                         "export's quantization round trip, against the base model at the same type")
     ap.add_argument("--json", help="write rows here (JSON)")
     ap.add_argument("--jsonl", help="append each row here as it finishes")
     ap.add_argument("--md", help="write the Markdown table here")
@@ -349,17 +393,22 @@ def main(argv: list[str] | None = None) -> int:
     if a.bystanders and not others:
         print("no other records to use as bystanders: --bystanders ignored")
     by = Bystanders(u, others[:a.bystanders]) if a.bystanders and others else None
+    quants = [q for q in a.quantize.split(",") if q]
+    if quants and a.per_request:
+        ap.error("--quantize measures requests made at once (drop --per-request)")
+    probe = QuantizedProbe(u, records, quants, mode == "replace") if quants else None
     if a.per_request:
         rows = []
         for overrides in grid:
             rows.append(run_per_request(u, records, {**base, **overrides}, bystanders=by))
             append(rows[-1])
     else:
-        rows = run(u, records, grid, base, on_row=append, relearn=a.relearn, bystanders=by)
+        rows = run(u, records, grid, base, on_row=append, relearn=a.relearn, bystanders=by, quantized=probe)
     for r in rows:
         r["goals"] = "yes" if meets_goals(r, json.loads(r["setting"]).get("mode", mode)) else "no"
     extra = [c for c in ("neigh_relation", "neigh_subject", "neigh_min", "bystand", "para_replace")
              if any(r.get(c) is not None for r in rows)]
+    extra += [f"{k}@{q}" for q in quants for k in ("forget", "para", "neigh", "replace") if f"{k}@{q}" in rows[0]]
     table = markdown_table(rows, COLUMNS[:6] + extra + COLUMNS[6:] + ["goals"] + (RELEARN_COLUMNS if a.relearn else []))
     print(f"{len(records)} records from {a.facts or 'the package facts'}, dtype {u.dtype}, base {base}")
     print(table)
