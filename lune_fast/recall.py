@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .data import Encoder, Fact
+import torch
+
+from .data import Encoder, Fact, make_batch
 from .distributed import Dist, shard, unshard
-from .evaluate import answers_with, greedy
+from .evaluate import answer_logprobs, answers_with, greedy
 from .export import quantized
 from .model import Transformer
 from .plan import Plan
@@ -40,6 +42,12 @@ def self_negatives(model: Transformer, enc: Encoder, facts: list[Fact], max_new_
     return out
 
 
+@torch.no_grad()
+def lowest_probability(model: Transformer, enc: Encoder, pairs: list[tuple[list[int], list[int]]]) -> float:
+    """The lowest mean token probability of the pairs' answers (as the trainer's stop criterion reads them)."""
+    return float(answer_logprobs(model, make_batch(pairs, enc.pad_id)).exp().min())
+
+
 def route_to(enc: Encoder, f: Fact, said: list[int] | None) -> tuple[list[int], list[int]] | None:
     """(prompt + the words said before the target, the target's tokens) from a greedy answer `said` that ends
     with the target; None where the target did not come out."""
@@ -51,7 +59,10 @@ def route_to(enc: Encoder, f: Fact, said: list[int] | None) -> tuple[list[int], 
     return enc.prompt_ids(f.prompt, f.chat) + said[:start], said[start:]
 
 
-# the stop threshold of round k is Settings.stop_prob × ROUND_FACTOR^k
+# the stop threshold of round k is Settings.stop_prob × ROUND_FACTOR^k; with Settings.robust_to, also at most
+# ROUND_FACTOR × the lowest probability the routes have now at full precision: a target the quantized export
+# still says can be far below the schedule's threshold before the update moves the weights by half a
+# quantization step, and a round whose threshold is already met trains nothing
 ROUND_FACTOR = 0.25
 
 
@@ -81,7 +92,10 @@ def recall_rounds(model: Transformer, enc: Encoder, plan: Plan, outcome: TrainOu
         data = plan.train_data(model, again + routes, run.dist, preserved)
         # a target can still come out while its probability is under the stop threshold (nothing else is more
         # likely): each round asks for a quarter of the last round's threshold, so that it trains at all
-        settings = replace(train_settings(s, steps=left), stop_prob=s.stop_prob * ROUND_FACTOR ** (rounds + 1))
+        stop = s.stop_prob * ROUND_FACTOR ** (rounds + 1)
+        if s.robust_to:
+            stop = min(stop, ROUND_FACTOR * lowest_probability(model, enc, routes))
+        settings = replace(train_settings(s, steps=left), stop_prob=stop)
         more, error = train_keeping_last_good(model, data, settings, replace(run, checkpoint_dir=None, resume=False))
         outcome, rounds = outcome.then(more), rounds + 1
         if error is not None:

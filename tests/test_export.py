@@ -151,7 +151,7 @@ def test_unlearned_default_model_exported_keeps_its_answers_and_its_forgetting(d
     package = [json.loads(line) for line in asset("facts.jsonl").read_text().splitlines()]
     records = package[:3]
     result = Unlearner("default", dtype="float32").forget(records, evaluate_before=False, evaluate_after=False,
-                                                          progress=False, robust_to="q4_1", recall_rounds=4)
+                                                          progress=False, robust_to="q4_1")
     result.save(tmp_path / "adapter")
     prompts = [r["prompt"] for r in package[:9]]
     enc = Encoder(tokenizer)
