@@ -123,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(m)
 
     x = sub.add_parser("export", help="write the model, with an adapter merged, as a GGUF for llama.cpp/Ollama")
-    x.add_argument("--adapter", help="adapter folder (PEFT format); without it, the model as it is")
+    which = x.add_mutually_exclusive_group()
+    which.add_argument("--adapter", help="adapter folder (PEFT format); without it, the model as it is")
+    which.add_argument("--into", help="a state folder that holds one PEFT adapter (the same as --adapter DIR)")
     x.add_argument("--gguf", required=True, help="output .gguf file")
     x.add_argument("--quant", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_1", "q4_0"],
                    help="the blocks' type (q4_*: the embedding at q8_0, as llama.cpp's own quantizer does)")
@@ -237,8 +239,8 @@ def cmd_export(a) -> int:
         raise OutputExistsError(f"{a.gguf} already exists; pass --overwrite to replace it")
     folder = resolve_model_dir(a.model)
     model = load_model(folder)  # float32: each tensor is rounded once, to the file's type
-    if a.adapter:
-        lora.load_adapter(model, a.adapter)
+    if a.adapter or a.into:
+        lora.load_adapter(model, a.adapter or a.into)
         lora.merge_and_unload(model)
     out = write_gguf(model, folder, Path(a.gguf), a.quant, name=a.name, overwrite=a.overwrite)
     print(f"{a.quant} GGUF written to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
