@@ -32,6 +32,7 @@ def _defaults(key: str) -> str:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from .export import QUANTS
     from .losses import OBJECTIVES
     from .settings import Settings
 
@@ -72,7 +73,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-variants", type=int, default=None,
                    help=f"also train each fact after N prefixes such as 'Here is a fact.'; default: "
                         f"{_defaults('prompt_variants')}")
-    p.add_argument("--robust-to", choices=["f16", "bf16", "q8_0", "q4_1", "q4_0"], default=None,
+    p.add_argument("--robust-to", choices=list(QUANTS), default=None,
                    help="suppress: the recall rounds check the model as its GGUF export at this type answers, so "
                         "that the forgetting survives `lune-fast export --quant` (use with --recall-rounds >= 1)")
     p.add_argument("--preserve-text", help="texts whose activations the adapter should leave alone (default: the "
@@ -122,12 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true")
     _add_model_args(m)
 
+    from .export import QUANTS
+
     x = sub.add_parser("export", help="write the model, with an adapter merged, as a GGUF for llama.cpp/Ollama")
     which = x.add_mutually_exclusive_group()
     which.add_argument("--adapter", help="adapter folder (PEFT format); without it, the model as it is")
     which.add_argument("--into", help="a state folder that holds one PEFT adapter (the same as --adapter DIR)")
     x.add_argument("--gguf", required=True, help="output .gguf file")
-    x.add_argument("--quant", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_1", "q4_0"],
+    x.add_argument("--quant", default="f16", choices=list(QUANTS),
                    help="the blocks' type (q4_*: the embedding at q8_0, as llama.cpp's own quantizer does)")
     x.add_argument("--name", help="general.name in the file (default: the model folder's name)")
     x.add_argument("--overwrite", action="store_true")

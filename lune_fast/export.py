@@ -235,9 +235,9 @@ def source_fields(folder: Path) -> dict[str, str]:
     "default" (llama.cpp's generic split)."""
     import gguf
 
-    from .weights import DEFAULT_MODEL_NAME, WeightsError, cache_dir, find_default_gguf
+    from .weights import WeightsError, default_model_path, find_default_gguf
 
-    if Path(folder).resolve() != (cache_dir() / DEFAULT_MODEL_NAME).resolve():
+    if Path(folder).resolve() != default_model_path().resolve():
         return {}
     try:
         fields = gguf.GGUFReader(find_default_gguf()).fields

@@ -177,9 +177,14 @@ def find_default_gguf() -> Path:
     raise WeightsError(f"package {DEFAULT_MODEL_PACKAGE} holds no .gguf file; reinstall it: {DEFAULT_MODEL_PIP}")
 
 
+def default_model_path() -> Path:
+    """Where the converted default model lives (or will), without converting it."""
+    return cache_dir() / DEFAULT_MODEL_NAME
+
+
 def default_model_dir() -> Path:
     """Convert the GGUF once to a safetensors folder in the cache; later calls return it at once."""
-    target = cache_dir() / DEFAULT_MODEL_NAME
+    target = default_model_path()
     if (target / "config.json").exists() and _complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

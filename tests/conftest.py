@@ -81,6 +81,17 @@ def make_tiny_hf(kind: str, folder: Path, shard: bool = False, **overrides):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
+def make_tiny_lm(kind: str, folder: Path, default_dir: Path, **overrides) -> Path:
+    """make_tiny_hf with the default model's vocabulary and tokenizer files: real text runs through it."""
+    import shutil
+
+    make_tiny_hf(kind, folder, vocab_size=49152, **overrides)
+    for name in TOKENIZER_FILES:
+        if (default_dir / name).exists():
+            shutil.copy2(default_dir / name, folder / name)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     """A small random-weight Llama (vocabulary 211), saved once for the session."""
@@ -100,14 +111,8 @@ def facts_file(request, tmp_path):
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory, default_dir):
     """A small random-weight Llama with the default model's tokenizer: runs every code path in seconds."""
-    import shutil
-
-    folder = tmp_path_factory.mktemp("tiny_lm")
-    make_tiny_hf("llama", folder, vocab_size=49152, num_hidden_layers=4, tie_word_embeddings=True)
-    for name in TOKENIZER_FILES:
-        if (default_dir / name).exists():
-            shutil.copy2(default_dir / name, folder / name)
-    return folder
+    return make_tiny_lm("llama", tmp_path_factory.mktemp("tiny_lm"), default_dir, num_hidden_layers=4,
+                        tie_word_embeddings=True)
 
 
 def pytest_report_header(config):

@@ -1,13 +1,12 @@
 """GGUF export: the file reads back as the merged weights (gguf.GGUFReader, within each type's rounding), and
 other tools load it as the same model (transformers' GGUF loader: logits and greedy answers)."""
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import TOKENIZER_FILES, make_tiny_hf, rel_err
+from conftest import make_tiny_lm, rel_err
 from lune_fast import lora
 from lune_fast.cli import main
 from lune_fast.export import QUANTS, gguf_tensors, quantize_in_place, round_trip, tensor_type, write_gguf
@@ -17,11 +16,7 @@ gguf = pytest.importorskip("gguf")
 
 
 def _tiny(kind, folder, default_dir):
-    make_tiny_hf(kind, folder, vocab_size=49152, num_hidden_layers=2, tie_word_embeddings=kind == "llama")
-    for name in TOKENIZER_FILES:
-        if (default_dir / name).exists():
-            shutil.copy2(default_dir / name, folder / name)
-    return folder
+    return make_tiny_lm(kind, folder, default_dir, num_hidden_layers=2, tie_word_embeddings=kind == "llama")
 
 
 def _merged(folder, seed=0):

@@ -13,6 +13,7 @@ import argparse
 import json
 import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .harness import machine, markdown_table, write_json
@@ -74,6 +75,18 @@ def known_records(u, records: list[dict]) -> list[dict]:
     return [r for r, p, g in zip(records, probes, gens) if answers_with(g, p.target)]
 
 
+@contextmanager
+def adapter_on(model, result):
+    """`result`'s adapter on `model` inside the block, taken off afterwards."""
+    from .. import lora
+
+    result.attach_to(model)
+    try:
+        yield model
+    finally:
+        lora.detach(model)
+
+
 class Bystanders:
     """Facts of the records file outside the request: how many of those the base model answers still come out
     with the adapter on (their main prompts). The locality measure that no setting can have read: the records'
@@ -97,13 +110,8 @@ class Bystanders:
                                                           self.probes)]
 
     def kept(self, result) -> tuple[int, int]:
-        from .. import lora
-
-        result.attach_to(self.model)
-        try:
+        with adapter_on(self.model, result):
             after = self._hits()
-        finally:
-            lora.detach(self.model)
         return sum(a for a, k in zip(after, self.known) if k), sum(self.known)
 
 
@@ -128,16 +136,11 @@ class QuantizedProbe:
             return evaluate(self.u.model, self.u.encoder, self.facts, None, self.replace)
 
     def row(self, result) -> dict:
-        from .. import lora
-
         out = {}
+        with adapter_on(self.u.model, result):
+            after = {q: self._evaluate(q) for q in self.quants}
         for q in self.quants:
-            result.attach_to(self.u.model)
-            try:
-                m = self._evaluate(q).metrics(self.base[q].hits)
-            finally:
-                lora.detach(self.u.model)
-            base = self.base[q].metrics()
+            m, base = after[q].metrics(self.base[q].hits), self.base[q].metrics()
             out.update({f"forget@{q}": m["forget_recall"], f"para@{q}": m["paraphrase_recall"],
                         f"neigh@{q}": m["neighbor_recall"], f"base_forget@{q}": base["forget_recall"]})
             if self.replace:
