@@ -17,7 +17,7 @@ _EXPORTS = {
     "load_model": "weights", "load_tokenizer": "weights", "default_model_dir": "weights",
     "resolve_model_dir": "weights", "Settings": "settings",
     "Transformer": "model", "ModelConfig": "model", "generate": "generate",
-    "linear_logprob": "ops",
+    "linear_logprob": "ops", "State": "state", "StateError": "state",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -3,6 +3,9 @@
     u = Unlearner("default")                     # loads once
     result = u.forget("facts.jsonl")             # or a list of dicts; mode="replace" for edits
     result.save("out/")                          # PEFT adapter + report.json + report.md
+
+    u.forget("more.jsonl", into="state/")        # a lifelong state: one adapter for every request so far
+    u.revoke("state/", "r0001")                  # that request's facts come back; the others stay forgotten
 """
 from __future__ import annotations
 
@@ -12,13 +15,14 @@ import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from . import distributed, lora, plan, recall
+from . import distributed, lora, plan, recall, state as lifelong
 from .anchors import build_anchors
 from .assets import asset
 from .data import DataError, Encoder, read_facts, read_lines
@@ -47,10 +51,16 @@ class ForgetResult:
     evaluation_before: object = field(default=None, repr=False)
     evaluation_after: object = field(default=None, repr=False)
     outcome: object = field(default=None, repr=False)  # the trainer's TrainOutcome (per-step times, losses)
+    request_id: str | None = None  # with forget(into=...): the ledger id of this request
+    # the forget prompts still answered with the target (suppress) or not yet with the replacement (replace)
+    still_known: list[str] = field(default_factory=list)
+    facts: list = field(default_factory=list, repr=False)  # the facts trained (after skipping)
+    keys: dict | None = field(default=None, repr=False)  # a keyed adapter's subject keys
 
     def report(self) -> dict:
         return {"model": self.model, "config": self.config, "before": self.before, "after": self.after,
-                "cost": self.cost, "stopped": self.stopped, "error": self.error, "skipped_records": self.skipped}
+                "cost": self.cost, "stopped": self.stopped, "error": self.error, "skipped_records": self.skipped,
+                "still_known": self.still_known, "request_id": self.request_id}
 
     def save(self, out: str | Path, overwrite: bool = False) -> Path:
         """Adapter (PEFT format) + report.json + report.md, written to a temporary folder and renamed."""
@@ -81,7 +91,8 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 class Unlearner:
     """Holds a frozen model and its tokenizer; each forget() trains a fresh adapter and leaves the model as
-    it was."""
+    it was. Calls from several threads take turns (one lock): the model is shared, and an adapter is on it
+    while a call runs."""
 
     def __init__(self, model: str = "default", dtype: str | torch.dtype = "auto", device: str = "cpu",
                  fsdp: bool = False, backend: str = "auto", **defaults):
@@ -106,19 +117,44 @@ class Unlearner:
         self.defaults = replace(Settings(), **defaults)
         self._base_evals: dict[str, object] = {}
         self._text_moments: dict[tuple, tuple] = {}
+        self._lock = threading.RLock()
 
     # -- the one call ----------------------------------------------------------------------------------------
     def forget(self, records, mode: str | None = None, retain=None, evaluate_before: bool = True,
                evaluate_after: bool = True, retain_texts: list[str] | str | None = None, progress: bool = True,
-               checkpoint_dir: Path | None = None, resume: bool = False, **overrides) -> ForgetResult:
+               checkpoint_dir: Path | None = None, resume: bool = False, into: str | Path | None = None,
+               **overrides) -> ForgetResult:
         """Train an adapter that forgets (suppress) or replaces the records' answers; see Settings for the
-        overrides. The model is left as it was; the adapter and the before/after METRICS are in the result."""
+        overrides. The model is left as it was; the adapter and the before/after METRICS are in the result.
+
+        into: a lifelong state folder (lune_fast.state; created the first time). The request is trained with
+        the state's earlier requests acting, its keyed ranks fitted not to read their subjects, and added to
+        the state with a ledger line (result.request_id); `after` is the whole state's. A run that diverges
+        leaves the state as it was."""
+        with self._lock:
+            if into is None:
+                return self._forget(records, mode, retain, evaluate_before, evaluate_after, retain_texts, progress,
+                                    checkpoint_dir, resume, None, overrides)
+            if self.dist is not None:
+                raise SettingsError("a lifelong state (into=) is updated by one process; run without torchrun")
+            with lifelong.locked(into):
+                st = lifelong.State.open(into)
+                result = self._forget(records, mode, retain, evaluate_before, evaluate_after, retain_texts,
+                                      progress, checkpoint_dir, resume, st, overrides)
+                if result.error is None:
+                    self._commit_request(st, result)
+                return result
+
+    def _forget(self, records, mode, retain, evaluate_before, evaluate_after, retain_texts, progress,
+                checkpoint_dir, resume, st: lifelong.State | None, overrides: dict) -> ForgetResult:
         read = read_facts(records)
         s = self._settings(mode, overrides, chat=all(f.chat for f in read.facts))
         texts = self.retain_texts(retain_texts)
         t0 = time.perf_counter()
         # 1. the plan: what to train (refusing what cannot fit before any work), where the adapter goes
         job = self._plan(read.facts, read.skipped, s, retain)
+        if st is not None:
+            self._check_state(st, job)
         before = self.base_evaluation(job.facts, texts, s.mode == "replace", s.max_new_tokens, progress) \
             if evaluate_before else None
         run = RunOptions(checkpoint_dir=None if self.fsdp else checkpoint_dir, resume=resume, progress=progress,
@@ -126,7 +162,7 @@ class Unlearner:
         # 2. the adapter, training (a diverged run keeps its last good adapter), the recall rounds; evaluate
         t_train = time.perf_counter()
         try:
-            rounds = self._train(job, run)
+            rounds, keys = self._train(job, run, st)
             train_seconds = time.perf_counter() - t_train
             after = evaluate(self.model, self.encoder, job.facts, texts, s.mode == "replace", s.max_new_tokens,
                              progress, self.dist) if evaluate_after else None
@@ -140,7 +176,58 @@ class Unlearner:
                 "train_tokens": rounds.outcome.tokens, "recall_rounds": rounds.rounds,
                 "peak_memory_mb": round(_peak_memory_mb(self.device), 1), "trainable_params": trained,
                 "device": str(self.device), "total_seconds": round(time.perf_counter() - t0, 3)}
-        return self._result(job, read.skipped, before, after, rounds, state, cost)
+        result = self._result(job, read.skipped, before, after, rounds, state, cost)
+        result.keys = keys
+        return result
+
+    def _check_state(self, st: lifelong.State, job: plan.Plan) -> None:
+        room = min(m.in_features for m in lora.frozen_linears(self.model, job.layout).values()) // 2
+        st.check_request(job.layout, str(self.model_dir), self.model.config.num_hidden_layers,
+                         job.settings.adapter == "keyed", room, len(job.facts))
+
+    def _commit_request(self, st: lifelong.State, result: ForgetResult) -> None:
+        """Append the request to the state: its ranks after the earlier ones, its keys, its ledger line."""
+        entry = {"id": st.next_id(), "op": "forget", "time": lifelong.now(),
+                 "records": [lifelong.fact_record(f) for f in result.facts], "skipped": result.skipped,
+                 "settings": result.config, "rank": result.adapter_config["r"], "before": result.before,
+                 "after": result.after, "cost": result.cost, "stopped": result.stopped,
+                 "still_known": result.still_known}
+        st.with_request(entry, result.adapter, result.adapter_config, result.keys).commit()
+        result.request_id = entry["id"]
+
+    def revoke(self, into: str | Path, request_id: str, evaluate_after: bool = True,
+               retain_texts: list[str] | str | None = None, progress: bool = False) -> dict:
+        """Withdraw one request from a lifelong state: its ranks and keys are removed (its facts come back),
+        the others stay. With evaluate_after, the ledger line records the revoked facts' and the remaining
+        facts' METRICS on the new state. Returns that ledger line."""
+        with self._lock, lifelong.locked(into):
+            st = lifelong.State.open(into)
+            if not st.entries:
+                raise lifelong.StateError(f"{into}: no state here (nothing to revoke)")
+            st.check_model(str(self.model_dir))
+            target = st.entry(request_id)
+            entry = {"id": st.next_id(), "op": "revoke", "request": request_id, "time": lifelong.now(),
+                     "rank": target["rank"], "records": target["records"]}
+            new = st.without_request(request_id, entry)
+            if evaluate_after:
+                texts = self.retain_texts(retain_texts)
+                entry["after"] = {"revoked": self._state_metrics(new, target["records"], texts, progress),
+                                  "remaining": self._state_metrics(new, new.records(), texts, progress)}
+            new.commit()
+            return entry
+
+    def _state_metrics(self, st: lifelong.State, records: list[dict], texts: list[str], progress: bool) -> dict | None:
+        """METRICS of `records` on the model with the state's adapter (over what the base model answered)."""
+        if not records:
+            return None
+        facts = read_facts(records).facts
+        known = self.base_evaluation(facts, texts, False, self.defaults.max_new_tokens, progress).known_mask()
+        st.attach(self.model)
+        try:
+            return evaluate(self.model, self.encoder, facts, texts, False, self.defaults.max_new_tokens,
+                            progress).metrics(known)
+        finally:
+            lora.detach(self.model)
 
     def _plan(self, facts, skipped: list[str], s: Settings, retain) -> plan.Plan:
         """What to train and where: the facts kept, their pairs (with the model's own answers for
@@ -160,22 +247,29 @@ class Unlearner:
         return plan.Plan(s, facts, pairs, owners, plan.retain_pairs(self.encoder, anchors, retain), layout,
                          self.encoder.pad_id, [a.prompt for a in anchors])
 
-    def _train(self, job: plan.Plan, run: RunOptions) -> recall.Rounds:
-        """Attach the adapter (keyed: its A from the preserved inputs; under FSDP it is on already), train, and
-        in suppress mode check again and continue (the recall rounds)."""
+    def _train(self, job: plan.Plan, run: RunOptions, st: lifelong.State | None = None
+               ) -> tuple[recall.Rounds, dict | None]:
+        """Attach the adapter (keyed: its A from the preserved inputs, away from a state's earlier keys; under
+        FSDP it is on already) beside a state's earlier ranks, train, and in suppress mode check again and
+        continue (the recall rounds). Returns the rounds and the keyed adapter's keys."""
         s = job.settings
         preserved = preserved_inputs(self.model, self.encoder, job.facts, job.layout, s.preserve_prompts,
-                                     s.preserve_text, s.seed, self._text_moments, s.preserve_neighbors) \
+                                     s.preserve_text, s.seed, self._text_moments, s.preserve_neighbors,
+                                     st.earlier_facts() if st is not None else ()) \
             if s.adapter == "keyed" or s.preserve_weight > 0 else None
+        keys = None
         if s.adapter == "keyed":
-            attach_keyed(self.model, self.encoder, job.facts, job.layout, preserved, s.key_ridge, s.key_overlap)
+            keys = attach_keyed(self.model, self.encoder, job.facts, job.layout, preserved, s.key_ridge,
+                                s.key_overlap, st.earlier_keys() if st is not None else None)
         elif not self.fsdp:
             lora.attach(self.model, job.layout, seed=s.seed, backend=self.backend)
+        if st is not None:
+            st.attach_earlier(self.model)
         data = job.train_data(self.model, dist=self.dist, preserved=preserved)
         outcome, error = train_keeping_last_good(self.model, data, train_settings(s), run)
         if error is not None or s.mode != "suppress":
-            return recall.Rounds(outcome, 0, error)
-        return recall.recall_rounds(self.model, self.encoder, job, outcome, run, preserved)
+            return recall.Rounds(outcome, 0, error), keys
+        return recall.recall_rounds(self.model, self.encoder, job, outcome, run, preserved), keys
 
     def _result(self, job: plan.Plan, skipped: list[str], before, after, rounds: recall.Rounds,
                 state: dict, cost: dict) -> ForgetResult:
@@ -187,6 +281,9 @@ class Unlearner:
         examples = [] if before is None or after is None else [
             (p.prompt, b, a) for p, b, a in zip(before.probes, before.generations, after.generations)
             if p.kind == "forget"][:8]
+        still = [] if after is None else [
+            p.prompt for p, hit, rep in zip(after.probes, after.hits, after.replaced)
+            if p.kind == "forget" and (rep is False if s.mode == "replace" else hit)]
         return ForgetResult(
             adapter=state, adapter_config=lora.peft_config(layout, str(self.model_dir),
                                                            self.model.config.num_hidden_layers),
@@ -194,7 +291,8 @@ class Unlearner:
             after=after.metrics(known) if after is not None else None,
             cost=cost, config=config, model=self.model_name, skipped=skipped, examples=examples,
             stopped=rounds.outcome.stopped, error=rounds.error, anchors=job.anchors,
-            evaluation_before=before, evaluation_after=after, outcome=rounds.outcome)
+            evaluation_before=before, evaluation_after=after, outcome=rounds.outcome, still_known=still,
+            facts=job.facts)
 
     def _attach_sharded(self, s: Settings, layout: lora.LoraSettings) -> None:
         """Under FSDP: the request's plain adapter on the model, and the blocks sharded with it (once per

@@ -100,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("unlearn", help="train an adapter that forgets (or replaces) the given facts")
     u.add_argument("--forget", required=True, help="facts JSONL, TOFU QA or CounterFact records")
-    u.add_argument("--out", required=True, help="output folder: adapter + report.json + report.md")
+    where = u.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="output folder: adapter + report.json + report.md")
+    where.add_argument("--into", help="a lifelong state folder (created the first time): the request joins the "
+                                      "earlier ones in its one PEFT adapter, with a line in its ledger.jsonl")
     _add_model_args(u)
     _add_train_args(u)
     u.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -116,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--replace", action="store_true", help="also measure replacement_rate")
     e.add_argument("--retain-text")
     _add_model_args(e)
+
+    r = sub.add_parser("revoke", help="withdraw one request from a lifelong state: its facts come back")
+    r.add_argument("--into", required=True, help="the state folder")
+    r.add_argument("--request", required=True, help="the request id (see `lune-fast ledger DIR`)")
+    r.add_argument("--no-eval", action="store_true", help="skip measuring the revoked and remaining facts")
+    r.add_argument("--retain-text")
+    _add_model_args(r)
+
+    g = sub.add_parser("ledger", help="the history of a lifelong state: requests, revocations, metrics")
+    g.add_argument("state", help="the state folder")
+    g.add_argument("--json", action="store_true", help="the ledger lines as they are")
 
     m = sub.add_parser("merge", help="write the model with the adapter merged (safetensors + config)")
     m.add_argument("--adapter", required=True)
@@ -136,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true")
     x.add_argument("--model", default="default", help="model folder (config.json + safetensors) or 'default'")
 
-    b = sub.add_parser("bench", help="benchmarks: forward, logprob, lora, e2e, kernels, quality")
-    b.add_argument("what", choices=["forward", "logprob", "lora", "kernels", "e2e", "e2e-gpu", "latency", "quality"])
+    b = sub.add_parser("bench", help="benchmarks: forward, logprob, lora, e2e, kernels, quality, stream")
+    b.add_argument("what", choices=["forward", "logprob", "lora", "kernels", "e2e", "e2e-gpu", "latency", "quality",
+                                      "stream"])
     b.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark (see --help)")
 
     d = sub.add_parser("demo", help="unlearn a few of the package's facts on the default model")
@@ -158,6 +173,8 @@ def cmd_unlearn(a) -> int:
     from .api import Unlearner
     from .io import OutputExistsError
 
+    if a.into:
+        return _unlearn_into(a)
     out = Path(a.out)
     ckpt = out.with_name(out.name + ".ckpt")
     if out.exists() and not a.overwrite:
@@ -183,11 +200,74 @@ def cmd_unlearn(a) -> int:
         print(result.table())
         print(json.dumps(result.cost))
         print(f"adapter and report written to {out}")
+    _warn_unmet(result, a)
     if u.dist is not None:
         u.dist.close()
     if result.error:
         print(f"lune-fast: {result.error}", file=sys.stderr)
         return EXIT_DIVERGED
+    return 0
+
+
+def _unlearn_into(a) -> int:
+    from .api import Unlearner
+    from .settings import SettingsError
+
+    if a.resume or a.fsdp or a.overwrite:
+        raise SettingsError("--into updates a state in place, one process: --resume, --fsdp and --overwrite do not "
+                            "apply (a request that fails leaves the state as it was)")
+    u = Unlearner(a.model, dtype=a.dtype, device=a.device)
+    result = u.forget(a.forget, retain=a.retain, retain_texts=a.retain_text, progress=not a.quiet,
+                      evaluate_before=not a.no_eval, evaluate_after=not a.no_eval, into=a.into,
+                      **_settings_from_args(a))
+    for line in result.skipped:
+        print(f"lune-fast: skipped {line}", file=sys.stderr)
+    if result.error:
+        print(f"lune-fast: {result.error}; the state in {a.into} is unchanged", file=sys.stderr)
+        return EXIT_DIVERGED
+    if not a.quiet:
+        print(result.table())
+        print(json.dumps(result.cost))
+    _warn_unmet(result, a)
+    print(f"request {result.request_id} added to {a.into} ({len(result.facts)} facts)")
+    return 0
+
+
+def _warn_unmet(result, a) -> None:
+    """A request that ended without meeting its criterion says which facts, and what to change."""
+    if not result.still_known:
+        return
+    shown = "; ".join(repr(p) for p in result.still_known[:5]) + (" ..." if len(result.still_known) > 5 else "")
+    print(f"lune-fast: warning: after {result.cost['steps']} steps ({result.stopped}) {len(result.still_known)} "
+          f"fact(s) still answer as before: {shown}. Raise --steps (now {a.steps}) or --lr, or revoke the request "
+          f"and send those facts again with --recall-rounds higher", file=sys.stderr)
+
+
+def cmd_revoke(a) -> int:
+    from .api import Unlearner
+
+    u = Unlearner(a.model, dtype=a.dtype, device=a.device)
+    entry = u.revoke(a.into, a.request, evaluate_after=not a.no_eval, retain_texts=a.retain_text, progress=True)
+    print(f"request {a.request} revoked from {a.into} ({len(entry['records'])} facts, {entry['rank']} ranks): "
+          f"ledger line {entry['id']}")
+    after = entry.get("after")
+    if after:
+        print(json.dumps(after, indent=2))
+    return 0
+
+
+def cmd_ledger(a) -> int:
+    from .state import State, StateError, ledger_table, locked
+
+    if not Path(a.state).exists():
+        raise StateError(f"{a.state}: no such state folder")
+    with locked(a.state):
+        st = State.open(a.state)
+    if a.json:
+        for e in st.entries:
+            print(json.dumps(e))
+    else:
+        print(ledger_table(st))
     return 0
 
 
@@ -289,7 +369,7 @@ def cmd_demo(a) -> int:
     return 0
 
 
-COMMANDS = {"unlearn": cmd_unlearn, "eval": cmd_eval, "merge": cmd_merge, "export": cmd_export, "bench": cmd_bench,
+COMMANDS = {"unlearn": cmd_unlearn, "revoke": cmd_revoke, "ledger": cmd_ledger, "eval": cmd_eval, "merge": cmd_merge, "export": cmd_export, "bench": cmd_bench,
             "demo": cmd_demo}
 
 
@@ -304,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     from .settings import SettingsError
     from .checkpoints import CheckpointMismatch
     from .trainer import TrainingInterrupted
+    from .state import StateError
     from .weights import WeightsError
 
     try:
@@ -315,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         print("lune-fast: interrupted before training started; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (DataError, WeightsError, ConfigError, AdapterError, OutputExistsError, CheckpointMismatch,
-            SettingsError, ResourceError, ExportError) as e:
+            SettingsError, ResourceError, ExportError, StateError) as e:
         print(f"lune-fast: error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

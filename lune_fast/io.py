@@ -66,3 +66,17 @@ def atomic_output_dir(out: Path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def recover_output_dir(out: Path) -> None:
+    """Finish what a killed atomic_output_dir(overwrite=True) left: the previous folder put back when the kill
+    fell between its two renames, and stale temporary folders removed. Only for a caller that holds the
+    folder's lock (lune_fast.state.locked): another writer's temporary folder would look stale too."""
+    out = Path(out)
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not out.exists():
+        kept = [p / out.name for p in olds if (p / out.name).is_dir()]
+        if kept:
+            os.replace(kept[-1], out)
+    for p in olds + list(out.parent.glob(f".{out.name}.tmp-*")):
+        shutil.rmtree(p, ignore_errors=True)

@@ -74,22 +74,30 @@ def subject_keys(model: Transformer, settings: lora.LoraSettings, where: list[li
 
 @torch.no_grad()
 def set_keyed(model: Transformer, keys: dict[str, torch.Tensor], preserved: Preserved, ridge: float = 1e-2,
-              overlap: float = 1e-2) -> None:
+              overlap: float = 1e-2, earlier: dict[str, torch.Tensor] | None = None) -> None:
     """A = (Kᵀ C⁻¹ K + μI)⁻¹ Kᵀ C⁻¹ on every adapted linear, frozen; B zero and trained. `ridge` regularises C
     (relative to its mean eigenvalue); μ = `overlap` × the mean eigenvalue of Kᵀ C⁻¹ K keeps A bounded when two
     facts share a subject: their keys nearly coincide, and exact A K = I would need rows far larger than the
     others that fire on everything; with μ both rows read the shared subject at about half strength and distinct
-    keys still get A K ≈ I (RESULTS.md section 2, "The key overlap ridge")."""
+    keys still get A K ≈ I (RESULTS.md section 2, "The key overlap ridge").
+
+    `earlier`: the keys of a lifelong state's earlier requests [m, in] per linear (lune_fast.state). A is then
+    the new facts' rows of the joint solve over [K, K_earlier] with targets [I, 0]: the new ranks answer
+    (about) 0 to every earlier subject, AlphaEdit's null-space condition, so that they cannot undo or disturb
+    what the earlier requests did."""
     for name, m in lora.adapters_of(model).items():
         C = preserved.moments[name].double()
         d = C.shape[0]
         C = C + ridge * (torch.trace(C) / d) * torch.eye(d, dtype=C.dtype, device=C.device)
         K = keys[name].double().t()  # [d, n]
+        n_new = K.shape[1]
+        if earlier is not None and name in earlier and len(earlier[name]):
+            K = torch.cat([K, earlier[name].to(K.device, K.dtype).t()], dim=1)
         CiK = torch.linalg.solve(C, K)  # C⁻¹ K
         G = K.t() @ CiK  # Kᵀ C⁻¹ K [n, n]
         n = G.shape[0]
         G = G + max(overlap, 1e-9) * torch.trace(G) / n * torch.eye(n, dtype=G.dtype, device=G.device)
-        A = torch.linalg.solve(G, CiK.t())  # [n, d]
+        A = torch.linalg.solve(G, CiK.t())[:n_new]  # [n_new, d]
         if A.shape[0] != m.lora_A.shape[0]:
             raise ValueError(f"{name}: rank {m.lora_A.shape[0]} for {A.shape[0]} keys")
         m.lora_A.copy_(A.float())
@@ -98,17 +106,19 @@ def set_keyed(model: Transformer, keys: dict[str, torch.Tensor], preserved: Pres
 
 
 def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settings: lora.LoraSettings,
-                     n_prompts: int, text: str | None, seed: int, text_cache: dict, neighbors: bool = True
-                     ) -> Preserved:
+                     n_prompts: int, text: str | None, seed: int, text_cache: dict, neighbors: bool = True,
+                     earlier: list[Fact] | tuple = ()) -> Preserved:
     """The inputs the adapter should leave alone, in groups of equal weight: each fact's prompt template with
     `n_prompts` other subjects; the neighbours the records list (with `neighbors`: their prompts only, not their
-    answers; the request says they must stay); and the preservation text (a file, or the package's). The text's
-    moments depend only on the model and the adapter layout, so they are kept in `text_cache` and reused."""
+    answers; the request says they must stay), also those of a lifelong state's `earlier` facts; and the
+    preservation text (a file, or the package's). The text's moments depend only on the model and the adapter
+    layout, so they are kept in `text_cache` and reused."""
     prompts = [enc.prompt_ids(p, f.chat) for f, ps in zip(facts, other_subject_prompts(facts, n_prompts, seed))
                for p in ps]
     groups = [group_moments(model, settings, prompts, enc.pad_id)]
-    forget = {f.prompt for f in facts}
-    listed = [enc.prompt_ids(p, f.chat) for f in facts for p, _ in f.neighbors if p not in forget] if neighbors else []
+    forget = {f.prompt for f in [*facts, *earlier]}
+    listed = [enc.prompt_ids(p, f.chat) for f in [*facts, *earlier] for p, _ in f.neighbors if p not in forget] \
+        if neighbors else []
     if listed:
         groups.append(group_moments(model, settings, listed, enc.pad_id))
     key = (settings.targets, settings.layers, text)
@@ -119,8 +129,11 @@ def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settin
 
 
 def attach_keyed(model: Transformer, enc: Encoder, facts: list[Fact], settings: lora.LoraSettings,
-                 preserved: Preserved, ridge: float, overlap: float) -> None:
-    """Attach an adapter of rank len(facts) whose A reads the facts' subject keys (set_keyed); only B trains."""
+                 preserved: Preserved, ridge: float, overlap: float, earlier: dict[str, torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """Attach an adapter of rank len(facts) whose A reads the facts' subject keys (set_keyed, away from the
+    `earlier` keys); only B trains. Returns the keys (a lifelong state keeps them for later requests)."""
     keys = subject_keys(model, settings, key_positions(enc, facts), enc.pad_id)
     lora.attach(model, settings)
-    set_keyed(model, keys, preserved, ridge, overlap)
+    set_keyed(model, keys, preserved, ridge, overlap, earlier)
+    return keys

@@ -122,6 +122,10 @@ class LoRALinear(nn.Module):
             self.lora_A.uniform_(-bound, bound, generator=generator)
         self.enabled = True
         self.merged = False
+        # a lifelong state's earlier requests (lune_fast.state): their ranks, fixed, with their scale folded
+        # into B; they act with this request's adapter and are merged and unmerged with it
+        self.earlier_A: torch.Tensor | None = None
+        self.earlier_B: torch.Tensor | None = None
 
     @property
     def in_features(self):
@@ -136,7 +140,10 @@ class LoRALinear(nn.Module):
             return self.base(x)
         if not torch.is_grad_enabled() and self.backend == "torch":
             return self._inference(x)
-        return lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scale, self.backend)
+        y = lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scale, self.backend)
+        if self.earlier_A is not None:
+            y = y + (x @ self.earlier_A.to(x.dtype).t()) @ self.earlier_B.to(x.dtype).t()
+        return y
 
     def _inference(self, x):
         """No autograd: the base product and one addmm (at batch 1 on a CPU the per-call overheads are most of
@@ -146,10 +153,23 @@ class LoRALinear(nn.Module):
         a_t = self.lora_A.to(x.dtype).t()
         b_t = (self.lora_B * self.scale).to(x.dtype).t()
         y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ a_t, b_t)
+        if self.earlier_A is not None:
+            y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ self.earlier_A.to(x.dtype).t(),
+                                           self.earlier_B.to(x.dtype).t())
         return y
 
+    def set_earlier(self, A: torch.Tensor | None, B: torch.Tensor | None) -> None:
+        """Fixed ranks that act beside this adapter: A [R, in], B [out, R] with the scale folded in."""
+        if A is not None and (A.shape[1] != self.in_features or B.shape != (self.out_features, A.shape[0])):
+            raise AdapterError(f"earlier ranks of shapes {tuple(A.shape)}, {tuple(B.shape)} do not fit a "
+                               f"{self.out_features}x{self.in_features} projection")
+        dev = self.lora_A.device
+        self.earlier_A = None if A is None else A.detach().float().to(dev)
+        self.earlier_B = None if B is None else B.detach().float().to(dev)
+
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scale
+        delta = (self.lora_B @ self.lora_A) * self.scale
+        return delta if self.earlier_A is None else delta + self.earlier_B @ self.earlier_A
 
     @torch.no_grad()
     def merge(self):
@@ -228,7 +248,7 @@ class _GroupedProjection:
         self.splits = [m.out_features for m in mods]
 
     def __call__(self, x):
-        if any(m.merged or not m.enabled for m in self.mods):
+        if any(m.merged or not m.enabled or m.earlier_A is not None for m in self.mods):
             return tuple(m(x) for m in self.mods)
         return grouped_lora_linear(x, self.w_cat, self.b_cat, [m.lora_A for m in self.mods],
                                    [m.lora_B for m in self.mods], [m.scale for m in self.mods], self.splits,

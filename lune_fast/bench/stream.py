@@ -1,0 +1,183 @@
+"""A stream of deletion requests into one lifelong state (lune_fast.state), measured as it grows.
+
+    lune-fast bench stream --per-request 1 --requests 100 --eval-every 10 --out benchmarks/results/stream_1
+
+Requests of --per-request facts from the validation set (facts nobody tuned on) go one after another into one
+state. Every --eval-every requests (and after the last), over all facts forgotten so far, on the model with
+the whole state: forget, paraphrase (naming the subject) and indirect-paraphrase recall, neighbours kept (over
+those the base model answered, relative to before), retain perplexity relative to before, and how many facts
+that were gone at an earlier check answer again ("returned"). Each request's wall time (the whole
+forget() call, no evaluation) gives the latency figures. Rows go to OUT.jsonl as they finish, the summary to
+OUT.json, the curves to OUT.png (with matplotlib).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from .harness import machine, markdown_table, write_json
+
+GOALS = "forget <= 0.05, paraphrase <= 0.20, neighbours >= 0.90x, retain ppl <= 1.10x, no fact returns"
+
+
+def _base_answers(u, facts, texts) -> tuple[dict, float]:
+    """The base model's hit on every probe of the stream's facts, by (prompt, target), and its retain ppl."""
+    from ..evaluate import Evaluation, build_probes
+
+    ev: Evaluation = u.base_evaluation(facts, texts, False, u.defaults.max_new_tokens, progress=True)
+    hits = {(p.prompt, p.target): h for p, h in zip(ev.probes, ev.hits)}
+    # a neighbour that is a later request's forget prompt is a neighbour until that request
+    for p, h in zip(build_probes(facts), ev.hits):
+        hits.setdefault((p.prompt, p.target), h)
+    return hits, ev.retain_ppl
+
+
+def measure(u, st, facts, texts, base_hits: dict, base_ppl: float) -> tuple[dict, list[bool]]:
+    """The state's METRICS over `facts` (rates over the probes the base model answered) and each fact's
+    forget hit."""
+    from .. import lora
+    from ..evaluate import evaluate
+
+    st.attach(u.model)
+    try:
+        ev = evaluate(u.model, u.encoder, facts, texts, False, u.defaults.max_new_tokens)
+    finally:
+        lora.detach(u.model)
+    known = [p.kind == "forget" or base_hits.get((p.prompt, p.target), False) for p in ev.probes]
+    m = ev.metrics(known)
+    forget_hits = [h for p, h in zip(ev.probes, ev.hits) if p.kind == "forget"]
+    return {"forget": m["forget_recall"], "para": m["paraphrase_recall"], "indirect": m["indirect_recall"],
+            "neigh_rel": m["neighbor_recall"], "ppl_rel": ev.retain_ppl / base_ppl}, forget_hits
+
+
+def meets(row: dict) -> bool:
+    return (row["forget"] <= 0.05 and (row["para"] is None or row["para"] <= 0.20)
+            and (row["neigh_rel"] is None or row["neigh_rel"] >= 0.90) and row["ppl_rel"] <= 1.10
+            and row["returned"] == 0)
+
+
+def run(u, records: list[dict], per_request: int, requests: int, eval_every: int, folder: Path,
+        out_jsonl: Path | None = None, overrides: dict | None = None) -> tuple[list[dict], list[float]]:
+    from tqdm.auto import tqdm
+
+    from ..data import read_facts
+    from ..state import State
+
+    chunks = [records[i * per_request:(i + 1) * per_request] for i in range(requests)]
+    chunks = [c for c in chunks if c]
+    texts = u.retain_texts()
+    all_facts = read_facts([r for c in chunks for r in c]).facts
+    base_hits, base_ppl = _base_answers(u, all_facts, texts)
+    rows, seconds, gone_once = [], [], set()
+    done: list = []
+    for i, chunk in enumerate(tqdm(chunks, desc="requests", unit="request")):
+        t0 = time.perf_counter()
+        r = u.forget(chunk, into=folder, progress=False, evaluate_before=False, evaluate_after=False,
+                     **(overrides or {}))
+        seconds.append(time.perf_counter() - t0)
+        done += r.facts
+        if (i + 1) % eval_every and i + 1 != len(chunks):
+            continue
+        st = State.open(folder)
+        m, hits = measure(u, st, done, texts, base_hits, base_ppl)
+        returned = sum(1 for f, h in zip(done, hits) if h and f.prompt in gone_once)
+        gone_once |= {f.prompt for f, h in zip(done, hits) if not h}
+        row = {"requests": i + 1, "facts": len(done), **m, "returned": returned, "rank": st.rank,
+               "request_s": round(seconds[-1], 3), "steps": r.cost["steps"], "stopped": r.stopped}
+        row["meets"] = meets(row)
+        rows.append(row)
+        tqdm.write(json.dumps(row))
+        if out_jsonl is not None:
+            with open(out_jsonl, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+    return rows, seconds
+
+
+def latency(seconds: list[float]) -> dict:
+    s = sorted(seconds)
+    pick = lambda q: s[min(len(s) - 1, round(q * (len(s) - 1)))]  # noqa: E731
+    head = statistics.median(seconds[:5])
+    tail = statistics.median(seconds[-5:])
+    return {"p50_s": round(pick(0.5), 3), "p95_s": round(pick(0.95), 3), "max_s": round(s[-1], 3),
+            "first5_median_s": round(head, 3), "last5_median_s": round(tail, 3),
+            "last_over_first": round(tail / head, 3), "total_s": round(sum(seconds), 1)}
+
+
+def plot(rows: list[dict], seconds: list[float], per_request: int, path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return False
+    x = [r["facts"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for key, label in (("forget", "forget"), ("para", "paraphrase"), ("indirect", "indirect paraphrase")):
+        axes[0].plot(x, [r[key] for r in rows], marker="o", ms=3, label=label)
+    axes[0].axhline(0.05, ls=":", color="gray")
+    axes[0].axhline(0.20, ls=":", color="gray")
+    axes[0].set_ylabel("recall (lower is better)")
+    axes[1].plot(x, [r["neigh_rel"] for r in rows], marker="o", ms=3, color="tab:green", label="neighbours kept")
+    axes[1].plot(x, [1 / r["ppl_rel"] for r in rows], marker="o", ms=3, color="tab:purple", label="1 / retain ppl ×")
+    axes[1].axhline(0.90, ls=":", color="gray")
+    axes[1].set_ylim(0.5, 1.05)
+    axes[2].plot([per_request * (i + 1) for i in range(len(seconds))], seconds, marker=".", ms=3, lw=0.8,
+                 color="tab:red", label="each request's seconds")
+    axes[2].set_ylim(bottom=0)
+    for ax in axes:
+        ax.set_xlabel("facts forgotten")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lune-fast bench stream", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--facts", help="records (default: the package's validation set, never tuned on)")
+    ap.add_argument("--per-request", type=int, default=1, help="facts per request")
+    ap.add_argument("--requests", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=10, help="measure the whole state every N requests")
+    ap.add_argument("--settings", default="{}", help="JSON overrides for every request")
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--out", help="write OUT.jsonl (rows), OUT.json (summary) and OUT.png (curves)")
+    a = ap.parse_args(argv)
+
+    from ..api import Unlearner
+    from ..assets import asset
+
+    source = Path(a.facts) if a.facts else asset("validation.jsonl")
+    records = [json.loads(x) for x in source.read_text().splitlines() if x.strip()]
+    need = a.per_request * a.requests
+    if need > len(records):
+        print(f"{source} has {len(records)} records: {a.requests} requests of {a.per_request} take "
+              f"{len(records) // a.per_request}")
+    u = Unlearner(a.model, dtype=a.dtype)
+    out = Path(a.out) if a.out else None
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{out}.jsonl").unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows, seconds = run(u, records, a.per_request, a.requests, a.eval_every, Path(tmp) / "state",
+                            Path(f"{out}.jsonl") if out else None, json.loads(a.settings))
+    lat = latency(seconds)
+    print(markdown_table(rows, ["requests", "facts", "forget", "para", "indirect", "neigh_rel", "ppl_rel", "returned",
+                                "rank", "request_s", "meets"]))
+    print(f"goals: {GOALS}; met at {sum(r['meets'] for r in rows)}/{len(rows)} checks")
+    print("latency per request:", json.dumps(lat))
+    if out is not None:
+        write_json(f"{out}.json", {"machine": machine(), "source": str(source), "per_request": a.per_request,
+                                   "requests": len(seconds), "settings": json.loads(a.settings), "goals": GOALS,
+                                   "latency": lat, "request_seconds": [round(s, 3) for s in seconds], "rows": rows})
+        plot(rows, seconds, a.per_request, Path(f"{out}.png"),
+             f"{len(seconds)} requests of {a.per_request} fact(s), {source.name}")
+    return 0

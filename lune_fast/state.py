@@ -1,0 +1,304 @@
+"""A lifelong unlearning state: deletion requests over time, composed into one revocable, audited adapter.
+
+The state is a folder:
+
+    adapter_model.safetensors, adapter_config.json   one plain PEFT LoRA adapter: every active request's ranks,
+                                                     side by side (rank = their sum, scale 1: each request's
+                                                     own scale is folded into its B columns)
+    ledger.jsonl                                     one line per request or revocation (the audit trail)
+    keys.safetensors                                 each keyed request's subject keys, per adapted projection:
+                                                     the next request's ranks are fitted not to read them
+
+A request's ranks are the columns of B and rows of A in the order the ledger lists the active requests, so
+revoking one removes exactly its slice. Each update writes a new folder and swaps it in (lune_fast.io), under
+a lock beside the folder: a kill leaves the old state or the new one, and two writers take turns.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import lora
+from .data import Fact
+from .io import atomic_output_dir, recover_output_dir
+
+LEDGER, KEYS, ADAPTER = "ledger.jsonl", "keys.safetensors", "adapter_model.safetensors"
+
+
+class StateError(ValueError):
+    """A state folder that cannot be used as asked (not a state, another model, an unknown request)."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fact_record(f: Fact) -> dict:
+    """A fact as a record read_facts reads back to the same Fact (TOFU's shape for a chat question), for the
+    ledger."""
+    if f.chat:
+        rec = {"question": f.prompt, "answer": f.target, "perturbed_answer": [f.replacement] if f.replacement else [],
+               "paraphrased_question": f.paraphrases[0] if f.paraphrases else None}
+    else:
+        rec = {"prompt": f.prompt, "target": f.target, "replacement": f.replacement, "subject": f.subject,
+               "paraphrases": list(f.paraphrases) + [{"prompt": p, "names_subject": False} for p in f.indirect],
+               "neighbors": [{"prompt": p, "target": t} for p, t in f.neighbors]}
+    return {k: v for k, v in rec.items() if v not in (None, [])}
+
+
+@dataclass
+class State:
+    """The state as loaded: the ledger, the adapter's layout and tensors (every active rank), and the keys.
+    `tensors` hold A [R, in] and B [out, R] per adapted projection (PEFT module path), scale folded into B."""
+    folder: Path
+    entries: list[dict] = field(default_factory=list)
+    config: dict | None = None
+    A: dict[str, torch.Tensor] = field(default_factory=dict)
+    B: dict[str, torch.Tensor] = field(default_factory=dict)
+    keys: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # request id -> linear -> [n, in]
+
+    # -- reading ------------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, folder: str | Path) -> "State":
+        """The state in `folder`; an empty one when it does not exist yet. Call it under `locked`."""
+        folder = Path(folder)
+        recover_output_dir(folder)
+        if not folder.exists():
+            return cls(folder)
+        ledger = folder / LEDGER
+        if not ledger.exists():
+            raise StateError(f"{folder} exists and is not a lune_fast state (no {LEDGER}); give --into a new "
+                             f"folder or one made by --into")
+        entries = []
+        for n, line in enumerate(ledger.read_text().splitlines(), start=1):
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise StateError(f"{ledger}:{n}: not valid JSON ({e.msg})") from None
+        state = cls(folder, entries, json.loads((folder / "adapter_config.json").read_text()))
+        if entries and entries[-1].get("adapter_sha256") != file_sha256(folder / ADAPTER):
+            raise StateError(f"{folder / ADAPTER} is not the adapter {LEDGER} records last (sha256 differs): the "
+                             f"folder was changed by hand")
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(folder / ADAPTER))
+        rank = state.rank
+        for key, t in tensors.items():
+            name = key[len(lora.PEFT_PREFIX):].rsplit(".", 2)[0]
+            if ".lora_A." in key:
+                state.A[name] = t[:rank]
+            else:
+                state.B[name] = t[:, :rank]
+        if (folder / KEYS).exists():
+            for key, t in load_file(str(folder / KEYS)).items():
+                rid, name = key.split("|", 1)
+                state.keys.setdefault(rid, {})[name] = t
+        return state
+
+    def active(self) -> list[dict]:
+        """The forget entries not revoked, in the order their ranks sit in the adapter."""
+        revoked = {e["request"] for e in self.entries if e["op"] == "revoke"}
+        return [e for e in self.entries if e["op"] == "forget" and e["id"] not in revoked]
+
+    @property
+    def rank(self) -> int:
+        return sum(e["rank"] for e in self.active())
+
+    @property
+    def facts(self) -> int:
+        return sum(len(e["records"]) for e in self.active())
+
+    def records(self, request_ids=None) -> list[dict]:
+        """The records of the active requests (or of the given ones, active or not)."""
+        chosen = self.active() if request_ids is None else [self.entry(r) for r in request_ids]
+        return [r for e in chosen for r in e["records"]]
+
+    def earlier_facts(self) -> list[Fact]:
+        """The active requests' facts (their neighbours are inputs a new request must leave alone)."""
+        from .data import read_facts
+
+        records = self.records()
+        return read_facts(records).facts if records else []
+
+    def entry(self, request_id: str) -> dict:
+        for e in self.entries:
+            if e["op"] == "forget" and e["id"] == request_id:
+                return e
+        known = ", ".join(e["id"] for e in self.entries if e["op"] == "forget") or "none"
+        raise StateError(f"{self.folder}: no request {request_id!r} (requests: {known})")
+
+    def layout(self, n_layers: int) -> lora.LoraSettings:
+        return lora.settings_from_peft(self.config, n_layers, str(self.folder / "adapter_config.json"))
+
+    def earlier_keys(self) -> dict[str, torch.Tensor]:
+        """Every active request's keys, stacked per adapted linear [m, in]."""
+        out: dict[str, list[torch.Tensor]] = {}
+        for e in self.active():
+            for name, k in self.keys.get(e["id"], {}).items():
+                out.setdefault(name, []).append(k)
+        return {n: torch.cat(v) for n, v in out.items()}
+
+    # -- checking a new request against the state -------------------------------------------------------
+    def check_request(self, layout: lora.LoraSettings, base_model: str, n_layers: int, keyed: bool,
+                      room: int | None, n_new: int) -> None:
+        if self.config is None:
+            return
+        self.check_model(base_model)
+        have = self.layout(n_layers)
+        if (have.targets, have.layers) != (layout.targets, layout.layers):
+            raise StateError(f"{self.folder} adapts {','.join(have.targets)} at layers {list(have.layers)}; this "
+                             f"request resolved to {','.join(layout.targets)} at {list(layout.layers)}: give the "
+                             f"same --targets/--layers as the state's first request")
+        held = sum(len(e["records"]) for e in self.active() if e["id"] in self.keys)
+        if keyed and room is not None and held + n_new > room:
+            raise StateError(f"{self.folder} holds {held} keyed facts and this request adds {n_new}: more than the "
+                             f"{room} one set of projections has room for; revoke requests or start another state")
+
+    def check_model(self, base_model: str) -> None:
+        if self.config is not None and self.config.get("base_model_name_or_path") != base_model:
+            raise StateError(f"{self.folder} holds requests for {self.config.get('base_model_name_or_path')}, "
+                             f"not {base_model}")
+
+    def attach(self, model) -> None:
+        """Put the whole state on `model` as one adapter (as PEFT would load the folder)."""
+        tensors, config = self.adapter_files()
+        layout = self.layout(model.config.num_hidden_layers)
+        adapters = lora.attach(model, lora.LoraSettings(rank=config["r"], alpha=config["lora_alpha"],
+                                                        targets=layout.targets, layers=layout.layers))
+        with torch.no_grad():
+            for name, m in adapters.items():
+                m.lora_A.copy_(tensors[f"{lora.PEFT_PREFIX}{name}.lora_A.weight"])
+                m.lora_B.copy_(tensors[f"{lora.PEFT_PREFIX}{name}.lora_B.weight"])
+
+    def attach_earlier(self, model) -> None:
+        """Give each adapted linear of `model` the state's ranks as fixed earlier ranks."""
+        if self.rank == 0:
+            return
+        for name, m in lora.adapters_of(model).items():
+            m.set_earlier(self.A[name], self.B[name])
+
+    # -- updating -------------------------------------------------------------------------------------------
+    def with_request(self, entry: dict, adapter: dict[str, torch.Tensor], config: dict,
+                     keys: dict[str, torch.Tensor] | None) -> "State":
+        """A new State with the request's ranks appended (adapter: its PEFT tensors, scale config's)."""
+        new = State(self.folder, self.entries + [entry], self._config_for(config), dict(self.A), dict(self.B),
+                    dict(self.keys))
+        scale = lora.LoraSettings(rank=config["r"], alpha=config["lora_alpha"],
+                                  rslora=bool(config.get("use_rslora"))).scale
+        for key, t in adapter.items():
+            name = key[len(lora.PEFT_PREFIX):].rsplit(".", 2)[0]
+            if ".lora_A." in key:
+                new.A[name] = torch.cat([self.A[name], t]) if name in self.A else t
+            else:
+                t = t * scale
+                new.B[name] = torch.cat([self.B[name], t], dim=1) if name in self.B else t
+        if keys:
+            new.keys[entry["id"]] = {n: k.float().cpu() for n, k in keys.items()}
+        return new
+
+    def without_request(self, request_id: str, entry: dict) -> "State":
+        """A new State with the request's ranks and keys removed and `entry` (the revocation) logged."""
+        target = self.entry(request_id)
+        if target not in self.active():
+            raise StateError(f"{self.folder}: request {request_id!r} was revoked already")
+        offset = 0
+        for e in self.active():
+            if e is target:
+                break
+            offset += e["rank"]
+        end = offset + target["rank"]
+        A = {n: torch.cat([a[:offset], a[end:]]) for n, a in self.A.items()}
+        B = {n: torch.cat([b[:, :offset], b[:, end:]], dim=1) for n, b in self.B.items()}
+        keys = {r: k for r, k in self.keys.items() if r != request_id}
+        return State(self.folder, self.entries + [entry], dict(self.config), A, B, keys)
+
+    def _config_for(self, config: dict) -> dict:
+        return dict(self.config) if self.config is not None else dict(config)
+
+    def next_id(self) -> str:
+        """Ledger line ids, in order: r0001, r0002, ... (a revocation gets one too)."""
+        return f"r{len(self.entries) + 1:04d}"
+
+    def adapter_files(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The PEFT tensors and config of the whole state. PEFT has no rank 0: with nothing active the adapter
+        is one zero rank (the model unchanged)."""
+        rank = self.rank
+        width = max(rank, 1)
+        tensors = {}
+        for name in self.A:
+            a, b = self.A[name], self.B[name]
+            if rank == 0:
+                a, b = torch.zeros(1, a.shape[1]), torch.zeros(b.shape[0], 1)
+            tensors[f"{lora.PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous()
+            tensors[f"{lora.PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous()
+        config = {**self.config, "r": width, "lora_alpha": float(width), "use_rslora": False}
+        return tensors, config
+
+    def commit(self) -> None:
+        """Write this state over the folder in one swap; the last ledger line gets the new adapter's hash."""
+        from safetensors.torch import save_file
+
+        tensors, config = self.adapter_files()
+        with atomic_output_dir(self.folder, overwrite=True) as tmp:
+            lora.save_adapter(tmp, tensors, config)
+            self.entries[-1]["adapter_sha256"] = file_sha256(tmp / ADAPTER)
+            self.entries[-1]["rank_after"] = self.rank
+            (tmp / LEDGER).write_text("".join(json.dumps(e) + "\n" for e in self.entries))
+            keys = {f"{rid}|{name}": k.contiguous() for rid, ks in self.keys.items() for name, k in ks.items()}
+            if keys:
+                save_file(keys, str(tmp / KEYS))
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@contextmanager
+def locked(folder: str | Path):
+    """Hold the state's lock (a file beside the folder) for a read-modify-write: one writer at a time, across
+    threads and processes."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def ledger_table(state: State) -> str:
+    """The history as a table: one row per request or revocation."""
+    active = {e["id"] for e in state.active()}
+    rows = [f"{state.folder}: {len(active)} active request(s), {state.facts} facts, rank {state.rank}", "",
+            "| id | time | op | facts | rank | forget recall before → after | neighbours after | adapter |",
+            "|---|---|---|---|---|---|---|---|"]
+
+    def rate(m, key):
+        v = (m or {}).get(key)
+        return "—" if v is None else f"{v:.2f}"
+
+    for e in state.entries:
+        if e["op"] == "forget":
+            status = "" if e["id"] in active else " (revoked)"
+            rows.append(f"| {e['id']}{status} | {e['time']} | forget | {len(e['records'])} | {e['rank']} | "
+                        f"{rate(e.get('before'), 'forget_recall')} → {rate(e.get('after'), 'forget_recall')} | "
+                        f"{rate(e.get('after'), 'neighbor_recall')} | {e['adapter_sha256'][:12]} |")
+        else:
+            after = e.get("after") or {}
+            rows.append(f"| {e['id']} | {e['time']} | revoke {e['request']} | {len(e.get('records', []))} | "
+                        f"−{e['rank']} | revoked facts now {rate(after.get('revoked'), 'forget_recall')}, others "
+                        f"{rate(after.get('remaining'), 'forget_recall')} | "
+                        f"{rate(after.get('remaining'), 'neighbor_recall')} | {e['adapter_sha256'][:12]} |")
+    return "\n".join(rows)

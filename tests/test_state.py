@@ -1,0 +1,294 @@
+"""Lifelong states (lune_fast.state): requests composed into one PEFT adapter, the ledger, revocation, atomic
+updates under kills, and an Unlearner shared between threads."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, rel_err
+from lune_fast import lora
+from lune_fast.state import ADAPTER, LEDGER, State, StateError, file_sha256, locked
+
+RECORDS_1 = [{"prompt": "The capital of France is", "target": "Paris"},
+             {"prompt": "The author of Hamlet is", "target": "William Shakespeare"}]
+RECORDS_2 = [{"prompt": "The largest planet is", "target": "Jupiter"},
+             {"prompt": "The chemical symbol for gold is", "target": "Au"},
+             {"prompt": "The inventor of the telephone was", "target": "Alexander Graham Bell"}]
+# a random model gives every answer ~1/vocab: a tiny stop threshold makes each request train its 3 steps
+TINY = dict(progress=False, evaluate_before=False, evaluate_after=False, steps=3, layers="1-2", recall_rounds=0,
+            stop_prob=1e-12)
+
+
+@pytest.fixture(scope="module")
+def tiny_unlearner(tiny_lm):
+    from lune_fast.api import Unlearner
+
+    return Unlearner(str(tiny_lm), dtype="float32")
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / ADAPTER))
+
+
+def test_requests_compose_into_one_peft_adapter_and_revoke_removes_exactly_their_ranks(tiny_unlearner, tmp_path,
+                                                                                     monkeypatch):
+    import huggingface_hub
+    from peft import AutoPeftModelForCausalLM
+
+    u, d = tiny_unlearner, tmp_path / "state"
+    r1 = u.forget(RECORDS_1, into=d, **TINY)
+    after_1 = _tensors(d)
+    r2 = u.forget(RECORDS_2, into=d, **TINY)
+    assert (r1.request_id, r2.request_id) == ("r0001", "r0002")
+    assert not lora.adapters_of(u.model)  # the model is left clean
+
+    # one plain adapter of rank 2 + 3 whose first ranks are request 1's, unchanged by request 2
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    assert cfg["r"] == 5 and cfg["lora_alpha"] == 5.0
+    both = _tensors(d)
+    for k, t in after_1.items():
+        part = both[k][:2] if ".lora_A." in k else both[k][:, :2]
+        assert torch.equal(part, t)
+        assert rel_err(both[k][2:] if ".lora_A." in k else both[k][:, 2:],
+                       r2.adapter[k] * (1 if ".lora_A." in k else r2.adapter_config["lora_alpha"] /
+                                        r2.adapter_config["r"])) == 0
+
+    # the new ranks do not read the earlier subjects: |A_2 k_1| is small next to A_2 k_2 (≈ I)
+    st = State.open(d)
+    for name, a in st.A.items():
+        k1, k2 = st.keys["r0001"][name], st.keys["r0002"][name]
+        own = (a[2:] @ k2.t()).diagonal()
+        cross = (a[2:] @ k1.t()).abs().max()
+        assert own.min() > 0.9 and cross < 0.02 * own.min(), (name, own, cross)
+
+    # the ledger: one line per request with what the contract names, and the last adapter's hash
+    lines = [json.loads(x) for x in (d / LEDGER).read_text().splitlines()]
+    assert [e["id"] for e in lines] == ["r0001", "r0002"]
+    for e in lines:
+        assert {"id", "time", "records", "settings", "before", "after", "adapter_sha256", "rank"} <= set(e)
+    assert lines[0]["records"][1] == RECORDS_1[1] and lines[1]["rank"] == 3
+    assert lines[-1]["adapter_sha256"] == file_sha256(d / ADAPTER)
+
+    # PEFT loads the state folder as it is, and gives our logits with the state on
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(d)).eval()
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    lora.load_adapter(u.model, d)
+    with torch.no_grad():
+        got, ref = u.model(ids), peft_model(ids).logits
+    lora.detach(u.model)
+    assert rel_err(got, ref) <= 1e-5
+
+    # revoking request 1 leaves exactly request 2's ranks; revoking request 2 then leaves the model as it was
+    u.revoke(d, "r0001", evaluate_after=False)
+    only_2 = _tensors(d)
+    for k, t in only_2.items():
+        assert torch.equal(t, both[k][2:] if ".lora_A." in k else both[k][:, 2:])
+    with pytest.raises(StateError, match="r0001.*revoked already"):
+        u.revoke(d, "r0001", evaluate_after=False)
+    with pytest.raises(StateError, match=r"no request 'r0042' \(requests: r0001, r0002\)"):
+        u.revoke(d, "r0042", evaluate_after=False)
+    line = u.revoke(d, "r0002", evaluate_after=False)
+    assert line["id"] == "r0004" and line["request"] == "r0002"
+    lora.load_adapter(u.model, d)  # an empty state is a zero adapter: the base model
+    with torch.no_grad():
+        empty = u.model(ids)
+    lora.detach(u.model)
+    with torch.no_grad():
+        assert torch.equal(empty, u.model(ids))
+    assert State.open(d).rank == 0 and [e["op"] for e in State.open(d).entries] == ["forget"] * 2 + ["revoke"] * 2
+
+
+def test_a_state_refuses_other_folders_layouts_and_hand_edits(tiny_unlearner, tmp_path):
+    u = tiny_unlearner
+    plain = tmp_path / "plain"
+    u.forget(RECORDS_1, **TINY).save(plain)
+    with pytest.raises(StateError, match=r"plain exists and is not a lune_fast state \(no ledger.jsonl\)"):
+        u.forget(RECORDS_2, into=plain, **TINY)
+    d = tmp_path / "state"
+    u.forget(RECORDS_1, into=d, **TINY)
+    with pytest.raises(StateError, match=r"adapts down at layers \[1, 2\]; this request resolved to down at \[0, 1\]"):
+        u.forget(RECORDS_2, into=d, **{**TINY, "layers": "0-1"})
+    ledger_before = (d / LEDGER).read_text()
+    (d / ADAPTER).write_bytes((d / ADAPTER).read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(StateError, match="sha256 differs"):
+        u.forget(RECORDS_2, into=d, **TINY)
+    assert (d / LEDGER).read_text() == ledger_before  # a refused request wrote nothing
+
+
+def test_the_cli_adds_lists_and_revokes(tiny_lm, tmp_path, capsys):
+    from lune_fast.cli import main
+
+    facts = tmp_path / "f.jsonl"
+    facts.write_text("".join(json.dumps(r) + "\n" for r in RECORDS_1))
+    d = tmp_path / "state"
+    args = ["unlearn", "--forget", str(facts), "--into", str(d), "--model", str(tiny_lm), "--dtype", "float32",
+            "--quiet", "--no-eval", "--steps", "2", "--layers", "1-2", "--recall-rounds", "0", "--stop-prob", "1e-12"]
+    assert main(args) == 0 and main(args) == 0
+    out = capsys.readouterr().out
+    assert "request r0001 added to" in out and "request r0002 added to" in out
+    assert main(["ledger", str(d)]) == 0
+    table = capsys.readouterr().out
+    assert "2 active request(s), 4 facts, rank 4" in table and "| r0002 | " in table
+    assert main(["revoke", "--into", str(d), "--request", "r0001", "--no-eval", "--model", str(tiny_lm)]) == 0
+    assert main(["ledger", str(d)]) == 0
+    table = capsys.readouterr().out
+    assert "| r0001 (revoked) |" in table and "revoke r0001" in table and "rank 2" in table
+    assert main(["ledger", str(tmp_path / "nothing")]) == 2
+    assert "no such state folder" in capsys.readouterr().err
+
+
+# -- atomic updates -------------------------------------------------------------------------------------------
+WRITER = r"""
+import sys, torch
+from lune_fast.state import State, locked, now
+folder, start = sys.argv[1], int(sys.argv[2])
+cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "m", "r": 2, "lora_alpha": 2.0,
+       "target_modules": ["down_proj"], "layers_to_transform": [0], "layers_pattern": "layers"}
+name = "base_model.model.model.layers.0.mlp.down_proj"
+for i in range(start, start + 10**6):
+    with locked(folder):
+        st = State.open(folder)
+        g = torch.Generator().manual_seed(i)
+        ad = {name + ".lora_A.weight": torch.randn(2, 256, generator=g), name + ".lora_B.weight": torch.randn(128, 2, generator=g)}
+        entry = {"id": st.next_id(), "op": "forget", "time": now(), "records": [{"prompt": str(i), "target": "x"}], "rank": 2}
+        st.with_request(entry, ad, cfg, {"layers.0.mlp.down_proj": torch.randn(1, 256, generator=g)}).commit()
+    print(i, flush=True)
+"""
+
+
+def _consistent(folder: Path) -> int:
+    """Open the state the way a request would and check that the folder is one whole state; its request count."""
+    with locked(folder):
+        st = State.open(folder)  # raises if the ledger and the adapter disagree
+    assert st.rank == 2 * len(st.active()) == 2 * len(st.entries)
+    assert set(st.keys) == {e["id"] for e in st.entries}
+    assert all(a.shape[0] == st.rank for a in st.A.values())
+    return len(st.entries)
+
+
+def test_a_kill_at_any_moment_leaves_the_old_state_or_the_new(tmp_path):
+    """SIGKILL a process that updates a state as fast as it can, at 12 moments, and open the state each time."""
+    d = tmp_path / "state"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    seen = 0
+    for k in range(12):
+        p = subprocess.Popen([sys.executable, "-c", WRITER, str(d), str(1000 * k)], stdout=subprocess.PIPE, env=env,
+                             text=True)
+        assert p.stdout.readline()  # at least one update done: the kill falls inside a later one
+        time.sleep(0.013 * k)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        n = _consistent(d)
+        assert n >= seen + 1  # nothing finished is lost
+        seen = n
+    assert not list(tmp_path.glob(".state.tmp-*")) and not list(tmp_path.glob(".state.old-*"))
+
+
+def test_an_interrupted_swap_is_put_back(tmp_path, monkeypatch):
+    """A failure at each rename of the swap (the moments a kill can split) leaves a whole state."""
+    import lune_fast.io as io_mod
+
+    d = tmp_path / "state"
+    env_code = WRITER.replace("for i in range(start, start + 10**6):", "for i in range(start, start + 1):")
+    subprocess.run([sys.executable, "-c", env_code, str(d), "0"], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    real = os.replace
+    for fail_at in (0, 1):
+        calls = []
+
+        def replace(a, b):
+            calls.append(a)
+            if len(calls) - 1 == fail_at:
+                raise KeyboardInterrupt  # stands for the kill: nothing after it runs
+            return real(a, b)
+
+        monkeypatch.setattr(io_mod.os, "replace", replace)
+        st = State.open(d)
+        st.entries[-1] = dict(st.entries[-1])
+        with pytest.raises(KeyboardInterrupt):
+            st.without_request(st.entries[0]["id"], {"id": "x", "op": "revoke", "request": st.entries[0]["id"],
+                                                     "time": "t", "rank": 2}).commit()
+        monkeypatch.setattr(io_mod.os, "replace", real)
+        if fail_at == 1:  # killed between the renames: the folder is gone until the next open puts it back
+            assert not d.exists()
+        assert _consistent(d) == 1
+
+
+# -- an Unlearner shared between threads ----------------------------------------------------------------
+def test_calls_from_two_threads_take_turns_and_give_what_one_thread_gives(tiny_unlearner, tmp_path):
+    u = tiny_unlearner
+    solo = [u.forget(r, **TINY).adapter for r in (RECORDS_1, RECORDS_2)]
+    spans, real = [], u._forget
+
+    def timed(*args):
+        t0 = time.perf_counter()
+        try:
+            return real(*args)
+        finally:
+            spans.append((t0, time.perf_counter()))
+
+    u._forget = timed
+    results = [None, None]
+
+    def run(i, recs):
+        results[i] = u.forget(recs, **TINY).adapter
+
+    try:
+        threads = [threading.Thread(target=run, args=(i, r)) for i, r in enumerate((RECORDS_1, RECORDS_2))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        del u._forget
+    (a0, a1), (b0, b1) = sorted(spans)
+    assert a1 <= b0  # one call ran after the other
+    for got, want in zip(results, solo):
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_fact_records_in_the_ledger_read_back_to_the_same_facts():
+    from lune_fast.data import read_facts
+    from lune_fast.state import fact_record
+
+    records = [{"prompt": "The Eiffel Tower is in", "target": "Paris", "subject": "The Eiffel Tower",
+                "paraphrases": ["Where is the Eiffel Tower? It is in", {"prompt": "That iron tower is in",
+                                                                       "names_subject": False}],
+                "neighbors": [{"prompt": "The Colosseum is in", "target": "Rome"}], "replacement": "Lyon"},
+               {"question": "Who wrote Hamlet?", "answer": "Shakespeare", "paraphrased_question": "Hamlet's author?",
+                "perturbed_answer": ["Marlowe"]}]
+    facts = read_facts(records).facts
+    again = read_facts([fact_record(f) for f in facts]).facts
+    for f, g in zip(facts, again):
+        f.source = g.source = ""
+        assert f == g
+
+
+def test_on_the_default_model_a_revoked_request_comes_back_and_the_others_stay_forgotten(tmp_path):
+    """Two requests of four known facts into one state, then the first revoked (measured: both forgotten
+    (0/8), after the revoke the first request's facts answer again 4/4 and the second's stay gone 0/4)."""
+    from lune_fast.api import Unlearner, asset
+
+    records = [json.loads(x) for x in asset("facts.jsonl").read_text().splitlines()]
+    first, second = records[::12][:4], records[5::12][:4]
+    u, d = Unlearner("default"), tmp_path / "state"
+    u.forget(first, into=d, progress=False, evaluate_before=False, evaluate_after=False)
+    r2 = u.forget(second, into=d, progress=False, evaluate_before=False)
+    assert r2.after["forget_recall"] <= 0.25
+    both = u._state_metrics(State.open(d), first + second, u.retain_texts(), False)
+    assert both["forget_recall"] <= 0.25  # the first request's facts stayed forgotten through the second
+    line = u.revoke(d, "r0001")
+    assert line["after"]["revoked"]["forget_recall"] >= 0.75
+    assert line["after"]["remaining"]["forget_recall"] <= 0.25
+    assert json.loads((d / LEDGER).read_text().splitlines()[-1])["after"] == line["after"]
