@@ -131,16 +131,18 @@ class Unlearner:
         the state's earlier requests acting, its keyed ranks fitted not to read their subjects, and added to
         the state with a ledger line (result.request_id); `after` is the whole state's. A run that diverges
         leaves the state as it was."""
+        def run(st: lifelong.State | None) -> ForgetResult:
+            return self._forget(records, mode, retain, evaluate_before, evaluate_after, retain_texts, progress,
+                                checkpoint_dir, resume, st, overrides)
+
         with self._lock:
             if into is None:
-                return self._forget(records, mode, retain, evaluate_before, evaluate_after, retain_texts, progress,
-                                    checkpoint_dir, resume, None, overrides)
+                return run(None)
             if self.dist is not None:
                 raise SettingsError("a lifelong state (into=) is updated by one process; run without torchrun")
             with lifelong.locked(into):
                 st = lifelong.State.open(into)
-                result = self._forget(records, mode, retain, evaluate_before, evaluate_after, retain_texts,
-                                      progress, checkpoint_dir, resume, st, overrides)
+                result = run(st)
                 if result.error is None:
                     self._commit_request(st, result)
                 return result

@@ -169,6 +169,23 @@ def _settings_from_args(a) -> dict:
     return {k: v for k, v in vars(a).items() if k in names and v is not None}
 
 
+def _forget(u, a, **where):
+    """The forget() call both kinds of `unlearn` make, from the command line's settings."""
+    return u.forget(a.forget, retain=a.retain, retain_texts=a.retain_text, progress=not a.quiet,
+                    evaluate_before=not a.no_eval, evaluate_after=not a.no_eval, **where, **_settings_from_args(a))
+
+
+def _print_outcome(result, a, done: str | None) -> None:
+    for line in result.skipped:
+        print(f"lune-fast: skipped {line}", file=sys.stderr)
+    if not a.quiet:
+        print(result.table())
+        print(json.dumps(result.cost))
+    if done:
+        print(done)
+    _warn_unmet(result, a)
+
+
 def cmd_unlearn(a) -> int:
     from .api import Unlearner
     from .io import OutputExistsError
@@ -183,24 +200,16 @@ def cmd_unlearn(a) -> int:
         raise OutputExistsError(f"{ckpt} holds the checkpoint of an interrupted run; pass --resume to continue "
                                 f"it, or remove the folder to start again")
     u = Unlearner(a.model, dtype=a.dtype, device=a.device, fsdp=a.fsdp)
-    result = u.forget(a.forget, retain=a.retain, retain_texts=a.retain_text, progress=not a.quiet,
-                      evaluate_before=not a.no_eval, evaluate_after=not a.no_eval, checkpoint_dir=ckpt,
-                      resume=a.resume, **_settings_from_args(a))
+    result = _forget(u, a, checkpoint_dir=ckpt, resume=a.resume)
     if u.dist is not None and not u.dist.is_main:
         u.dist.close()  # rank 0 writes; the others wait so that the job ends together
         return 0
-    for line in result.skipped:
-        print(f"lune-fast: skipped {line}", file=sys.stderr)
     result.save(out, overwrite=a.overwrite)
     if ckpt.exists():
         import shutil
 
         shutil.rmtree(ckpt, ignore_errors=True)
-    if not a.quiet:
-        print(result.table())
-        print(json.dumps(result.cost))
-        print(f"adapter and report written to {out}")
-    _warn_unmet(result, a)
+    _print_outcome(result, a, None if a.quiet else f"adapter and report written to {out}")
     if u.dist is not None:
         u.dist.close()
     if result.error:
@@ -216,20 +225,11 @@ def _unlearn_into(a) -> int:
     if a.resume or a.fsdp or a.overwrite:
         raise SettingsError("--into updates a state in place, one process: --resume, --fsdp and --overwrite do not "
                             "apply (a request that fails leaves the state as it was)")
-    u = Unlearner(a.model, dtype=a.dtype, device=a.device)
-    result = u.forget(a.forget, retain=a.retain, retain_texts=a.retain_text, progress=not a.quiet,
-                      evaluate_before=not a.no_eval, evaluate_after=not a.no_eval, into=a.into,
-                      **_settings_from_args(a))
-    for line in result.skipped:
-        print(f"lune-fast: skipped {line}", file=sys.stderr)
+    result = _forget(Unlearner(a.model, dtype=a.dtype, device=a.device), a, into=a.into)
     if result.error:
         print(f"lune-fast: {result.error}; the state in {a.into} is unchanged", file=sys.stderr)
         return EXIT_DIVERGED
-    if not a.quiet:
-        print(result.table())
-        print(json.dumps(result.cost))
-    _warn_unmet(result, a)
-    print(f"request {result.request_id} added to {a.into} ({len(result.facts)} facts)")
+    _print_outcome(result, a, f"request {result.request_id} added to {a.into} ({len(result.facts)} facts)")
     return 0
 
 
@@ -369,8 +369,8 @@ def cmd_demo(a) -> int:
     return 0
 
 
-COMMANDS = {"unlearn": cmd_unlearn, "revoke": cmd_revoke, "ledger": cmd_ledger, "eval": cmd_eval, "merge": cmd_merge, "export": cmd_export, "bench": cmd_bench,
-            "demo": cmd_demo}
+COMMANDS = {"unlearn": cmd_unlearn, "revoke": cmd_revoke, "ledger": cmd_ledger, "eval": cmd_eval, "merge": cmd_merge,
+            "export": cmd_export, "bench": cmd_bench, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -158,14 +158,13 @@ class LoRALinear(nn.Module):
                                            self.earlier_B.to(x.dtype).t())
         return y
 
-    def set_earlier(self, A: torch.Tensor | None, B: torch.Tensor | None) -> None:
+    def set_earlier(self, A: torch.Tensor, B: torch.Tensor) -> None:
         """Fixed ranks that act beside this adapter: A [R, in], B [out, R] with the scale folded in."""
-        if A is not None and (A.shape[1] != self.in_features or B.shape != (self.out_features, A.shape[0])):
+        if A.shape[1] != self.in_features or B.shape != (self.out_features, A.shape[0]):
             raise AdapterError(f"earlier ranks of shapes {tuple(A.shape)}, {tuple(B.shape)} do not fit a "
                                f"{self.out_features}x{self.in_features} projection")
-        dev = self.lora_A.device
-        self.earlier_A = None if A is None else A.detach().float().to(dev)
-        self.earlier_B = None if B is None else B.detach().float().to(dev)
+        self.earlier_A = A.detach().float().to(self.lora_A.device)
+        self.earlier_B = B.detach().float().to(self.lora_A.device)
 
     def delta_weight(self) -> torch.Tensor:
         delta = (self.lora_B @ self.lora_A) * self.scale
@@ -344,13 +343,24 @@ def unmerge(model: Transformer) -> None:
 PEFT_PREFIX = "base_model.model.model."
 
 
+def peft_key(module: str, part: str) -> str:
+    """'layers.3.mlp.down_proj', 'lora_A' -> PEFT's tensor name."""
+    return f"{PEFT_PREFIX}{module}.{part}.weight"
+
+
+def split_peft_key(key: str) -> tuple[str, str]:
+    """PEFT's tensor name -> (module path, 'lora_A' | 'lora_B'): the inverse of peft_key."""
+    module, part, _ = key[len(PEFT_PREFIX):].rsplit(".", 2)
+    return module, part
+
+
 def adapter_state(model: Transformer, whole=lambda t: t) -> dict[str, torch.Tensor]:
     """PEFT keys -> float32 CPU tensors. `whole` turns a parameter into a plain tensor (the identity, unless
     the parameters are sharded: lune_fast.distributed.adapter_state passes its gather)."""
     out = {}
     for name, m in adapters_of(model).items():
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = whole(m.lora_A.detach()).float().cpu().contiguous()
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = whole(m.lora_B.detach()).float().cpu().contiguous()
+        out[peft_key(name, "lora_A")] = whole(m.lora_A.detach()).float().cpu().contiguous()
+        out[peft_key(name, "lora_B")] = whole(m.lora_B.detach()).float().cpu().contiguous()
     return out
 
 
@@ -419,26 +429,33 @@ def load_adapter(model: Transformer, folder: str | Path) -> LoraSettings:
         state = load_file(str(w_path))
     except (SafetensorError, OSError) as e:
         raise AdapterError(f"{w_path}: not a readable safetensors file ({e})") from None
+    return attach_tensors(model, settings, state, str(w_path))
+
+
+def attach_tensors(model: Transformer, settings: LoraSettings, state: dict[str, torch.Tensor], source: str
+                   ) -> LoraSettings:
+    """Attach adapters laid out as `settings` and fill them from PEFT-keyed tensors, each checked (a missing,
+    misshaped or extra tensor is an AdapterError naming `source`; the model is left without adapters)."""
     adapters = attach(model, settings)
     expected = set()
     for name, m in adapters.items():
         for part, param in (("lora_A", m.lora_A), ("lora_B", m.lora_B)):
-            key = f"{PEFT_PREFIX}{name}.{part}.weight"
+            key = peft_key(name, part)
             expected.add(key)
             t = state.get(key)
             if t is None:
                 detach(model)
-                raise AdapterError(f"{w_path}: tensor {key!r} missing (adapter_config.json lists it)")
+                raise AdapterError(f"{source}: tensor {key!r} missing (adapter_config.json lists it)")
             if tuple(t.shape) != tuple(param.shape):
                 detach(model)
-                raise AdapterError(f"{w_path}: tensor {key!r} has shape {tuple(t.shape)}, expected "
+                raise AdapterError(f"{source}: tensor {key!r} has shape {tuple(t.shape)}, expected "
                                    f"{tuple(param.shape)} (r={settings.rank} in adapter_config.json)")
             with torch.no_grad():
                 param.copy_(t)
     extra = sorted(set(state) - expected)
     if extra:
         detach(model)
-        raise AdapterError(f"{w_path}: tensor(s) not described by adapter_config.json: {', '.join(extra[:3])}")
+        raise AdapterError(f"{source}: tensor(s) not described by adapter_config.json: {', '.join(extra[:3])}")
     return settings
 
 

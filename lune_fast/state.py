@@ -95,8 +95,8 @@ class State:
         tensors = load_file(str(folder / ADAPTER))
         rank = state.rank
         for key, t in tensors.items():
-            name = key[len(lora.PEFT_PREFIX):].rsplit(".", 2)[0]
-            if ".lora_A." in key:
+            name, part = lora.split_peft_key(key)
+            if part == "lora_A":
                 state.A[name] = t[:rank]
             else:
                 state.B[name] = t[:, :rank]
@@ -119,10 +119,9 @@ class State:
     def facts(self) -> int:
         return sum(len(e["records"]) for e in self.active())
 
-    def records(self, request_ids=None) -> list[dict]:
-        """The records of the active requests (or of the given ones, active or not)."""
-        chosen = self.active() if request_ids is None else [self.entry(r) for r in request_ids]
-        return [r for e in chosen for r in e["records"]]
+    def records(self) -> list[dict]:
+        """The records of the active requests."""
+        return [r for e in self.active() for r in e["records"]]
 
     def earlier_facts(self) -> list[Fact]:
         """The active requests' facts (their neighbours are inputs a new request must leave alone)."""
@@ -150,8 +149,8 @@ class State:
         return {n: torch.cat(v) for n, v in out.items()}
 
     # -- checking a new request against the state -------------------------------------------------------
-    def check_request(self, layout: lora.LoraSettings, base_model: str, n_layers: int, keyed: bool,
-                      room: int | None, n_new: int) -> None:
+    def check_request(self, layout: lora.LoraSettings, base_model: str, n_layers: int, keyed: bool, room: int,
+                      n_new: int) -> None:
         if self.config is None:
             return
         self.check_model(base_model)
@@ -161,7 +160,7 @@ class State:
                              f"request resolved to {','.join(layout.targets)} at {list(layout.layers)}: give the "
                              f"same --targets/--layers as the state's first request")
         held = sum(len(e["records"]) for e in self.active() if e["id"] in self.keys)
-        if keyed and room is not None and held + n_new > room:
+        if keyed and held + n_new > room:
             raise StateError(f"{self.folder} holds {held} keyed facts and this request adds {n_new}: more than the "
                              f"{room} one set of projections has room for; revoke requests or start another state")
 
@@ -173,13 +172,8 @@ class State:
     def attach(self, model) -> None:
         """Put the whole state on `model` as one adapter (as PEFT would load the folder)."""
         tensors, config = self.adapter_files()
-        layout = self.layout(model.config.num_hidden_layers)
-        adapters = lora.attach(model, lora.LoraSettings(rank=config["r"], alpha=config["lora_alpha"],
-                                                        targets=layout.targets, layers=layout.layers))
-        with torch.no_grad():
-            for name, m in adapters.items():
-                m.lora_A.copy_(tensors[f"{lora.PEFT_PREFIX}{name}.lora_A.weight"])
-                m.lora_B.copy_(tensors[f"{lora.PEFT_PREFIX}{name}.lora_B.weight"])
+        lora.attach_tensors(model, lora.settings_from_peft(config, model.config.num_hidden_layers, str(self.folder)),
+                            tensors, str(self.folder))
 
     def attach_earlier(self, model) -> None:
         """Give each adapted linear of `model` the state's ranks as fixed earlier ranks."""
@@ -192,13 +186,13 @@ class State:
     def with_request(self, entry: dict, adapter: dict[str, torch.Tensor], config: dict,
                      keys: dict[str, torch.Tensor] | None) -> "State":
         """A new State with the request's ranks appended (adapter: its PEFT tensors, scale config's)."""
-        new = State(self.folder, self.entries + [entry], self._config_for(config), dict(self.A), dict(self.B),
-                    dict(self.keys))
+        new = State(self.folder, self.entries + [entry], dict(self.config if self.config is not None else config),
+                    dict(self.A), dict(self.B), dict(self.keys))
         scale = lora.LoraSettings(rank=config["r"], alpha=config["lora_alpha"],
                                   rslora=bool(config.get("use_rslora"))).scale
         for key, t in adapter.items():
-            name = key[len(lora.PEFT_PREFIX):].rsplit(".", 2)[0]
-            if ".lora_A." in key:
+            name, part = lora.split_peft_key(key)
+            if part == "lora_A":
                 new.A[name] = torch.cat([self.A[name], t]) if name in self.A else t
             else:
                 t = t * scale
@@ -223,9 +217,6 @@ class State:
         keys = {r: k for r, k in self.keys.items() if r != request_id}
         return State(self.folder, self.entries + [entry], dict(self.config), A, B, keys)
 
-    def _config_for(self, config: dict) -> dict:
-        return dict(self.config) if self.config is not None else dict(config)
-
     def next_id(self) -> str:
         """Ledger line ids, in order: r0001, r0002, ... (a revocation gets one too)."""
         return f"r{len(self.entries) + 1:04d}"
@@ -240,8 +231,8 @@ class State:
             a, b = self.A[name], self.B[name]
             if rank == 0:
                 a, b = torch.zeros(1, a.shape[1]), torch.zeros(b.shape[0], 1)
-            tensors[f"{lora.PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous()
-            tensors[f"{lora.PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous()
+            tensors[lora.peft_key(name, "lora_A")] = a.contiguous()
+            tensors[lora.peft_key(name, "lora_B")] = b.contiguous()
         config = {**self.config, "r": width, "lora_alpha": float(width), "use_rslora": False}
         return tensors, config
 

@@ -26,14 +26,10 @@ GOALS = "forget <= 0.05, paraphrase <= 0.20, neighbours >= 0.90x, retain ppl <= 
 
 def _base_answers(u, facts, texts) -> tuple[dict, float]:
     """The base model's hit on every probe of the stream's facts, by (prompt, target), and its retain ppl."""
-    from ..evaluate import Evaluation, build_probes
-
-    ev: Evaluation = u.base_evaluation(facts, texts, False, u.defaults.max_new_tokens, progress=True)
-    hits = {(p.prompt, p.target): h for p, h in zip(ev.probes, ev.hits)}
-    # a neighbour that is a later request's forget prompt is a neighbour until that request
-    for p, h in zip(build_probes(facts), ev.hits):
-        hits.setdefault((p.prompt, p.target), h)
-    return hits, ev.retain_ppl
+    ev = u.base_evaluation(facts, texts, False, u.defaults.max_new_tokens, progress=True)
+    # keyed by text, not position: a neighbour that is a later request's forget prompt is a neighbour until
+    # that request, and its base answer is the forget probe's
+    return {(p.prompt, p.target): h for p, h in zip(ev.probes, ev.hits)}, ev.retain_ppl
 
 
 def measure(u, st, facts, texts, base_hits: dict, base_ppl: float) -> tuple[dict, list[bool]]:
