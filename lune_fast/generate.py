@@ -52,10 +52,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     ids, key_mask = ids.to(dev), key_mask.to(dev)
     positions = (key_mask[:, :T].long().cumsum(-1) - 1).clamp_min(0)
     cache = KVCache(cfg, B, T + max_new_tokens, model.dtype, dev)
-    # Decode steps need an explicit mask when rows are padded or the sliding window can bite.
-    explicit = not bool(key_mask[:, :T].all()) or (
-        cfg.sliding_window is not None and T + max_new_tokens > cfg.sliding_window)
-    mask = AttnMask(False, allowed_keys(key_mask[:, :T], T, cfg.sliding_window)) if explicit else AttnMask()
+    # Decode steps need an explicit mask when rows are padded (sliding windows are each layer's: AttnMask.windowed)
+    explicit = not bool(key_mask[:, :T].all())
+    mask = AttnMask(False, allowed_keys(key_mask[:, :T], T)) if explicit else AttnMask()
     h = model.run_layers(model.embed(ids), positions, mask, cache=cache)
     cache.length = T
     out = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=dev)
@@ -81,8 +80,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
             rows, tok, started, next_pos, key_mask = rows[keep], tok[keep], started[keep], next_pos[keep], key_mask[keep]
             cache.keep_rows(keep)
         L = cache.length + 1
-        step_mask = AttnMask(False, allowed_keys(key_mask[:, :L], 1, cfg.sliding_window, offset=L - 1)) \
-            if explicit else AttnMask()
+        step_mask = AttnMask(False, allowed_keys(key_mask[:, :L], 1, offset=L - 1)) if explicit else AttnMask()
         h = model.run_layers(model.embed(tok[:, None]), next_pos, step_mask, cache=cache)
         cache.length = L
         next_pos = next_pos + 1

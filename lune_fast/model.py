@@ -1,6 +1,7 @@
-"""A minimal frozen Llama-family transformer (llama, mistral, qwen2).
+"""A minimal frozen decoder for the Llama family (llama, mistral, qwen2) and Gemma 3 (gemma3_text).
 
-The whole model is this file (greedy decoding is lune_fast.generate). It knows nothing of LoRA or training:
+The whole model is this file (greedy decoding is lune_fast.generate); what Gemma 3 changes from a Llama block is
+a handful of config switches (ModelConfig, "Gemma switches"). It knows nothing of LoRA or training:
 lune_fast.lora swaps the projection modules for adapted ones, and the trainer calls the pieces (embed,
 run_layers, norm) separately so that it can cache the frozen prefix and take hidden states at answer
 positions only.
@@ -16,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma3_text")
+# transformers writes config.json as the difference from its class defaults; these are Gemma3TextConfig's.
+GEMMA3_DEFAULTS = {"head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6,
+                   "tie_word_embeddings": True, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+                   "sliding_window_pattern": 6, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+                   "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "max_position_embeddings": 131_072}
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class ConfigError(ValueError):
@@ -44,6 +51,24 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
+    # Gemma switches (the Llama family leaves them all at these values)
+    hidden_act: str = "silu"
+    norm_offset: float = 0.0  # RMSNorm scales by (norm_offset + w), in float32 before the cast back
+    sandwich_norms: bool = False  # norms after attention and after the MLP as well as before them
+    qk_norm: bool = False  # RMSNorm over each head's q and k before rope
+    embed_scale: float = 1.0  # embeddings are multiplied by this (√hidden for Gemma)
+    attn_scale: float | None = None  # q·k scale; None = head_dim ** -0.5
+    # per layer: its sliding window (None = full attention); empty = sliding_window for every layer
+    windows: tuple = ()
+    # rope of the windowed layers when it differs from the full-attention layers' (Gemma 3); None = the same
+    local_rope_theta: float | None = None
+
+    def __post_init__(self):
+        if not self.windows:
+            self.windows = (self.sliding_window,) * self.num_hidden_layers
+
+    def local_rope(self, layer: int) -> bool:
+        return self.local_rope_theta is not None and self.windows[layer] is not None
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
@@ -51,6 +76,8 @@ class ModelConfig:
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"{source}: model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        if mt == "gemma3_text":
+            d = {**GEMMA3_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if not isinstance(d.get(key), int) or d[key] <= 0:
                 raise ConfigError(f"{source}: field {key!r} must be a positive integer, found {d.get(key)!r}")
@@ -63,21 +90,32 @@ class ModelConfig:
         # transformers >= 5 nests rope settings in rope_parameters; older configs keep rope_theta at the top
         # level and the scaling in rope_scaling ("type" or "rope_type").
         rope = dict(d.get("rope_parameters") or {})
+        local_theta = None
+        if mt == "gemma3_text":  # one rope per layer kind, nested by kind (or rope_local_base_freq, older)
+            local = rope.pop("sliding_attention", None) or {}
+            rope = rope.pop("full_attention", None) or rope
+            local_theta = float(local.get("rope_theta", d["rope_local_base_freq"]))
+            if local.get("rope_type", "default") != "default":
+                raise ConfigError(f"{source}: rope type {local['rope_type']!r} of the sliding layers is not "
+                                  f"supported (default)")
         scaling = d.get("rope_scaling") or {}
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-        if rope_type not in ("default", "llama3"):
-            raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (default, llama3)")
+        if rope_type not in ("default", "llama3", "linear"):
+            raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (default, linear, llama3)")
         rope_scaling = None
+        src = {**scaling, **rope}
         if rope_type == "llama3":
-            src = {**scaling, **rope}
             rope_scaling = {k: src[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
                                                 "original_max_position_embeddings")}
+        elif rope_type == "linear":
+            rope_scaling = {"factor": float(src["factor"])}
         eos = d.get("eos_token_id")
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         sliding = d.get("sliding_window") if mt == "mistral" else None
         if mt == "qwen2" and d.get("use_sliding_window"):
             sliding = d.get("sliding_window")
+        gemma = cls._gemma_switches(d, source) if mt == "gemma3_text" else {}
         return cls(
             model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
@@ -88,7 +126,26 @@ class ModelConfig:
             attention_bias=True if mt == "qwen2" else bool(d.get("attention_bias", False)),
             mlp_bias=bool(d.get("mlp_bias", False)), sliding_window=sliding,
             bos_token_id=d.get("bos_token_id"), eos_token_id=eos, pad_token_id=d.get("pad_token_id"),
+            local_rope_theta=local_theta, **gemma,
         )
+
+    @staticmethod
+    def _gemma_switches(d: dict, source: str) -> dict:
+        for key in ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention"):
+            if d.get(key):
+                raise ConfigError(f"{source}: {key} = {d[key]!r} is not supported (Gemma 3 leaves it off)")
+        if d["hidden_activation"] not in ACTIVATIONS:
+            raise ConfigError(f"{source}: hidden_activation {d['hidden_activation']!r} is not supported "
+                              f"({', '.join(ACTIVATIONS)})")
+        L = d["num_hidden_layers"]
+        kinds = d.get("layer_types") or ["sliding_attention" if (i + 1) % d["sliding_window_pattern"] else
+                                         "full_attention" for i in range(L)]
+        if len(kinds) != L or set(kinds) - {"sliding_attention", "full_attention"}:
+            raise ConfigError(f"{source}: layer_types must list sliding_attention or full_attention for each of "
+                              f"the {L} layers")
+        return dict(hidden_act=d["hidden_activation"], norm_offset=1.0, sandwich_norms=True, qk_norm=True,
+                    embed_scale=d["hidden_size"] ** 0.5, attn_scale=float(d["query_pre_attn_scalar"]) ** -0.5,
+                    windows=tuple(d["sliding_window"] if k == "sliding_attention" else None for k in kinds))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
@@ -104,11 +161,14 @@ class ModelConfig:
         return cls.from_dict(d, str(path))
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
     d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    if cfg.rope_scaling is None:
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if cfg.rope_scaling is None or local:
         return inv
+    if "low_freq_factor" not in cfg.rope_scaling:  # linear: every position divided by the factor
+        return inv / cfg.rope_scaling["factor"]
     # Llama 3.1 frequency-dependent scaling: long wavelengths are divided by `factor`, short ones kept,
     # and the band between is interpolated.
     s = cfg.rope_scaling
@@ -128,16 +188,22 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
-        self.eps = eps
+        self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and cast back before the weight, as the reference implementation does.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma: scale by (1 + w) in float32, then cast
+            return (xf * (self.offset + self.weight.float())).to(x.dtype)
+        # Llama: cast back before the weight, as the reference implementation does
         return self.weight * xf.to(x.dtype)
+
+
+def rms_norm(cfg: ModelConfig, dim: int | None = None) -> RMSNorm:
+    return RMSNorm(dim or cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
 
 
 @dataclass
@@ -160,8 +226,19 @@ class AttnMask:
         eye = torch.eye(T, dtype=torch.bool, device=segments.device)
         return cls(False, ((same & causal) | eye)[:, None])
 
+    def windowed(self, window: int | None, Tq: int, Tk: int, device) -> "AttnMask":
+        """This mask for a layer that sees only the last `window` keys (the queries are the last Tq of Tk
+        keys). Packed rows need nothing more: keys of one sequence are as far apart as their positions."""
+        if window is None or Tk <= window:
+            return self
+        qi = torch.arange(Tk - Tq, Tk, device=device)[:, None]
+        kj = torch.arange(Tk, device=device)[None, :]
+        near = kj > qi - window
+        return AttnMask(False, (near & (kj <= qi))[None, None] if self.causal_only else self.allowed & near)
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask) -> torch.Tensor:
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask,
+              scale: float | None = None) -> torch.Tensor:
     """softmax(q kᵀ/√d + mask) v with grouped-query heads. On CPU in reduced precision, torch's SDPA kernels
     are several times slower than plain matmuls at the short lengths unlearning uses (RESULTS.md section 5,
     "Where the time went"), so that case takes the explicit path; everything else takes SDPA."""
@@ -169,10 +246,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask)
     kvh = k.shape[1]
     if q.is_cuda or q.dtype == torch.float32:
         if mask.causal_only:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=H != kvh)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed, enable_gqa=H != kvh)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=H != kvh, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed, enable_gqa=H != kvh, scale=scale)
     g = H // kvh
-    scores = (q.view(B, kvh, g, T, D) @ k.unsqueeze(2).transpose(-1, -2)).float() * D ** -0.5
+    scores = (q.view(B, kvh, g, T, D) @ k.unsqueeze(2).transpose(-1, -2)).float() * (scale or D ** -0.5)
     if mask.causal_only:
         if T > 1:
             Tk = k.shape[2]
@@ -198,14 +275,17 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         h, hd = cfg.hidden_size, cfg.head_dim
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.window, self.scale = cfg.windows[layer], cfg.attn_scale
         self.q_proj = nn.Linear(h, self.n_heads * hd, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(h, self.n_kv * hd, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(h, self.n_kv * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, h, bias=False)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = rms_norm(cfg, hd), rms_norm(cfg, hd)
 
     def project_qkv(self, x):
         """The three input projections; an instance may override this to run them as one grouped op."""
@@ -214,8 +294,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask: AttnMask, cache: KVCache | None = None, layer: int = 0):
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -225,7 +308,7 @@ class Attention(nn.Module):
             cache.v[layer][:, :, start:start + T] = v
             k = cache.k[layer][:, :, :start + T]
             v = cache.v[layer][:, :, :start + T]
-        o = attention(q, k, v, mask)
+        o = attention(q, k, v, mask.windowed(self.window, T, k.shape[2], x.device), self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -236,6 +319,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, m, bias=b)
         self.up_proj = nn.Linear(h, m, bias=b)
         self.down_proj = nn.Linear(m, h, bias=b)
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def project_gate_up(self, x):
         """Both input projections; an instance may override this to run them as one grouped op."""
@@ -243,20 +327,29 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = self.project_gate_up(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = rms_norm(cfg)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = rms_norm(cfg)
         self.mlp = MLP(cfg)
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = rms_norm(cfg)
+            self.post_feedforward_layernorm = rms_norm(cfg)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        if not self.sandwich:  # Llama: post_attention_layernorm is the MLP's input norm
+            x = x + a
+            return x + self.mlp(self.post_attention_layernorm(x))
+        # Gemma: attention and MLP outputs are normed too, before they join the residual
+        x = x + self.post_attention_layernorm(a)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class Transformer(nn.Module):
@@ -268,8 +361,8 @@ class Transformer(nn.Module):
         self.config = cfg
         with torch.device("meta"):
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-            self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+            self.norm = rms_norm(cfg)
             self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # dtype first, still on meta: memory is allocated once, in the final dtype, and only touched by the
         # weight copy (no float32 copy of a bf16 model is ever resident)
@@ -277,6 +370,8 @@ class Transformer(nn.Module):
         self.to_empty(device=device)
         self.requires_grad_(False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg).to(device), persistent=False)
+        self.register_buffer("inv_freq_local", rope_inv_freq(cfg, local=True).to(device)
+                             if cfg.local_rope_theta is not None else None, persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -291,20 +386,26 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     # -- pieces the trainer composes -------------------------------------------------------------------
-    def rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [B, 1, T, head_dim] for integer positions [B, T] (float32 math, cast like the reference)."""
-        freqs = positions[..., None].float() * self.inv_freq.float()
+    def rope(self, positions: torch.Tensor, dtype, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [B, 1, T, head_dim] for integer positions [B, T] (float32 math, cast like the reference);
+        local: the windowed layers' rope where it differs (Gemma 3)."""
+        freqs = positions[..., None].float() * (self.inv_freq_local if local else self.inv_freq).float()
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
+        h = self.embed_tokens(input_ids)
+        # the scale is rounded to the weights' dtype first, as the reference does
+        scale = self.config.embed_scale
+        return h if scale == 1.0 else h * torch.tensor(scale, dtype=h.dtype)
 
     def run_layers(self, h, positions, mask: AttnMask, start: int = 0, end: int | None = None,
                    cache: KVCache | None = None) -> torch.Tensor:
-        cos, sin = self.rope(positions, h.dtype)
-        for i in range(start, self.config.num_hidden_layers if end is None else end):
-            h = self.layers[i](h, cos, sin, mask, cache, i)
+        cfg = self.config
+        layers = range(start, cfg.num_hidden_layers if end is None else end)
+        ropes = {local: self.rope(positions, h.dtype, local) for local in {cfg.local_rope(i) for i in layers}}
+        for i in layers:
+            h = self.layers[i](h, *ropes[cfg.local_rope(i)], mask, cache, i)
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -329,23 +430,19 @@ def positions_and_mask(attention_mask, shape, cfg: ModelConfig, device) -> tuple
     if attention_mask is None:
         attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
     am = attention_mask.bool()
-    pad_before_real = bool((~am[:, :-1] & am[:, 1:]).any())
-    window_bites = cfg.sliding_window is not None and T > cfg.sliding_window
-    if not pad_before_real and not window_bites:
+    if not bool((~am[:, :-1] & am[:, 1:]).any()):
         # Right padding only: pads come after every real token, so a causal mask is exact for real tokens.
         return torch.arange(T, device=device).expand(B, T), AttnMask()
     positions = (am.long().cumsum(-1) - 1).clamp_min(0)
-    return positions, AttnMask(False, allowed_keys(am, T, cfg.sliding_window))
+    return positions, AttnMask(False, allowed_keys(am, T))
 
 
-def allowed_keys(key_mask: torch.Tensor, Tq: int, window: int | None, offset: int = 0) -> torch.Tensor:
-    """bool [B, 1, Tq, Tk]: query i (absolute index offset+i) may see key j if j <= i, the key is real and
-    inside the sliding window. A padding query sees itself so that no softmax row is empty (NaN-free)."""
+def allowed_keys(key_mask: torch.Tensor, Tq: int, offset: int = 0) -> torch.Tensor:
+    """bool [B, 1, Tq, Tk]: query i (absolute index offset+i) may see key j if j <= i and the key is real
+    (a sliding window is each layer's own: AttnMask.windowed). A padding query sees itself so that no softmax
+    row is empty (NaN-free)."""
     Tk = key_mask.shape[-1]
     qi = torch.arange(offset, offset + Tq, device=key_mask.device)[:, None]
     kj = torch.arange(Tk, device=key_mask.device)[None, :]
-    ok = kj <= qi
-    if window is not None:
-        ok = ok & (kj > qi - window)
-    allowed = ok[None, None] & key_mask[:, None, None, :]
+    allowed = (kj <= qi)[None, None] & key_mask[:, None, None, :]
     return allowed | (qi == kj)[None, None]

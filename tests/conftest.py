@@ -49,11 +49,16 @@ def tokenizer(default_dir):
     return load_tokenizer(default_dir)
 
 
-@pytest.fixture(scope="session")
-def hf_default(default_dir):
+def hf_float32(folder: Path):
+    """transformers' own model of the folder, float32: the oracle of the parity tests."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(default_dir), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_default(default_dir):
+    return hf_float32(default_dir)
 
 
 def make_tiny_hf(kind: str, folder: Path, shard: bool = False, **overrides):
@@ -63,11 +68,16 @@ def make_tiny_hf(kind: str, folder: Path, shard: bool = False, **overrides):
     common = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
     common.update(overrides)
-    cfg = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config}[kind](**common)
+    if kind == "gemma3_text":  # a small head, a scale that is not head_dim's, and both kinds of layer
+        common = {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 7,
+                  "layer_types": ["sliding_attention", "full_attention", "sliding_attention"], **common}
+    classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+               "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+               "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+               "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM)}[kind]
+    cfg = classes[0](**common)
     torch.manual_seed(0)
-    model = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-             "qwen2": transformers.Qwen2ForCausalLM}[kind](cfg).eval()
+    model = classes[1](cfg).eval()
     with torch.no_grad():  # random norms and biases too, so that a mis-mapped tensor shows
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -125,3 +135,30 @@ def pytest_report_header(config):
     limits = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
               if k in os.environ]
     return f"cpu: {' '.join(have) or 'unknown'}; instruction-set limits: {' '.join(limits) or 'none'}"
+
+
+def check_bf16_parity(folder: Path, fp32_model, tokenizer, prompts: list[str]) -> None:
+    """bf16 parity with a derived bound, not one fitted to a CPU: against the float32 model on the same input,
+    our bf16 logits are at most twice as far as transformers' own bf16 logits, plus one bf16 rounding of the
+    largest logit (2^-8 relative). The last position's argmax agrees with transformers' wherever the float32
+    winner leads by more than the two bf16 errors together (there, rounding cannot reorder the top two)."""
+    from transformers import AutoModelForCausalLM
+
+    from lune_fast.weights import load_model
+
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16).eval()
+    ours = load_model(folder, dtype=torch.bfloat16)
+    ours_err, hf_err, decided = [], [], 0
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer(prompt).input_ids])
+        with torch.no_grad():
+            ref, a, b = fp32_model(ids)[0].double(), ours(ids)[0].double(), hf(ids).logits[0].double()
+        ours_err.append(rel_err(a, ref))
+        hf_err.append(rel_err(b, ref))
+        scale = float(ref.abs().max())
+        top2 = ref[-1].topk(2).values
+        if float(top2[0] - top2[1]) > (ours_err[-1] + hf_err[-1]) * scale:
+            decided += 1
+            assert int(a[-1].argmax()) == int(b[-1].argmax()) == int(ref[-1].argmax()), prompt
+    assert max(ours_err) <= 2 * max(hf_err) + 2 ** -8, (ours_err, hf_err)
+    assert decided >= 1  # at least one prompt has a clear winner, so the argmax check ran

@@ -18,7 +18,7 @@ def _random_adapter(model, settings, seed=0):
     return adapters
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3_text"])
 @pytest.mark.parametrize("rslora", [False, True])
 def test_saved_adapter_loads_in_peft_and_matches(tmp_path, kind, rslora):
     from peft import PeftModel

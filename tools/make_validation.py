@@ -1,7 +1,8 @@
 """Build the validation set, lune_fast/assets/validation.jsonl: facts the default model knows, from relations
 and templates that facts-dev does not use (tools/validation_candidates.py), with paraphrases and neighbours.
 
-    python tools/make_validation.py
+    python tools/make_validation.py                       # the default model -> lune_fast/assets/validation.jsonl
+    python tools/make_validation.py --model gemma3-270m   # -> lune_fast/assets/gemma3-270m_validation.jsonl
 
 Nobody tunes on this file: every default is chosen on facts-dev and reported here (benchmarks/RESULTS.md).
 
@@ -13,6 +14,7 @@ subject instead of naming it has `names_subject: false`. Neighbours are other ke
 relation and up to two about the same subject (other relations), none with this fact's target or replacement,
 each marked with what it shares.
 """
+import argparse
 import json
 import random
 import re
@@ -26,7 +28,7 @@ from lune_fast.data import Encoder  # noqa: E402
 from lune_fast.evaluate import Probe, answers_with, first_line, greedy_answers  # noqa: E402
 from lune_fast.weights import load_model, load_tokenizer  # noqa: E402
 
-OUT = Path(__file__).resolve().parent.parent / "lune_fast" / "assets" / "validation.jsonl"
+ASSETS = Path(__file__).resolve().parent.parent / "lune_fast" / "assets"
 
 
 def fill(template: str, subject: str) -> str:
@@ -50,7 +52,14 @@ def answers_first(generation: str, target: str, rivals: list[str], prompt: str) 
 
 
 def main():
-    model, tok = load_model("default"), load_tokenizer("default")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="default", help="'default', 'gemma3-270m' or a model folder")
+    ap.add_argument("--out", help="default: lune_fast/assets/validation.jsonl (default model) or "
+                                  "lune_fast/assets/MODEL_validation.jsonl")
+    args = ap.parse_args()
+    out = Path(args.out) if args.out else ASSETS / (
+        "validation.jsonl" if args.model == "default" else f"{Path(args.model).name}_validation.jsonl")
+    model, tok = load_model(args.model), load_tokenizer(args.model)
     enc = Encoder(tok)
     cands = []
     for rel, (template, para_templates, rows) in RELATIONS.items():
@@ -91,11 +100,11 @@ def main():
                             for (p, named), k in zip(c["paraphrases"], c["para_known"])],
             "neighbors": neighbors})
     rng.shuffle(records)  # any prefix mixes relations
-    OUT.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
     by_rel = {}
     for r in records:
         by_rel[r["category"]] = by_rel.get(r["category"], 0) + 1
-    print(f"kept {len(records)}/{len(cands)} facts -> {OUT}")
+    print(f"kept {len(records)}/{len(cands)} facts -> {out}")
     print(json.dumps(by_rel))
 
 
