@@ -3,8 +3,10 @@ project; a "Q:" line and the "A:" line after it make one text), each followed by
 continuation of 48 tokens. Keyed adapters are whitened against the activations of this text: the model's own
 continuations give several thousand tokens of ordinary text in its own distribution from a few dozen lines.
 
-    python tools/make_preserve_text.py
+    python tools/make_preserve_text.py                          # the default model -> the package's file
+    python tools/make_preserve_text.py --model gemma3-270m --out FILE
 """
+import argparse
 import json
 from pathlib import Path
 
@@ -23,11 +25,15 @@ def seeds() -> list[str]:
 
 
 def main() -> None:
-    u = Unlearner("default")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--out", help="default: the package's assets/preserve_text.jsonl")
+    a = ap.parse_args()
+    u = Unlearner(a.model)
     texts = seeds()
     ids = [u.tokenizer(t)["input_ids"] for t in texts]
-    gens = generate(u.model, ids, 48, eos_token_id=u.tokenizer.eos_token_id, pad_token_id=0)
-    path = asset("preserve_text.jsonl")
+    gens = generate(u.model, ids, 48, eos_token_id=u.model.config.eos_token_id, pad_token_id=u.encoder.pad_id)
+    path = Path(a.out) if a.out else asset("preserve_text.jsonl")
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps({"text": t + u.encoder.decode(g)}) + "\n" for t, g in zip(texts, gens)))
     tmp.replace(path)
