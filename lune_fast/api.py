@@ -28,7 +28,7 @@ from .assets import asset
 from .data import DataError, Encoder, read_facts, read_lines
 from .evaluate import evaluate, metrics_table, report_markdown
 from .io import atomic_output_dir
-from .keyed import attach_keyed, preserved_inputs
+from .keyed import attach_keyed, preserved_inputs, step_scale
 from .settings import Settings, SettingsError, resolve_dtype, train_settings
 from .trainer import RunOptions, train_keeping_last_good
 from .weights import load_model, load_tokenizer, resolve_model_dir
@@ -263,12 +263,13 @@ class Unlearner:
         if s.adapter == "keyed":
             keys = attach_keyed(self.model, self.encoder, job.facts, job.layout, preserved, s.key_ridge,
                                 s.key_overlap, st.earlier_keys() if st is not None else None)
+            job.lr_scale = step_scale(self.model, job.layout, preserved)  # for training and the recall rounds
         elif not self.fsdp:
             lora.attach(self.model, job.layout, seed=s.seed, backend=self.backend)
         if st is not None:
             st.attach_earlier(self.model)
         data = job.train_data(self.model, dist=self.dist, preserved=preserved)
-        outcome, error = train_keeping_last_good(self.model, data, train_settings(s), run)
+        outcome, error = train_keeping_last_good(self.model, data, train_settings(s, lr_scale=job.lr_scale), run)
         if error is not None or s.mode != "suppress":
             return recall.Rounds(outcome, 0, error), keys
         return recall.recall_rounds(self.model, self.encoder, job, outcome, run, preserved), keys
@@ -279,6 +280,7 @@ class Unlearner:
         known = before.known_mask() if before is not None else None
         config = {**asdict(s), "rank": layout.rank, "alpha": layout.alpha, "targets": list(layout.targets),
                   "layers": list(layout.layers), "layers_spec": s.layers, "anchors_built": len(job.anchors),
+                  "lr_scale": job.lr_scale,
                   "dtype": str(self.dtype).replace("torch.", ""), "facts": len(job.facts)}
         examples = [] if before is None or after is None else [
             (p.prompt, b, a) for p, b, a in zip(before.probes, before.generations, after.generations)

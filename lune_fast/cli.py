@@ -14,8 +14,12 @@ from pathlib import Path
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
 
+MODEL_HELP = ("model folder (config.json + safetensors), 'default' (SmolLM2-135M-Instruct) or 'gemma3-270m' "
+              "(both embedded: installed and converted once)")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="model folder (config.json + safetensors), 'default' (SmolLM2-135M-Instruct) or 'gemma3-270m' (both embedded: installed and converted once)")
+    p.add_argument("--model", default="default", help=MODEL_HELP)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="frozen weights' dtype; auto = bfloat16 where the hardware runs it natively")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -53,7 +57,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"e.g. 3-9, 3,5,9, 10%%-30%% (of the depth), all, or auto[:W] (causal tracing); default: "
                         f"{_defaults('layers')}")
     p.add_argument("--steps", type=int, default=d.steps, help="maximum optimiser steps")
-    p.add_argument("--lr", type=float, default=None, help=f"default: {_defaults('lr')}")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"default: {_defaults('lr')}; keyed: scaled per model where the adapted projections' "
+                        f"outputs are far from rms 1 (Gemma 3 270M: x0.2; report.json config.lr_scale)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--schedule", default=d.schedule, choices=["constant", "cosine"])
@@ -148,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the blocks' type (q4_*: the embedding at q8_0, as llama.cpp's own quantizer does)")
     x.add_argument("--name", help="general.name in the file (default: the model folder's name)")
     x.add_argument("--overwrite", action="store_true")
-    x.add_argument("--model", default="default", help="model folder (config.json + safetensors), 'default' (SmolLM2-135M-Instruct) or 'gemma3-270m' (both embedded: installed and converted once)")
+    x.add_argument("--model", default="default", help=MODEL_HELP)
 
     b = sub.add_parser("bench", help="benchmarks: forward, logprob, lora, e2e, kernels, quality, stream")
     b.add_argument("what", choices=["forward", "logprob", "lora", "kernels", "e2e", "e2e-gpu", "latency", "quality",

@@ -128,6 +128,23 @@ def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settin
     return combine(model, settings, groups + [text_cache[key]])
 
 
+# A keyed lr is a step on B measured for projections that write values of rms about 1, as the default model's keyed
+# layers do (0.97-0.99 over the preserved inputs). Where a model's adapted projections write values more than 1.5x
+# larger or smaller, the step is scaled by that ratio (Gemma 3 270M: 0.2, whose down_proj output then passes a
+# norm: the unscaled step overshot the stop threshold and cost ×1.8 retain perplexity, RESULTS.md section 12);
+# inside the band the default measured on facts-dev stands as it is.
+STEP_BAND = (2 / 3, 1.5)
+
+
+def step_scale(model: Transformer, settings: lora.LoraSettings, preserved: Preserved) -> float:
+    """The factor on a keyed lr for this model: the median rms of the adapted projections' outputs over the
+    preserved inputs (tr(W C Wᵀ) / out_features), or 1 inside STEP_BAND."""
+    linears = lora.frozen_linears(model, settings)
+    rms = sorted((preserved.energy[n] / m.out_features) ** 0.5 for n, m in linears.items())
+    median = (rms[(len(rms) - 1) // 2] + rms[len(rms) // 2]) / 2
+    return 1.0 if STEP_BAND[0] <= median <= STEP_BAND[1] else median
+
+
 def attach_keyed(model: Transformer, enc: Encoder, facts: list[Fact], settings: lora.LoraSettings,
                  preserved: Preserved, ridge: float, overlap: float, earlier: dict[str, torch.Tensor] | None = None
                  ) -> dict[str, torch.Tensor]:

@@ -108,6 +108,7 @@ class Plan:
     layout: lora.LoraSettings
     pad_id: int
     anchors: list[str]  # the anchor prompts behind the retain pairs
+    lr_scale: float = 1.0  # keyed: the factor on settings.lr for this model (lune_fast.keyed.step_scale)
 
     def train_data(self, model: Transformer, pairs: list[Pair] | None = None, dist: Dist | None = None,
                    preserved=None) -> TrainData:

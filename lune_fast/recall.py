@@ -95,7 +95,7 @@ def recall_rounds(model: Transformer, enc: Encoder, plan: Plan, outcome: TrainOu
         stop = s.stop_prob * ROUND_FACTOR ** (rounds + 1)
         if s.robust_to:
             stop = min(stop, ROUND_FACTOR * lowest_probability(model, enc, routes))
-        settings = replace(train_settings(s, steps=left), stop_prob=stop)
+        settings = replace(train_settings(s, steps=left, lr_scale=plan.lr_scale), stop_prob=stop)
         more, error = train_keeping_last_good(model, data, settings, replace(run, checkpoint_dir=None, resume=False))
         outcome, rounds = outcome.then(more), rounds + 1
         if error is not None:

@@ -60,7 +60,7 @@ class Settings:
     layers: str | None = None
     rslora: bool = False
     steps: int = 60
-    lr: float | None = None
+    lr: float | None = None  # keyed: the step where the adapted projections write rms ~1 (keyed.step_scale)
     beta: float | None = None
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -133,10 +133,12 @@ class Settings:
             raise SettingsError("robust_to works through the recall rounds: suppress mode with recall_rounds > 0")
 
 
-def train_settings(s: Settings, steps: int | None = None) -> TrainSettings:
-    """The trainer's settings of a run, field by field (tests/test_settings.py checks that none is left out)."""
+def train_settings(s: Settings, steps: int | None = None, lr_scale: float = 1.0) -> TrainSettings:
+    """The trainer's settings of a run, field by field (tests/test_settings.py checks that none is left out);
+    lr_scale: the model's factor on a keyed step (lune_fast.keyed.step_scale)."""
     return TrainSettings(
-        objective=s.objective, replace=s.mode == "replace", lr=s.lr, steps=s.steps if steps is None else steps,
+        objective=s.objective, replace=s.mode == "replace", lr=s.lr * lr_scale,
+        steps=s.steps if steps is None else steps,
         beta=s.beta, stop_prob=s.stop_prob, replace_prob=s.replace_prob, grad_clip=s.grad_clip,
         weight_decay=s.weight_decay, warmup_steps=s.warmup_steps, schedule=s.schedule, seed=s.seed,
         per_example_stop=s.per_example_stop, retain_weight=s.retain_weight, retain_loss=s.retain_loss,

@@ -149,3 +149,35 @@ def test_listed_neighbours_become_inputs_the_adapter_reads_less(tiny_lm):
             assert torch.allclose(m.lora_A @ keys[n].t(), torch.eye(2), atol=0.05), n
         lora.detach(model)
     assert all(read[1][n] < read[0][n] for n in read[0]), read
+
+
+def test_step_scale_follows_the_adapted_projections_output_scale(tiny):
+    """A keyed lr is a step for projections writing values of rms about 1: inside STEP_BAND the factor is exactly 1,
+    outside it the median output rms over the preserved inputs (tr(W C Wᵀ) / out_features, per projection), so a
+    model whose down_proj writes 10× larger values gets a 10× larger step."""
+    from lune_fast.keyed import STEP_BAND, step_scale
+
+    # the last layer's down_proj: scaling it leaves its own inputs as they are
+    settings = lora.LoraSettings(targets=("down",), layers=(2,))
+    seqs = [[int(t) for t in torch.randint(0, 211, (9,), generator=torch.Generator().manual_seed(i))]
+            for i in range(6)]
+    linears = lora.frozen_linears(tiny, settings)
+    name = next(iter(linears))
+
+    def measured():
+        x = _inputs_of(tiny, settings, seqs)
+        return float((x[name] @ linears[name].weight.double().t()).pow(2).mean().sqrt())
+
+    def factor():
+        return step_scale(tiny, settings, combine(tiny, settings, [group_moments(tiny, settings, seqs)]))
+
+    rms = measured()
+    with torch.no_grad():
+        linears[name].weight.mul_(1 / rms)  # rms 1: inside the band
+    assert STEP_BAND[0] <= measured() <= STEP_BAND[1] and factor() == 1.0
+    with torch.no_grad():
+        linears[name].weight.mul_(10.0)
+    assert factor() == pytest.approx(measured(), rel=1e-4) and factor() == pytest.approx(10.0, rel=1e-4)
+    with torch.no_grad():
+        linears[name].weight.mul_(0.02)
+    assert factor() == pytest.approx(0.2, rel=1e-4)

@@ -10,7 +10,9 @@ the repeats; figures are medians. What each variant does, on the same forget rec
   rank and lr, labels = -100 on prompts, the NPO reference from disable_adapter() every step, torch AdamW,
   as many steps as lune_fast took;
 - full fine-tuning: the same objective on every parameter (a frozen deep copy as the NPO reference), until
-  the same stop criterion.
+  the same stop criterion;
+- lune_fast default (with --adapter plain, unless --no-default-row): Unlearner with no overrides at all, the
+  keyed adapter and its objective, beside the like-for-like row (the time a user of the defaults waits).
 time-to-unlearn = wall time from "model loaded" to "adapter saved". Time ratios are baseline ÷ lune_fast
 (higher is better); memory ratios lune_fast ÷ baseline (lower is better). Quality METRICS of every run come
 from the same evaluator (the PEFT adapter and the fine-tuned weights are loaded back into lune_fast's model).
@@ -36,18 +38,20 @@ def _records(path: str | None, n: int) -> list[dict]:
 
 
 # -- workers (one per process) -------------------------------------------------------------------------------
-def worker_lune(args) -> dict:
+def worker_lune(args, defaults: bool = False) -> dict:
     from ..api import Unlearner
 
     records = _records(args.facts, args.n)
-    u = Unlearner(args.model, dtype=args.dtype, objective=args.objective, adapter=args.adapter)
+    u = Unlearner(args.model, dtype=args.dtype) if defaults else \
+        Unlearner(args.model, dtype=args.dtype, objective=args.objective, adapter=args.adapter)
     loaded_rss = PeakRSS.current() / 2**20
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as mem:
         t0 = time.perf_counter()
         r = u.forget(records, evaluate_before=False, evaluate_after=False, progress=False)
         r.save(Path(tmp) / "out")
         wall = time.perf_counter() - t0
-    out = {"variant": "lune_fast", "time_to_unlearn": wall, "steps": r.cost["steps"],
+    out = {"variant": "lune_default" if defaults else "lune_fast", "time_to_unlearn": wall,
+           "steps": r.cost["steps"],
            "step_seconds": statistics.median(r.outcome.step_seconds) if r.outcome.step_seconds else None,
            "peak_rss_mb": mem.peak_mb, "loaded_rss_mb": loaded_rss, "settings": r.config}
     if args.quality:
@@ -229,7 +233,8 @@ def _full_ft_run(args, model, tok, records, s, out: Path, step_times: list) -> f
     return time.perf_counter()
 
 
-WORKERS = {"lune_fast": worker_lune, "hf_peft": worker_peft, "full_ft": worker_fullft}
+WORKERS = {"lune_fast": worker_lune, "hf_peft": worker_peft, "full_ft": worker_fullft,
+           "lune_default": lambda args: worker_lune(args, defaults=True)}
 
 
 # -- driver ---------------------------------------------------------------------------------------------------
@@ -278,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full-ft-lr", type=float, default=1e-5)
     ap.add_argument("--max-steps", type=int, default=60, help="full fine-tuning step cap")
     ap.add_argument("--no-quality", dest="quality", action="store_false")
+    ap.add_argument("--no-default-row", dest="default_row", action="store_false",
+                    help="with --adapter plain, skip the row of lune_fast's own defaults (keyed)")
     ap.add_argument("--json")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -293,10 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--n", str(a.n), "--model", a.model, "--dtype", a.dtype, "--objective", a.objective,
               "--adapter", a.adapter, "--full-ft-lr", str(a.full_ft_lr), "--max-steps", str(a.max_steps)] + \
         (["--facts", a.facts] if a.facts else [])
-    runs: dict[str, list[dict]] = {"lune_fast": [], "hf_peft": [], "full_ft": []}
+    runs: dict[str, list[dict]] = {"lune_fast": [], "hf_peft": [], "full_ft": [], "lune_default": []}
+    default_row = a.default_row and a.adapter == "plain"
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=a.repeats * (2 if a.no_full_ft else 3), desc="e2e runs", unit="run")
+    bar = tqdm(total=a.repeats * (2 + (not a.no_full_ft) + default_row), desc="e2e runs", unit="run")
     for rep in range(a.repeats):
         q = ["--no-quality"] if (not a.quality or rep > 0) else []  # quality once per variant
         lune = _spawn("lune_fast", a, common + q)
@@ -307,17 +315,22 @@ def main(argv: list[str] | None = None) -> int:
         if not a.no_full_ft:
             runs["full_ft"].append(_spawn("full_ft", a, common + q))
             bar.update(1)
+        if default_row:
+            runs["lune_default"].append(_spawn("lune_default", a, common + q))
+            bar.update(1)
     bar.close()
     med = {v: {k: _median(rs, k) for k in ("time_to_unlearn", "step_seconds", "peak_rss_mb", "steps")}
            for v, rs in runs.items() if rs}
     ratio = lambda a_, b_: (a_ / b_) if (a_ and b_) else None  # noqa: E731
-    L, P, F = med["lune_fast"], med["hf_peft"], med.get("full_ft", {})
+    L, P, F, D = med["lune_fast"], med["hf_peft"], med.get("full_ft", {}), med.get("lune_default", {})
     result = {
         "per_step_ratio": ratio(P["step_seconds"], L["step_seconds"]),
         "time_to_unlearn_ratio": ratio(P["time_to_unlearn"], L["time_to_unlearn"]),
         "peak_rss_ratio": ratio(L["peak_rss_mb"], P["peak_rss_mb"]),
         "full_ft_time_ratio": ratio(F.get("time_to_unlearn"), L["time_to_unlearn"]),
         "full_ft_peak_rss_ratio": ratio(L["peak_rss_mb"], F.get("peak_rss_mb")),
+        # the defaults' (keyed) time to unlearn against HF+PEFT's like-for-like plain run
+        "default_time_to_unlearn_ratio": ratio(P["time_to_unlearn"], D.get("time_to_unlearn")),
         "forget_one_fact_seconds": _median(runs["lune_fast"], "forget_one_fact_seconds"),
         "import_seconds": import_seconds(),
         "quality": {v: rs[0].get("metrics") for v, rs in runs.items() if rs},
@@ -329,9 +342,9 @@ def main(argv: list[str] | None = None) -> int:
             for v, m in med.items()]
     print(markdown_table(rows))
     for k in ("per_step_ratio", "time_to_unlearn_ratio", "peak_rss_ratio", "full_ft_time_ratio",
-              "full_ft_peak_rss_ratio", "forget_one_fact_seconds", "import_seconds"):
+              "full_ft_peak_rss_ratio", "default_time_to_unlearn_ratio", "forget_one_fact_seconds", "import_seconds"):
         v = result[k]
-        print(f"{k:>24}: {v:.3f}" if isinstance(v, float) else f"{k:>24}: {v}")
+        print(f"{k:>30}: {v:.3f}" if isinstance(v, float) else f"{k:>30}: {v}")
     for v, m in result["quality"].items():
         if m:
             print(f"quality {v:>10}: " + ", ".join(f"{k}={x:.3f}" for k, x in m.items() if isinstance(x, float)))
