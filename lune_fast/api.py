@@ -155,6 +155,7 @@ class Unlearner:
         t0 = time.perf_counter()
         # 1. the plan: what to train (refusing what cannot fit before any work), where the adapter goes
         job = self._plan(read.facts, read.skipped, s, retain)
+        job.scale_lr = replace(self.defaults, **overrides).lr is None  # a given lr is used as it is
         if st is not None:
             self._check_state(st, job)
         before = self.base_evaluation(job.facts, texts, s.mode == "replace", s.max_new_tokens, progress) \
@@ -263,7 +264,8 @@ class Unlearner:
         if s.adapter == "keyed":
             keys = attach_keyed(self.model, self.encoder, job.facts, job.layout, preserved, s.key_ridge,
                                 s.key_overlap, st.earlier_keys() if st is not None else None)
-            job.lr_scale = step_scale(self.model, job.layout, preserved)  # for training and the recall rounds
+            if job.scale_lr:  # the default step, for this model's output scale (training and the recall rounds)
+                job.lr_scale = step_scale(self.model, job.layout, preserved)
         elif not self.fsdp:
             lora.attach(self.model, job.layout, seed=s.seed, backend=self.backend)
         if st is not None:

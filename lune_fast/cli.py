@@ -58,8 +58,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         f"{_defaults('layers')}")
     p.add_argument("--steps", type=int, default=d.steps, help="maximum optimiser steps")
     p.add_argument("--lr", type=float, default=None,
-                   help=f"default: {_defaults('lr')}; keyed: scaled per model where the adapted projections' "
-                        f"outputs are far from rms 1 (Gemma 3 270M: x0.2; report.json config.lr_scale)")
+                   help=f"default: {_defaults('lr')}; the keyed default is scaled per model where the adapted "
+                        f"projections' outputs are far from rms 1 (Gemma 3 270M: x0.2; report.json config.lr_scale); "
+                        f"a given --lr is used as it is")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--schedule", default=d.schedule, choices=["constant", "cosine"])

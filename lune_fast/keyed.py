@@ -132,7 +132,7 @@ def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settin
 # layers do (0.97-0.99 over the preserved inputs). Where a model's adapted projections write values more than 1.5x
 # larger or smaller, the step is scaled by that ratio (Gemma 3 270M: 0.2, whose down_proj output then passes a
 # norm: the unscaled step overshot the stop threshold and cost ×1.8 retain perplexity, RESULTS.md section 12);
-# inside the band the default measured on facts-dev stands as it is.
+# inside the band the default measured on facts-dev stands as it is. An lr the request gives is used as given.
 STEP_BAND = (2 / 3, 1.5)
 
 

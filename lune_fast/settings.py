@@ -60,7 +60,7 @@ class Settings:
     layers: str | None = None
     rslora: bool = False
     steps: int = 60
-    lr: float | None = None  # keyed: the step where the adapted projections write rms ~1 (keyed.step_scale)
+    lr: float | None = None  # None: the mode's default, for keyed adapters scaled per model (keyed.step_scale)
     beta: float | None = None
     weight_decay: float = 0.0
     warmup_steps: int = 0
