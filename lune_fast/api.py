@@ -155,7 +155,6 @@ class Unlearner:
         t0 = time.perf_counter()
         # 1. the plan: what to train (refusing what cannot fit before any work), where the adapter goes
         job = self._plan(read.facts, read.skipped, s, retain)
-        job.scale_lr = replace(self.defaults, **overrides).lr is None  # a given lr is used as it is
         if st is not None:
             self._check_state(st, job)
         before = self.base_evaluation(job.facts, texts, s.mode == "replace", s.max_new_tokens, progress) \
@@ -165,7 +164,7 @@ class Unlearner:
         # 2. the adapter, training (a diverged run keeps its last good adapter), the recall rounds; evaluate
         t_train = time.perf_counter()
         try:
-            rounds, keys = self._train(job, run, st)
+            rounds, keys = self._train(job, run, st, scale_lr=replace(self.defaults, **overrides).lr is None)
             train_seconds = time.perf_counter() - t_train
             after = evaluate(self.model, self.encoder, job.facts, texts, s.mode == "replace", s.max_new_tokens,
                              progress, self.dist) if evaluate_after else None
@@ -250,11 +249,12 @@ class Unlearner:
         return plan.Plan(s, facts, pairs, owners, plan.retain_pairs(self.encoder, anchors, retain), layout,
                          self.encoder.pad_id, [a.prompt for a in anchors])
 
-    def _train(self, job: plan.Plan, run: RunOptions, st: lifelong.State | None = None
+    def _train(self, job: plan.Plan, run: RunOptions, st: lifelong.State | None = None, scale_lr: bool = True
                ) -> tuple[recall.Rounds, dict | None]:
         """Attach the adapter (keyed: its A from the preserved inputs, away from a state's earlier keys; under
         FSDP it is on already) beside a state's earlier ranks, train, and in suppress mode check again and
-        continue (the recall rounds). Returns the rounds and the keyed adapter's keys."""
+        continue (the recall rounds). scale_lr: the lr is the default one, to be scaled to this model (a given
+        lr is used as it is). Returns the rounds and the keyed adapter's keys."""
         s = job.settings
         preserved = preserved_inputs(self.model, self.encoder, job.facts, job.layout, s.preserve_prompts,
                                      s.preserve_text, s.seed, self._text_moments, s.preserve_neighbors,
@@ -264,7 +264,7 @@ class Unlearner:
         if s.adapter == "keyed":
             keys = attach_keyed(self.model, self.encoder, job.facts, job.layout, preserved, s.key_ridge,
                                 s.key_overlap, st.earlier_keys() if st is not None else None)
-            if job.scale_lr:  # the default step, for this model's output scale (training and the recall rounds)
+            if scale_lr:  # the default step, for this model's output scale (training and the recall rounds)
                 job.lr_scale = step_scale(self.model, job.layout, preserved)
         elif not self.fsdp:
             lora.attach(self.model, job.layout, seed=s.seed, backend=self.backend)

@@ -1,6 +1,7 @@
 """Atomic file and folder writes: a crash or a full disk never leaves a half-written output behind."""
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -80,3 +81,15 @@ def recover_output_dir(out: Path) -> None:
             os.replace(kept[-1], out)
     for p in olds + list(out.parent.glob(f".{out.name}.tmp-*")):
         shutil.rmtree(p, ignore_errors=True)
+
+
+@contextmanager
+def file_lock(path: Path):
+    """Hold an exclusive lock on `path` (created if needed) inside the block: one holder at a time, across
+    threads and processes; a killed holder releases it."""
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -109,7 +109,6 @@ class Plan:
     pad_id: int
     anchors: list[str]  # the anchor prompts behind the retain pairs
     lr_scale: float = 1.0  # keyed: the factor on settings.lr for this model (lune_fast.keyed.step_scale)
-    scale_lr: bool = True  # False when the request gave its lr: that one is used as given
 
     def train_data(self, model: Transformer, pairs: list[Pair] | None = None, dist: Dist | None = None,
                    preserved=None) -> TrainData:

