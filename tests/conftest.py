@@ -30,9 +30,14 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def default_dir():
-    from lune_fast.weights import default_model_dir
+    from lune_fast.weights import WeightsError, default_model_dir
 
-    return default_model_dir()
+    try:
+        return default_model_dir()
+    except WeightsError as e:  # a GPU box has no network: there the suite turns installs off
+        if os.environ.get("LUNE_FAST_NO_INSTALL"):
+            pytest.skip(f"the embedded model is not installed and LUNE_FAST_NO_INSTALL is set: {e}")
+        raise
 
 
 @pytest.fixture(scope="session")

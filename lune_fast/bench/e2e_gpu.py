@@ -69,7 +69,7 @@ def run_lune(cfg: dict, batch, objective: str, steps: int, backend: str, device)
     from .. import lora
     from ..trainer import RunOptions, TrainData, TrainSettings, train
 
-    model = _random_model(cfg, torch.bfloat16, device)
+    model = _random_model(_config_dict(cfg), torch.bfloat16, device)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     settings = TrainSettings(objective=objective, lr=1e-4, steps=steps, stop_prob=0.0)

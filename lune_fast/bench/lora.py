@@ -117,12 +117,13 @@ VARIANTS = {"base": _base, "lune_fast": _lune, "peft_default": _peft(torch.float
 
 def measure_rates(device: str, dtype) -> tuple[float, float]:
     """(matmul FLOP/s, memory bytes/s) measured here: a large matrix product and a large copy."""
-    n = 4096 if device == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
+    n = 8192 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)  # random, never zeros: zeros multiply faster
     sync = torch.cuda.synchronize if device == "cuda" else None
     t = median_seconds(lambda: a @ a, 5, 2, sync)
     flops = 2 * n ** 3 / t
-    big = torch.empty(64 * 2**20 if device == "cuda" else 16 * 2**20, device=device, dtype=torch.uint8)
+    # the copy must be several times the last-level cache (60 MB L2 on an H200) to measure memory, not cache
+    big = torch.empty(2**30 if device == "cuda" else 16 * 2**20, device=device, dtype=torch.uint8)
     out = torch.empty_like(big)
     t = median_seconds(lambda: out.copy_(big), 10, 2, sync)
     return flops, 2 * big.numel() / t
