@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_suite.sh            # on the device (OUT is set there)
 #   bash benchmarks/gpu_suite.sh --dry-run  # anywhere: CUDA steps skipped with a message, the rest run small
 #   OUT=/tmp/gs PACK=$OUT/suite.tgz bash benchmarks/gpu_suite.sh  # logs in /tmp/gs, one archive back
+#   SKIP="bench_logprob bench_lora_1b" bash benchmarks/gpu_suite.sh  # leave steps out (a rerun)
 #
 # On the device image (torch 2.11+cu130, triton 3.6, nvcc 13.0, transformers, peft; no internet) nothing
 # is downloaded: the package is built in place against the image's torch. liger_kernel, if carried as a
@@ -26,6 +27,7 @@ STEPS="$OUT/steps.md"  # one line per step as it ends: a run killed at its limit
 run() {  # run NAME TIMEOUT_S CMD...: log to $OUT/NAME.log, record status and time (also from a subshell)
   local name=$1 limit=$2
   shift 2
+  [[ " ${SKIP:-} " == *" $name "* ]] && { skip "$name" "in SKIP"; return 0; }
   local t0=$SECONDS
   echo "== $name: $*"
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
@@ -51,6 +53,11 @@ if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 if [[ $HAVE_CUDA == 1 ]]; then
+  # the package maps lune_fast.kernels to kernels/ when installed; this run imports it from the tree
+  if [[ ! -e lune_fast/kernels ]]; then
+    ln -s ../kernels lune_fast/kernels
+    trap 'rm -f lune_fast/kernels' EXIT
+  fi
   # no network there: the embedded model cannot be fetched, so tests that need it skip, saying so
   export LUNE_FAST_NO_INSTALL=1 MAX_JOBS=${MAX_JOBS:-16}
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c \

@@ -79,11 +79,41 @@ def _configs(family: str, kind: str, names: tuple[str, str, str]):
             for c in CONFIGS[(family, kind)]]
 
 
-def _fits_rank(configs, named_args, **kwargs):
-    """Drop configs that would spill at this rank (their MAX_RP is below the padded rank)."""
+def shared_bytes(kind: str, BM: int, BN: int, BK: int, stages: int, rp: int, esize: int) -> int:
+    """Shared memory one program needs (kernel names: the backward reduces over BN): each pipeline stage
+    holds one loop iteration's operand tiles; the backward also keeps its dB partial. An upper bound on what
+    Triton allocates (tests/test_gpu_build.py checks it against the compiler's figure)."""
+    if kind == "fwd":  # x [BM, BK], W [BN, BK], A [rp, BK]
+        return stages * (BM * BK + BN * BK + rp * BK) * esize
+    return (stages * (BM * BN + BN * BK + BN * rp) + 2 * BN * rp) * esize  # dy [BM, BN], W [BN, BK], B [BN, rp]
+
+
+def shared_limit() -> int | None:
+    """The device's shared memory per block (opt-in maximum); None under the interpreter."""
+    if interpreting() or not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return getattr(props, "shared_memory_per_block_optin", 232448 if props.major >= 9 else 166912)
+
+
+def _fits(configs, named_args, **kwargs):
+    """Drop configs that would spill at this rank (their MAX_RP is below the padded rank) or that need more
+    shared memory than the device has at these operands' width (fp32 doubles bf16's tiles)."""
     rp = named_args.get("RP", kwargs.get("RP"))
-    kept = [c for c in configs if c.kwargs["MAX_RP"] >= rp]
-    return kept or configs[-1:]
+    kind, first = ("bwd", "dy_ptr") if "dy_ptr" in named_args else ("fwd", "x_ptr")
+    esize = named_args[first].element_size()
+    limit = shared_limit()
+    need = {id(c): shared_bytes(kind, c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_stages, rp, esize)
+            for c in configs}
+    kept = [c for c in configs if c.kwargs["MAX_RP"] >= rp and (limit is None or need[id(c)] <= limit)]
+    if kept:
+        return kept
+    c = min(configs, key=lambda c: need[id(c)])  # none fits: the smallest tiles, with fewer stages
+    stages = c.num_stages
+    while stages > 1 and shared_bytes(kind, c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], stages, rp,
+                                      esize) > limit:
+        stages -= 1
+    return [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages)]
 
 
 if HAVE_TRITON:
@@ -173,7 +203,7 @@ if HAVE_TRITON:
     def _tuned(kind: str, family: str):
         """The kernel wrapped in triton.autotune over the family's configs (one config under the
         interpreter). Keyed on the row-count bucket and the shapes, so a new batch size re-tunes once."""
-        prune = {"early_config_prune": _fits_rank}
+        prune = {"early_config_prune": _fits}
         if kind == "fwd":
             return triton.autotune(_configs(family, "fwd", ("BM", "BN", "BK")), key=["M_BUCKET", "N", "K", "RP"],
                                    prune_configs_by=prune)(_fwd_kernel)

@@ -117,9 +117,10 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=torch.float32))
         # PEFT's default init: kaiming-uniform A (a=√5), zero B, so the adapted model starts as the base.
+        # Drawn on the CPU (the seed's generator lives there), so a seed gives the same A on every device.
         bound = 1.0 / math.sqrt(base.in_features)
         with torch.no_grad():
-            self.lora_A.uniform_(-bound, bound, generator=generator)
+            self.lora_A.copy_(torch.empty(rank, base.in_features).uniform_(-bound, bound, generator=generator))
         self.enabled = True
         self.merged = False
         # a lifelong state's earlier requests (lune_fast.state): their ranks, fixed, with their scale folded

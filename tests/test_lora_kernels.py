@@ -99,6 +99,26 @@ def test_grouped_qkv_one_kernel():
         assert rel_err(b.grad, bd.grad) <= TOL[torch.float32]
 
 
+@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+def test_configs_that_overflow_shared_memory_are_pruned(kind, monkeypatch):
+    """fp32 operands double the tiles: at rank 64 every Hopper forward config needs more than the H200's
+    227 KB per block (one failed to launch there), so the smallest is kept with fewer stages; bf16 keeps all."""
+    limit = 232448
+    monkeypatch.setattr(K, "shared_limit", lambda: limit)
+    names = ("BM", "BN", "BK") if kind == "fwd" else ("BM", "BK", "BN")
+    configs = K._configs("hopper", kind, names)
+    arg = "x_ptr" if kind == "fwd" else "dy_ptr"
+
+    def need(c, esize):
+        return K.shared_bytes(kind, c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_stages, 64, esize)
+
+    kept32 = K._fits(configs, {arg: torch.empty(1), "RP": 64})
+    kept16 = K._fits(configs, {arg: torch.empty(1, dtype=torch.bfloat16), "RP": 64})
+    assert kept32 and all(need(c, 4) <= limit for c in kept32)
+    assert any(need(c, 4) > limit for c in configs)
+    assert len(kept16) == len(configs) and all(need(c, 2) <= limit for c in kept16)
+
+
 def test_rank_pad():
     assert [K.rank_pad(r) for r in (1, 4, 8, 16, 17, 64)] == [16, 16, 16, 16, 32, 64]
 

@@ -6,12 +6,14 @@
 Per projection shape (in -> out) of the model, for each N tokens and rank r, one training step of a linear
 layer: y = x Wᵀ + s (x Aᵀ) Bᵀ forward, then dx, dA, dB backward (W frozen: no dW). Variants, same process:
 - base: the frozen linear alone, forward + dgrad (cuBLAS / oneDNN) — the floor the LoRA term adds to;
-- lune_fast: the fused Triton kernels on CUDA; on CPU the torch autograd.Function (saves x and x·Aᵀ only);
+- lune_fast: the default backend ("auto": the fused Triton kernels on CUDA; on CPU the torch Function);
+- lune_torch: the torch autograd.Function (an addmm chain that saves x and x·Aᵀ only), on any device;
 - peft_default: PEFT's math with fp32 adapters (x cast up to the adapter dtype, result cast back);
 - peft_bf16: PEFT's math with adapters in the activations' dtype;
 - chain: an Unsloth-style cuBLAS chain (addmm with the LoRA term folded in, in-place dx), written here.
 FLOPs counted: 4·N·in·out (forward + dgrad) + 12·N·r·(in+out)/2 for the rank-r products; bytes: x, W, y,
 dy, dx once each. The floor is the larger of FLOPs / measured matmul rate and bytes / measured bandwidth.
+On CUDA, fwd_vs_cublas / bwd_vs_cublas time each Triton kernel against the cuBLAS product it replaces.
 """
 from __future__ import annotations
 
@@ -56,13 +58,15 @@ def _base(x, w, A, B, s, dy):
     return step
 
 
-def _lune(x, w, A, B, s, dy):
-    from ..lora import lora_linear
+def _lune(backend: str):
+    def make(x, w, A, B, s, dy):
+        from ..lora import lora_linear
 
-    def step():
-        xx = x.detach().requires_grad_()
-        lora_linear(xx, w, None, A, B, s).backward(dy)
-    return step
+        def step():
+            xx = x.detach().requires_grad_()
+            lora_linear(xx, w, None, A, B, s, backend=backend).backward(dy)
+        return step
+    return make
 
 
 def _peft(adapter_dtype):
@@ -111,8 +115,23 @@ def _chain(x, w, A, B, s, dy):
     return step
 
 
-VARIANTS = {"base": _base, "lune_fast": _lune, "peft_default": _peft(torch.float32), "peft_bf16": None,
-            "chain": _chain}
+VARIANTS = {"base": _base, "lune_fast": _lune("auto"), "lune_torch": _lune("torch"),
+            "peft_default": _peft(torch.float32), "peft_bf16": None, "chain": _chain}
+
+
+def kernel_split(x, w, A, B, s, dy, repeats: int) -> dict:
+    """On CUDA: the Triton forward and backward kernels each against the one cuBLAS product it replaces
+    (x·Wᵀ; dy·W), so a gap can be placed in one kernel."""
+    from ..kernels import lora_linear as K
+
+    sync = torch.cuda.synchronize
+    a, b_s = A.detach().to(x.dtype), (B.detach() * s).to(x.dtype)
+    _, xa = K.forward(x, w, a, b_s)
+    times = {"fwd": median_seconds(lambda: K.forward(x, w, a, b_s), repeats, 2, sync),
+             "fwd_cublas": median_seconds(lambda: x @ w.t(), repeats, 2, sync),
+             "bwd": median_seconds(lambda: K.backward(dy, x, xa, w, a, b_s), repeats, 2, sync),
+             "bwd_cublas": median_seconds(lambda: dy @ w, repeats, 2, sync)}
+    return {"fwd_vs_cublas": times["fwd"] / times["fwd_cublas"], "bwd_vs_cublas": times["bwd"] / times["bwd_cublas"]}
 
 
 def measure_rates(device: str, dtype) -> tuple[float, float]:
@@ -166,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"proj": name, "in": din, "out": dout, "N": n, "r": r,
                              "lune_ms": 1e3 * t, "base_ms": 1e3 * times["base"],
                              "vs_base": t / times["base"], "TFLOP/s": flops / t / 1e12, "vs_floor": t / floor,
-                             "peft_default_x": times["peft_default"] / t, "peft_bf16_x": times["peft_bf16"] / t,
-                             "chain_x": times["chain"] / t})
+                             "torch_x": times["lune_torch"] / t, "peft_default_x": times["peft_default"] / t,
+                             "peft_bf16_x": times["peft_bf16"] / t, "chain_x": times["chain"] / t}
+                            | (kernel_split(x, w, A, B, 2.0, dy, a.repeats) if dev == "cuda" else {}))
     info = machine()
     print(info)
     print(f"device {dev}, {a.dtype}; measured matmul {flops_rate / 1e12:.2f} TFLOP/s, copy {bw / 1e9:.0f} GB/s. "
