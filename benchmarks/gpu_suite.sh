@@ -60,6 +60,9 @@ if [[ $HAVE_CUDA == 1 ]]; then
   fi
   # no network there: the embedded model cannot be fetched, so tests that need it skip, saying so
   export LUNE_FAST_NO_INSTALL=1 MAX_JOBS=${MAX_JOBS:-16}
+  # The H200 image's CXX (/opt/gcc) links libstdc++ statically: an extension built with it crashes the process
+  # (SIGSEGV) on the first C++ exception, e.g. a bad-input TORCH_CHECK. The system compiler's build raises.
+  [[ -x /usr/bin/g++ && -x /usr/bin/gcc ]] && export CC=/usr/bin/gcc CXX=/usr/bin/g++
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c \
     "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv \

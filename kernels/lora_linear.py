@@ -22,6 +22,10 @@ The scale s is folded into B before the call (B_s = s·B), so grouped projection
 gate/up) run as ONE kernel over their stacked weights with a block-diagonal B_s (see grouped_lora_linear).
 Under TRITON_INTERPRET=1 (CPU tests) bf16 tl.dot is wrong in the interpreter (triton #11584), so operands
 are upcast to fp32 there (UPCAST); on a GPU they stay bf16/fp16 for the tensor cores.
+
+Measured on an H200 (benchmarks/RESULTS.md section 7): correct, but the forward kernel takes 1.6-2.6x and the
+backward 2.8-4.8x the time of the one cuBLAS product each replaces, so the torch chain (cuBLAS addmm's) is the
+default everywhere and these kernels are opt-in (backend="triton").
 """
 from __future__ import annotations
 
@@ -310,12 +314,14 @@ _FUNCTIONS = {"torch": LoRALinearTorch, "triton": LoRALinearTriton}
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto": the Triton kernels for CUDA tensors when Triton is there, else the torch chain; "torch" forces
-    the chain (benchmarks compare the two); "triton" where it cannot run is an error, not a silent fallback."""
+    """"auto": the torch chain on every device. On an H200 (benchmarks/RESULTS.md section 7) it took 0.47-0.94
+    of the Triton kernels' time at every Llama-3 projection shape and made a Llama-3-8B training step 1.47x
+    faster, so the kernels are opt-in ("triton") until they beat it. "triton" where it cannot run is an
+    error, not a silent fallback."""
     if backend not in BACKENDS:
         raise ValueError(f"LoRA backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
-        return "triton" if torch.device(device).type == "cuda" and available() else "torch"
+        return "torch"
     if backend == "triton" and not available():
         raise ValueError("LoRA backend 'triton' needs triton and a CUDA device (or TRITON_INTERPRET=1)")
     return backend

@@ -16,3 +16,22 @@ def test_gpu_suite_dry_run(tmp_path):
     assert "| bench_lora_cpu | ok" in summary and "| bench_logprob_cpu | ok" in summary
     assert (tmp_path / "lora_cpu.json").exists() and (tmp_path / "logprob_cpu.json").exists()
     assert proc.stdout.rstrip().splitlines()[-1].startswith("| bench_e2e_gpu_stub | ok")
+
+
+def test_e2e_gpu_runs_its_variants_on_cpu(tmp_path):
+    """bench e2e-gpu only ever runs on a lent GPU; its CPU mode runs the same code small, so that it cannot
+    rot between leases (it had: a model built from the wrong dict, LoRA init with a CPU generator)."""
+    import json
+
+    from lune_fast.bench import e2e_gpu
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+                               "num_key_value_heads": 2, "vocab_size": 300, "num_hidden_layers": 2}))
+    out = tmp_path / "e2e.json"
+    assert e2e_gpu.main(["--shapes", str(cfg), "--tokens", "128", "--seq", "64", "--answer", "16", "--steps", "2",
+                         "--objective", "npo", "--variants", "lune_fast,hf_peft", "--device", "cpu",
+                         "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["lune_fast", "hf_peft"]
+    assert all(r["error"] is None and r["tokens/s"] > 0 for r in rows)

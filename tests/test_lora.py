@@ -95,11 +95,12 @@ def test_attach_starts_as_base_and_merge_roundtrip(tmp_path):
 
 
 def test_one_dispatch_point_for_the_lora_op():
-    """Every adapted projection reaches the op through lora_linear(backend=): "auto" is the torch chain on a CPU
-    tensor, a backend that does not exist is refused by name."""
+    """Every adapted projection reaches the op through lora_linear(backend=): "auto" is the torch chain on any
+    device (it beat the Triton kernels on an H200), a backend that does not exist is refused by name."""
     from lune_fast.kernels.lora_linear import lora_linear, lora_linear_reference, resolve_backend
 
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"
     assert resolve_backend("torch", torch.device("cpu")) == "torch"
     with pytest.raises(ValueError, match="must be one of auto, torch, triton, got 'cuda'"):
         resolve_backend("cuda", torch.device("cpu"))

@@ -5,12 +5,14 @@
 
 A Llama-architecture model of the named shape, rank-16 LoRA on all seven projections of every layer, bf16,
 N tokens per step (rows of --seq tokens, the last --answer tokens of each row the answer). Variants:
-- lune_fast: the trainer (fused Triton LoRA kernels, fused head op at answer positions, cached reference);
-- chain: the same trainer with the Unsloth-style addmm chain instead of the Triton kernels;
+- lune_fast: the trainer as users get it (default LoRA backend: the torch addmm chain on cuBLAS; fused head
+  op at answer positions; cached reference);
+- lune_triton: the same trainer with the fused Triton LoRA kernels (backend="triton");
 - hf_peft: transformers' LlamaForCausalLM (SDPA) + PEFT, bf16 adapters, full logits, NPO reference via
   disable_adapter() each step.
 Reports tokens/s, peak memory, and MFU counting 4·P·N FLOPs per step (forward + input-gradient of the frozen
-base; no weight gradients) plus attention, against the measured bf16 matmul rate.
+base; no weight gradients) plus attention, against the bf16 matmul rate measured first (bench lora's
+measure_rates: warmed up, median of repeats, random operands).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import time
 import torch
 
 from .harness import machine, markdown_table, write_json
-from .lora import model_shapes
+from .lora import measure_rates, model_shapes
 
 
 def _config_dict(shape: dict) -> dict:
@@ -65,19 +67,34 @@ def _params(cfg: dict) -> int:
     return L * (2 * h * h + 2 * h * kv + 3 * h * m) + V * h  # the head counts once (embedding is a lookup)
 
 
+def _start_memory(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_gib(device) -> float | None:
+    """Peak device memory since _start_memory (CUDA only: the CPU smoke run has no such counter)."""
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
 def run_lune(cfg: dict, batch, objective: str, steps: int, backend: str, device) -> dict:
     from .. import lora
     from ..trainer import RunOptions, TrainData, TrainSettings, train
 
     model = _random_model(_config_dict(cfg), torch.bfloat16, device)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    _start_memory(device)
     settings = TrainSettings(objective=objective, lr=1e-4, steps=steps, stop_prob=0.0)
     lora.attach(model, lora.LoraSettings(rank=16, alpha=32, targets=tuple(lora.TARGETS), layers=()),
                 seed=settings.seed, backend=backend)
     out = train(model, TrainData([batch]), settings, RunOptions(progress=False))
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    _sync(device)
+    peak = _peak_gib(device)
     del model
     return {"step_s": statistics.median(out.step_seconds[1:] or out.step_seconds), "peak_gib": peak}
 
@@ -106,8 +123,7 @@ def run_peft(cfg: dict, pairs, objective: str, steps: int, device) -> dict:
         lab = labels[:, 1:]
         return (lp.gather(-1, lab.clamp_min(0)[..., None])[..., 0] * (lab != -100)).sum(-1)
 
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    _start_memory(device)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -121,9 +137,9 @@ def run_peft(cfg: dict, pairs, objective: str, steps: int, device) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad()
-        torch.cuda.synchronize()
+        _sync(device)
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    peak = _peak_gib(device)
     del pm, model, opt
     return {"step_s": statistics.median(times[1:] or times), "peak_gib": peak}
 
@@ -137,22 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--answer", type=int, default=64)
     ap.add_argument("--objective", default="npo,ga")
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--variants", default="lune_fast,chain,hf_peft")
+    ap.add_argument("--variants", default="lune_fast,lune_triton,hf_peft")
     ap.add_argument("--json")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu runs the same code small (a smoke check)")
     a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    if a.device == "cuda" and not torch.cuda.is_available():
         print("bench e2e-gpu: no CUDA device here; nothing measured (run it on a GPU, e.g. benchmarks/gpu_suite.sh)")
         return 0
-    device = torch.device("cuda")
-    n = 8192
-    x = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        x @ x
-    torch.cuda.synchronize()
-    peak_flops = 10 * 2 * n ** 3 / (time.perf_counter() - t0)
-    del x
+    device = torch.device(a.device)
+    peak_flops = measure_rates(a.device, torch.bfloat16)[0]
     rows = []
     for shape_name in a.shapes.split(","):
         cfg = model_shapes(shape_name)
@@ -163,13 +172,14 @@ def main(argv: list[str] | None = None) -> int:
             res = {}
             for variant in a.variants.split(","):
                 gc.collect()
-                torch.cuda.empty_cache()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 try:
                     if variant == "hf_peft":
                         res[variant] = run_peft(cfg, pairs, objective, a.steps, device)
                     else:
                         res[variant] = run_lune(cfg, batch.to(device), objective, a.steps,
-                                                "triton" if variant == "lune_fast" else "torch", device)
+                                                "triton" if variant == "lune_triton" else "auto", device)
                 except torch.OutOfMemoryError:
                     res[variant] = {"step_s": None, "peak_gib": None, "error": "out of memory"}
             lune = res.get("lune_fast", {})
