@@ -119,6 +119,32 @@ def test_configs_that_overflow_shared_memory_are_pruned(kind, monkeypatch):
     assert len(kept16) == len(configs) and all(need(c, 2) <= limit for c in kept16)
 
 
+@pytest.mark.skipif(DEV == "cuda", reason="drives the autotuner with the interpreter's configs; what it guards "
+                                           "(reset_to_zero on the partials) does not depend on the device")
+def test_autotuning_leaves_no_stale_partials(monkeypatch):
+    """Autotuning runs every backward config on the same dA/dB partial slabs; when the winner has a larger BM
+    (fewer slabs) than one tried before it, the slabs only the loser wrote must not reach the sum. Two
+    interpreter configs (BM 16 and 32, M = 40: three slabs against two), the larger made to win."""
+    monkeypatch.setitem(K.CONFIGS, ("interpreter", "bwd"), [(16, 32, 32, 4, 1, 64), (32, 32, 32, 4, 1, 64)])
+    monkeypatch.setattr(K, "interpreting", lambda: True)
+    K._tuned.cache_clear()
+    try:
+        kern = K._tuned("bwd", "interpreter")
+        run_once = kern._bench
+        kern._do_bench = lambda kernel_call, quantiles: (kernel_call(), [1.0, 1.0, 1.0])[1]
+        kern._bench = lambda *args, config, **meta: (run_once(*args, config=config, **meta),
+                                                     [1.0 / config.kwargs["BM"]] * 3)[1]
+        x, w, b, A, B = _operands(40, 48, 36, 8, torch.float32, seed=11)
+        dy = torch.randn(40, 36, device=DEV)
+        _, dx_ref, dA_ref, dB_ref = _ref64(x, w, b, A, B, 2.0, dy)
+        _, xa = K.forward(x, w, A, B * 2.0, b)
+        dx, dA, G = K.backward(dy, x, xa, w, A, B * 2.0)
+        assert kern.cache and all(c.kwargs["BM"] == 32 for c in kern.cache.values())
+        assert rel_err(dA, dA_ref) <= TOL[torch.float32] and rel_err(G * 2.0, dB_ref) <= TOL[torch.float32]
+    finally:
+        K._tuned.cache_clear()
+
+
 def test_rank_pad():
     assert [K.rank_pad(r) for r in (1, 4, 8, 16, 17, 64)] == [16, 16, 16, 16, 32, 64]
 
