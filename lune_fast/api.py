@@ -98,7 +98,7 @@ class Unlearner:
                  fsdp: bool = False, backend: str = "auto", **defaults):
         """Under torchrun the forget set is split across the ranks (data parallel); fsdp=True also shards the
         frozen blocks (FSDP2). Every rank runs the same calls; rank 0 writes. backend: the LoRA op's
-        (auto, torch, triton)."""
+        (auto = torch, the addmm chain, on every device; triton = the fused kernels, CUDA only)."""
         self.model_name = str(model)
         self.device = torch.device(device)
         if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:

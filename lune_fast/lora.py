@@ -3,7 +3,7 @@ merge/unmerge.
 
 y = x Wᵀ (+ b) + s · (x Aᵀ) Bᵀ with W frozen, A [r, in] random, B [out, r] zero, s = alpha / r (or
 alpha / √r with rsLoRA). Adapter parameters are float32 master weights whatever the model dtype. The op
-itself, with its backends (the fused Triton kernels on CUDA, an addmm chain on CPU), is
+itself, with its backends (an addmm chain by default; fused Triton kernels on CUDA, opt-in), is
 lune_fast.kernels.lora_linear; the backend is chosen once, when the adapters are attached.
 """
 from __future__ import annotations
