@@ -27,6 +27,7 @@ from .anchors import build_anchors
 from .assets import asset
 from .data import DataError, Encoder, read_facts, read_lines
 from .evaluate import evaluate, metrics_table, report_markdown
+from .guard import Guard, guard_round
 from .io import atomic_output_dir
 from .keyed import attach_keyed, preserved_inputs, step_scale
 from .settings import Settings, SettingsError, resolve_dtype, train_settings
@@ -164,7 +165,7 @@ class Unlearner:
         # 2. the adapter, training (a diverged run keeps its last good adapter), the recall rounds; evaluate
         t_train = time.perf_counter()
         try:
-            rounds, keys = self._train(job, run, st, scale_lr=replace(self.defaults, **overrides).lr is None)
+            rounds, keys, guarded = self._train(job, run, st, scale_lr=replace(self.defaults, **overrides).lr is None)
             train_seconds = time.perf_counter() - t_train
             after = evaluate(self.model, self.encoder, job.facts, texts, s.mode == "replace", s.max_new_tokens,
                              progress, self.dist) if evaluate_after else None
@@ -178,6 +179,8 @@ class Unlearner:
                 "train_tokens": rounds.outcome.tokens, "recall_rounds": rounds.rounds,
                 "peak_memory_mb": round(_peak_memory_mb(self.device), 1), "trainable_params": trained,
                 "device": str(self.device), "total_seconds": round(time.perf_counter() - t0, 3)}
+        if guarded is not None:
+            cost["neighbor_guard"] = guarded
         result = self._result(job, read.skipped, before, after, rounds, state, cost)
         result.keys = keys
         return result
@@ -250,12 +253,14 @@ class Unlearner:
                          self.encoder.pad_id, [a.prompt for a in anchors])
 
     def _train(self, job: plan.Plan, run: RunOptions, st: lifelong.State | None = None, scale_lr: bool = True
-               ) -> tuple[recall.Rounds, dict | None]:
+               ) -> tuple[recall.Rounds, dict | None, dict | None]:
         """Attach the adapter (keyed: its A from the preserved inputs, away from a state's earlier keys; under
-        FSDP it is on already) beside a state's earlier ranks, train, and in suppress mode check again and
-        continue (the recall rounds). scale_lr: the lr is the default one, to be scaled to this model (a given
-        lr is used as it is). Returns the rounds and the keyed adapter's keys."""
+        FSDP it is on already) beside a state's earlier ranks, train, in suppress mode check again and continue
+        (the recall rounds), and with the neighbour guard put back listed neighbours that flipped. scale_lr: the
+        lr is the default one, to be scaled to this model (a given lr is used as it is). Returns the rounds, the
+        keyed adapter's keys and the guard's report (None without the guard)."""
         s = job.settings
+        guard = Guard.of(self.model, self.encoder, job.facts) if s.neighbor_guard and not self.fsdp else None
         preserved = preserved_inputs(self.model, self.encoder, job.facts, job.layout, s.preserve_prompts,
                                      s.preserve_text, s.seed, self._text_moments, s.preserve_neighbors,
                                      st.earlier_facts() if st is not None else ()) \
@@ -272,9 +277,13 @@ class Unlearner:
             st.attach_earlier(self.model)
         data = job.train_data(self.model, dist=self.dist, preserved=preserved)
         outcome, error = train_keeping_last_good(self.model, data, train_settings(s, lr_scale=job.lr_scale), run)
-        if error is not None or s.mode != "suppress":
-            return recall.Rounds(outcome, 0, error), keys
-        return recall.recall_rounds(self.model, self.encoder, job, outcome, run, preserved), keys
+        rounds = recall.Rounds(outcome, 0, error)
+        if error is None and s.mode == "suppress":
+            rounds = recall.recall_rounds(self.model, self.encoder, job, outcome, run, preserved)
+        if guard is None:
+            return rounds, keys, None
+        rounds, report = guard_round(self.model, self.encoder, job, rounds, run, preserved, guard)
+        return rounds, keys, report
 
     def _result(self, job: plan.Plan, skipped: list[str], before, after, rounds: recall.Rounds,
                 state: dict, cost: dict) -> ForgetResult:

@@ -88,6 +88,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preserve-neighbors", action=argparse.BooleanOptionalAction, default=d.preserve_neighbors,
                    help="keyed: the records' listed neighbours join the inputs the adapter must leave alone "
                         "(their prompts, not their answers)")
+    p.add_argument("--neighbor-guard", action=argparse.BooleanOptionalAction, default=d.neighbor_guard,
+                   help="after training, check the records' listed neighbours the base model answered and train "
+                        "back any the adapter flipped (one more round)")
     p.add_argument("--preserve-weight", type=float, default=d.preserve_weight,
                    help="weight of the penalty on the adapted projections' output change on the preserved inputs")
     p.add_argument("--retain-loss", default=d.retain_loss, choices=["nll", "kl"])

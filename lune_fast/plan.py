@@ -111,13 +111,14 @@ class Plan:
     lr_scale: float = 1.0  # keyed: the factor on settings.lr for this model (lune_fast.keyed.step_scale)
 
     def train_data(self, model: Transformer, pairs: list[Pair] | None = None, dist: Dist | None = None,
-                   preserved=None) -> TrainData:
+                   preserved=None, retain_first: list[Pair] = ()) -> TrainData:
         """Packed micro-batches of this process's share of `pairs` (default: all of the plan's) and the retain
-        batch, after the up-front memory check."""
+        batch (`retain_first`, then the plan's retain pairs), after the up-front memory check."""
         s = self.settings
         batches = [make_batch(g, self.pad_id, pack=PACK_TOKENS)
                    for g in micro_batches(self.pairs if pairs is None else pairs, s.max_batch_tokens, dist)]
-        retain = make_batch(self.retain_pairs, self.pad_id, pack=PACK_TOKENS) if self.retain_pairs else None
+        kept = list(retain_first) + self.retain_pairs
+        retain = make_batch(kept, self.pad_id, pack=PACK_TOKENS) if kept else None
         layers_run = model.config.num_hidden_layers - min(self.layout.layers)
         tokens = max((b.input_ids.numel() for b in batches), default=0) + (retain.input_ids.numel() if retain else 0)
         check_memory(model.config, tokens, layers_run, model.dtype, model.device)

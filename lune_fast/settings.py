@@ -90,6 +90,9 @@ class Settings:
     # templates with other subjects (`preserve_prompts` per fact) and a text file (None = the package's)
     preserve_prompts: int = 12
     preserve_neighbors: bool = True  # the records' listed neighbours are preserved inputs too (prompts, not answers)
+    # after training, the listed neighbours the base model answered are checked; any the adapter flipped are
+    # trained back by one more round (lune_fast.guard)
+    neighbor_guard: bool = False
     preserve_text: str | None = None
     preserve_weight: float = 0.0
     key_ridge: float = 1e-2  # keyed: ridge of the preserved-input moment, relative to its mean eigenvalue
@@ -133,16 +136,18 @@ class Settings:
             raise SettingsError("robust_to works through the recall rounds: suppress mode with recall_rounds > 0")
 
 
-def train_settings(s: Settings, steps: int | None = None, lr_scale: float = 1.0) -> TrainSettings:
+def train_settings(s: Settings, steps: int | None = None, lr_scale: float = 1.0, retain_until_kept: int = 0
+                   ) -> TrainSettings:
     """The trainer's settings of a run, field by field (tests/test_settings.py checks that none is left out);
-    lr_scale: the model's factor on a keyed step (lune_fast.keyed.step_scale)."""
+    lr_scale: the model's factor on a keyed step (lune_fast.keyed.step_scale); steps and retain_until_kept: a
+    continuation's budget and the neighbour guard's stop (lune_fast.guard)."""
     return TrainSettings(
         objective=s.objective, replace=s.mode == "replace", lr=s.lr * lr_scale,
         steps=s.steps if steps is None else steps,
         beta=s.beta, stop_prob=s.stop_prob, replace_prob=s.replace_prob, grad_clip=s.grad_clip,
         weight_decay=s.weight_decay, warmup_steps=s.warmup_steps, schedule=s.schedule, seed=s.seed,
         per_example_stop=s.per_example_stop, retain_weight=s.retain_weight, retain_loss=s.retain_loss,
-        preserve_weight=s.preserve_weight, checkpoint_every=s.checkpoint_every)
+        preserve_weight=s.preserve_weight, checkpoint_every=s.checkpoint_every, retain_until_kept=retain_until_kept)
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -49,6 +49,9 @@ class TrainSettings:
     retain_loss: str = "nll"  # nll | kl
     preserve_weight: float = 0.0  # key preservation (lune_fast.preserve): weight of the relative output change
     checkpoint_every: int = 0
+    # the run stops only once the first this many retain pairs are reproduced too (every answer token the most
+    # likely one): the neighbour guard's round (lune_fast.guard)
+    retain_until_kept: int = 0
 
 
 @dataclass
@@ -165,7 +168,7 @@ def train(model: Transformer, data: TrainData, settings: TrainSettings, run: Run
                 # 3. forward the micro-batches; the stop check reads the same log-probs
                 losses, probs, weights = _forward(model, work, L0, settings)
                 # 4. stop on the criterion (every rank alike), before any update of this step
-                if _all_done(probs, settings, dist, model.device):
+                if _all_done(probs, settings, dist, model.device) and step_terms.retain_kept():
                     whole = work is parts
                     if _everywhere(whole, dist, model.device):
                         outcome.stopped = "criterion"
@@ -300,6 +303,18 @@ class _StepTerms:
         if dist is not None and dist.fsdp:
             loss = loss * dist.world  # FSDP averages the reduce-scatter; the loss is already global
         return loss
+
+    @torch.no_grad()
+    def retain_kept(self) -> bool:
+        """Are the first settings.retain_until_kept retain pairs reproduced (True when nothing is asked)? The
+        retain batch is whole on every rank, so every rank answers alike."""
+        n = self.settings.retain_until_kept
+        if n == 0 or self.retain is None:
+            return True
+        part = self.retain.part
+        h = _hidden_at_answers(self.model, part, self.L0)
+        first = part.batch.seq < n
+        return bool(((h[first] @ self.model.head_weight.t()).argmax(-1) == part.batch.targets[first]).all())
 
     def _retain_term(self) -> torch.Tensor:
         model = self.model

@@ -1,0 +1,80 @@
+"""The neighbour guard: what counts as reproduced, and a run that must also put its retain pairs back."""
+from lune_fast import lora
+from lune_fast.data import make_batch
+from lune_fast.generate import generate
+from lune_fast.guard import reproduces
+from lune_fast.trainer import RunOptions, TrainData, TrainSettings, train
+from lune_fast.weights import load_model
+
+PROMPTS = [[3, 17, 42], [5, 6, 7, 8], [90, 91]]
+
+
+def test_reproduced_means_every_answer_token_is_the_most_likely(tiny_llama):
+    model = load_model(tiny_llama)
+    own = generate(model, PROMPTS, 3, eos_token_id=[])  # greedy: each token the most likely one
+    assert all(len(o) == 3 for o in own)
+    assert reproduces(model, list(zip(PROMPTS, own)), pad_id=0) == [True, True, True]
+    # one token off, at the first, middle or last place: not reproduced
+    off = [[t if j != k else (t + 1) % 211 for j, t in enumerate(o)] for k, o in enumerate(own)]
+    assert reproduces(model, list(zip(PROMPTS, off)), pad_id=0) == [False, False, False]
+    assert reproduces(model, [], pad_id=0) == []
+
+
+def _run(tiny_llama, retain_until_kept: int):
+    """A forget pair already past the criterion (stop_prob 1) and a retain answer the model does not give."""
+    model = load_model(tiny_llama)
+    own = generate(model, PROMPTS[1:2], 2, eos_token_id=[])[0]
+    retain = (PROMPTS[1], [(t + 5) % 211 for t in own])
+    assert reproduces(model, [retain], pad_id=0) == [False]
+    lora.attach(model, lora.LoraSettings(rank=4, alpha=8, targets=("gate", "up", "down"), layers=(1, 2)), seed=0)
+    settings = TrainSettings(objective="ga", lr=5e-2, steps=80, stop_prob=1.0, retain_weight=5.0,
+                             retain_until_kept=retain_until_kept)
+    data = TrainData([make_batch([(PROMPTS[0], [100, 7])])], retain=make_batch([retain]))
+    out = train(model, data, settings, RunOptions(progress=False))
+    return model, retain, out
+
+
+def test_a_run_that_must_keep_its_retain_pairs_trains_until_they_come_out(tiny_llama):
+    model, retain, out = _run(tiny_llama, retain_until_kept=1)
+    assert out.stopped == "criterion" and 0 < out.steps < 80
+    assert reproduces(model, [retain], pad_id=0) == [True]
+    assert max(out.final_mean_prob) < 1.0  # the forget criterion still held when it stopped
+
+
+def test_without_it_the_met_criterion_stops_at_once(tiny_llama):
+    model, retain, out = _run(tiny_llama, retain_until_kept=0)
+    assert out.stopped == "criterion" and out.steps == 0
+    assert reproduces(model, [retain], pad_id=0) == [False]
+
+
+def test_a_guard_round_that_cannot_keep_both_is_undone_and_reported(tiny_lm, monkeypatch):
+    """Through Unlearner.forget: the neighbour counts as answered before and flipped after (stubbed: a random
+    model answers nothing), the round gets one step, cannot put it back, and is undone — the adapter is the
+    one the guard-off run returns — while the report names the neighbour."""
+    import torch
+
+    from lune_fast import guard
+    from lune_fast.api import Unlearner
+
+    calls = []
+
+    def stub(model, pairs, pad_id):
+        calls.append(len(pairs))
+        return [len(calls) == 1] * len(pairs)  # answered by the base model, flipped on every later check
+
+    monkeypatch.setattr(guard, "reproduces", stub)
+    monkeypatch.setattr(guard, "GUARD_STEPS", 1)
+    neighbour = "A group of cows is called a"
+    records = [{"prompt": "A baby cow is called a", "target": "calf",
+                "neighbors": [{"prompt": neighbour, "target": "herd"}]}]
+    u = Unlearner(str(tiny_lm), dtype="float32")
+    run = dict(progress=False, evaluate_before=False, evaluate_after=False, steps=10, layers="1-2",
+               stop_prob=0.99, recall_rounds=0)
+    plain = u.forget(records, **run)
+    guarded = u.forget(records, neighbor_guard=True, **run)
+    assert guarded.cost["neighbor_guard"] == {"guarded": 1, "flipped": [neighbour], "still_flipped": [neighbour],
+                                              "reverted": True}
+    assert guarded.cost["steps"] == plain.cost["steps"] + 1  # the round's step ran, and was undone
+    assert guarded.adapter.keys() == plain.adapter.keys()
+    assert all(torch.equal(guarded.adapter[k], plain.adapter[k]) for k in plain.adapter)
+    assert "neighbor_guard" not in plain.cost
