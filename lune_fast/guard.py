@@ -1,8 +1,8 @@
 """The neighbour guard: a request's listed neighbours that the adapter flipped are put back before it returns.
 
 Before training, the records' neighbours (prompt, answer) that the base model reproduces — every answer token
-its most likely next token, teacher-forced, which is what greedy decoding says when the answer comes first —
-are the guarded ones. After training and the recall rounds they are checked again in one batched forward. Any
+its most likely next token by a margin (trainer.answers_kept), teacher-forced: what greedy decoding says when
+the answer comes first, and stays saying under bf16 rounding — are the guarded ones. After training and the recall rounds they are checked again in one batched forward. Any
 that no longer comes out ("Every year, Halloween falls in the month of" → November, after July was forgotten
 for Independence Day) is trained on by one more round: the request's pairs as before, the retain term on the
 flipped neighbours, and a stop that needs both the forget criterion and those neighbours reproduced. The round
@@ -17,12 +17,11 @@ import torch
 
 from . import lora
 from .data import Encoder, Fact, make_batch
-from .losses import per_sequence
 from .model import Transformer
 from .plan import Pair, Plan
 from .recall import ROUND_FACTOR, Rounds
 from .settings import train_settings
-from .trainer import RunOptions, train_keeping_last_good
+from .trainer import KEPT_MARGIN, RunOptions, answers_kept, train_keeping_last_good
 
 
 # the guard round's budget: a neighbour that a few steps cannot put back is one the forgetting needs to move
@@ -30,15 +29,13 @@ GUARD_STEPS = 12
 
 
 @torch.no_grad()
-def reproduces(model: Transformer, pairs: list[Pair], pad_id: int) -> list[bool]:
-    """Per pair: is every answer token the model's most likely next token, teacher-forced?"""
+def reproduces(model: Transformer, pairs: list[Pair], pad_id: int, margin: float = KEPT_MARGIN) -> list[bool]:
+    """Per pair: is every answer token the model's most likely next token, teacher-forced, by `margin` nats?"""
     if not pairs:
         return []
     b = make_batch(pairs, pad_id).to(model.device)
     h = model(b.input_ids, return_hidden=True, select=b.sel)
-    hit = ((h @ model.head_weight.t()).argmax(-1) == b.targets).float()
-    sums, counts = per_sequence(hit, b.seq, b.n_seq)
-    return (sums == counts).tolist()
+    return answers_kept(h, model.head_weight, b.targets, b.seq, b.n_seq, margin).tolist()
 
 
 @dataclass

@@ -49,8 +49,8 @@ class TrainSettings:
     retain_loss: str = "nll"  # nll | kl
     preserve_weight: float = 0.0  # key preservation (lune_fast.preserve): weight of the relative output change
     checkpoint_every: int = 0
-    # the run stops only once the first this many retain pairs are reproduced too (every answer token the most
-    # likely one): the neighbour guard's round (lune_fast.guard)
+    # the run stops only once the first this many retain pairs are kept too (answers_kept): the neighbour
+    # guard's round (lune_fast.guard)
     retain_until_kept: int = 0
 
 
@@ -306,15 +306,15 @@ class _StepTerms:
 
     @torch.no_grad()
     def retain_kept(self) -> bool:
-        """Are the first settings.retain_until_kept retain pairs reproduced (True when nothing is asked)? The
-        retain batch is whole on every rank, so every rank answers alike."""
+        """Are the first settings.retain_until_kept retain pairs kept (True when nothing is asked)? The retain
+        batch is whole on every rank, so every rank answers alike."""
         n = self.settings.retain_until_kept
         if n == 0 or self.retain is None:
             return True
         part = self.retain.part
-        h = _hidden_at_answers(self.model, part, self.L0)
-        first = part.batch.seq < n
-        return bool(((h[first] @ self.model.head_weight.t()).argmax(-1) == part.batch.targets[first]).all())
+        b = part.batch
+        return bool(answers_kept(_hidden_at_answers(self.model, part, self.L0), self.model.head_weight, b.targets,
+                                 b.seq, b.n_seq)[:n].all())
 
     def _retain_term(self) -> torch.Tensor:
         model = self.model
@@ -429,6 +429,23 @@ def _hidden_at_answers(model: Transformer, part: _Part, L0: int) -> torch.Tensor
     H = part.h0.shape[-1]
     h = model.run_layers(part.h0, part.positions, part.mask, start=L0)
     return model.norm(h.reshape(-1, H)[part.batch.sel])
+
+
+# An answer is kept when each of its tokens beats every other token by this much log-probability (twice as
+# likely): far above bf16's logit rounding (~2^-8 relative), so that a near-tie, which another batch layout or
+# the decoder's KV-cache path can round the other way, does not count as kept.
+KEPT_MARGIN = math.log(2.0)
+
+
+def answers_kept(h: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, seq: torch.Tensor, n_seq: int,
+                 margin: float = KEPT_MARGIN) -> torch.Tensor:
+    """Per sequence [n_seq] bool: every answer token (hidden states h at the positions predicting them) is the
+    most likely one by at least `margin` nats."""
+    logits = (h @ head_weight.t()).float()
+    target = logits.gather(-1, targets[:, None])[:, 0]
+    other = logits.scatter(-1, targets[:, None], float("-inf")).max(-1).values
+    sums, counts = per_sequence((target - other >= margin).float(), seq, n_seq)
+    return sums == counts
 
 
 def _mean_token_prob(tok_logp: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -9,15 +9,22 @@ from lune_fast.weights import load_model
 PROMPTS = [[3, 17, 42], [5, 6, 7, 8], [90, 91]]
 
 
-def test_reproduced_means_every_answer_token_is_the_most_likely(tiny_llama):
+def test_reproduced_means_every_answer_token_is_the_most_likely_by_the_margin(tiny_llama):
     model = load_model(tiny_llama)
     own = generate(model, PROMPTS, 3, eos_token_id=[])  # greedy: each token the most likely one
     assert all(len(o) == 3 for o in own)
-    assert reproduces(model, list(zip(PROMPTS, own)), pad_id=0) == [True, True, True]
+    pairs = list(zip(PROMPTS, own))
+    assert reproduces(model, pairs, pad_id=0, margin=0.0) == [True, True, True]
     # one token off, at the first, middle or last place: not reproduced
     off = [[t if j != k else (t + 1) % 211 for j, t in enumerate(o)] for k, o in enumerate(own)]
-    assert reproduces(model, list(zip(PROMPTS, off)), pad_id=0) == [False, False, False]
+    assert reproduces(model, list(zip(PROMPTS, off)), pad_id=0, margin=0.0) == [False, False, False]
     assert reproduces(model, [], pad_id=0) == []
+    # a margin larger than the smallest gap between a chosen token and the runner-up is not met
+    b = make_batch(pairs)
+    h = model(b.input_ids, return_hidden=True, select=b.sel)
+    logits = (h @ model.head_weight.t()).float().sort(-1, descending=True).values
+    gaps = logits[:, 0] - logits[:, 1]
+    assert reproduces(model, pairs, pad_id=0, margin=float(gaps.max()) + 1e-3) == [False, False, False]
 
 
 def _run(tiny_llama, retain_until_kept: int):
