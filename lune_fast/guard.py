@@ -1,16 +1,20 @@
 """The neighbour guard: a request's listed neighbours that the adapter flipped are put back before it returns.
 
-Before training, the records' neighbours (prompt, answer) that the base model reproduces — every answer token
-its most likely next token by a margin (trainer.answers_kept), teacher-forced: what greedy decoding says when
-the answer comes first, and stays saying under bf16 rounding — are the guarded ones. After training and the recall rounds they are checked again in one batched forward. Any
-that no longer comes out ("Every year, Halloween falls in the month of" → November, after July was forgotten
-for Independence Day) is trained on by one more round: the request's pairs as before, the retain term on the
-flipped neighbours, and a stop that needs both the forget criterion and those neighbours reproduced. The round
-runs at most GUARD_STEPS steps (and the steps left); a round that does not meet both is undone (the adapter
-stays as training left it), and the neighbours it could not put back are reported, not hidden.
+Before training, the records' neighbours (prompt, answer) that the base model answers — each answer token the
+most likely one, teacher-forced (trainer.answer_margins > 0), which is what greedy decoding says when the answer
+comes first — are the guarded ones, each with the lead it had. After training and the recall rounds one batched
+forward checks them again: a neighbour has flipped when its lead fell under min(ln 2, half its base lead). Half
+the base lead, so that a neighbour the base model answers by a hair ("Halloween falls in the month of" →
+October, barely ahead of November) is guarded too; at most ln 2, so that a confident one need not stay as
+confident; and a lead, not a bare argmax, because on a near-tie a batch forward and the decoder's KV-cache path
+round differently in bf16. Flipped neighbours are trained on by one more round: the request's pairs as before,
+the retain term on them, and a stop that needs both the forget criterion and those leads back. The round runs
+at most GUARD_STEPS steps (and the steps left); a round that does not meet both is undone (the adapter stays as
+training left it), and the neighbours it could not put back are reported, not hidden.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -21,38 +25,41 @@ from .model import Transformer
 from .plan import Pair, Plan
 from .recall import ROUND_FACTOR, Rounds
 from .settings import train_settings
-from .trainer import KEPT_MARGIN, RunOptions, answers_kept, train_keeping_last_good
+from .trainer import RunOptions, answer_margins, train_keeping_last_good
 
 
 # the guard round's budget: a neighbour that a few steps cannot put back is one the forgetting needs to move
 GUARD_STEPS = 12
+MAX_LEAD = math.log(2.0)  # a guarded neighbour must get back half its base lead, at most this (twice as likely)
 
 
 @torch.no_grad()
-def reproduces(model: Transformer, pairs: list[Pair], pad_id: int, margin: float = KEPT_MARGIN) -> list[bool]:
-    """Per pair: is every answer token the model's most likely next token, teacher-forced, by `margin` nats?"""
+def leads(model: Transformer, pairs: list[Pair], pad_id: int) -> list[float]:
+    """Per pair: its answer's smallest lead over the most likely other token, teacher-forced (answer_margins)."""
     if not pairs:
         return []
     b = make_batch(pairs, pad_id).to(model.device)
     h = model(b.input_ids, return_hidden=True, select=b.sel)
-    return answers_kept(h, model.head_weight, b.targets, b.seq, b.n_seq, margin).tolist()
+    return answer_margins(h, model.head_weight, b.targets, b.seq, b.n_seq).tolist()
 
 
 @dataclass
 class Guard:
-    pairs: list[Pair]  # the neighbours the base model reproduces
+    pairs: list[Pair]  # the neighbours the base model answers
     prompts: list[str]
+    need: list[float]  # the lead each must keep: min(MAX_LEAD, half the base model's)
 
     @classmethod
     def of(cls, model: Transformer, enc: Encoder, facts: list[Fact]) -> "Guard":
-        """The listed neighbours of `facts` that the model (the base model: no adapter attached) reproduces."""
+        """The listed neighbours of `facts` that the model (the base model: no adapter attached) answers."""
         listed = list(dict.fromkeys((p, t, f.chat) for f in facts for p, t in f.neighbors))
         pairs = [enc.pair(p, t, chat) for p, t, chat in listed]
-        kept = reproduces(model, pairs, enc.pad_id)
-        return cls([x for x, k in zip(pairs, kept) if k], [p for (p, _, _), k in zip(listed, kept) if k])
+        keep = [(x, p, min(MAX_LEAD, m / 2)) for x, (p, _, _), m in zip(pairs, listed, leads(model, pairs, enc.pad_id))
+                if m > 0]
+        return cls([k[0] for k in keep], [k[1] for k in keep], [k[2] for k in keep])
 
     def flipped(self, model: Transformer, pad_id: int) -> list[int]:
-        return [i for i, ok in enumerate(reproduces(model, self.pairs, pad_id)) if not ok]
+        return [i for i, (m, n) in enumerate(zip(leads(model, self.pairs, pad_id), self.need)) if m < n]
 
 
 def guard_round(model: Transformer, enc: Encoder, plan: Plan, rounds: Rounds, run: RunOptions, preserved,
@@ -69,7 +76,7 @@ def guard_round(model: Transformer, enc: Encoder, plan: Plan, rounds: Rounds, ru
     data = plan.train_data(model, dist=run.dist, preserved=preserved,
                            retain_first=[guard.pairs[i] for i in flipped])
     settings = train_settings(s, steps=min(left, GUARD_STEPS), lr_scale=plan.lr_scale,
-                              retain_until_kept=len(flipped))
+                              retain_keep=[guard.need[i] for i in flipped])
     if s.mode == "suppress":  # the last recall round's threshold
         settings = replace(settings, stop_prob=s.stop_prob * ROUND_FACTOR ** rounds.rounds)
     params = lora.trainable_parameters(model)

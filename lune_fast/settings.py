@@ -136,10 +136,10 @@ class Settings:
             raise SettingsError("robust_to works through the recall rounds: suppress mode with recall_rounds > 0")
 
 
-def train_settings(s: Settings, steps: int | None = None, lr_scale: float = 1.0, retain_until_kept: int = 0
-                   ) -> TrainSettings:
+def train_settings(s: Settings, steps: int | None = None, lr_scale: float = 1.0,
+                   retain_keep: tuple[float, ...] = ()) -> TrainSettings:
     """The trainer's settings of a run, field by field (tests/test_settings.py checks that none is left out);
-    lr_scale: the model's factor on a keyed step (lune_fast.keyed.step_scale); steps and retain_until_kept: a
+    lr_scale: the model's factor on a keyed step (lune_fast.keyed.step_scale); steps and retain_keep: a
     continuation's budget and the neighbour guard's stop (lune_fast.guard)."""
     return TrainSettings(
         objective=s.objective, replace=s.mode == "replace", lr=s.lr * lr_scale,
@@ -147,7 +147,7 @@ def train_settings(s: Settings, steps: int | None = None, lr_scale: float = 1.0,
         beta=s.beta, stop_prob=s.stop_prob, replace_prob=s.replace_prob, grad_clip=s.grad_clip,
         weight_decay=s.weight_decay, warmup_steps=s.warmup_steps, schedule=s.schedule, seed=s.seed,
         per_example_stop=s.per_example_stop, retain_weight=s.retain_weight, retain_loss=s.retain_loss,
-        preserve_weight=s.preserve_weight, checkpoint_every=s.checkpoint_every, retain_until_kept=retain_until_kept)
+        preserve_weight=s.preserve_weight, checkpoint_every=s.checkpoint_every, retain_keep=tuple(retain_keep))
 
 
 def native_bf16(device: torch.device) -> bool:

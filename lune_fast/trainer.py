@@ -49,9 +49,9 @@ class TrainSettings:
     retain_loss: str = "nll"  # nll | kl
     preserve_weight: float = 0.0  # key preservation (lune_fast.preserve): weight of the relative output change
     checkpoint_every: int = 0
-    # the run stops only once the first this many retain pairs are kept too (answers_kept): the neighbour
-    # guard's round (lune_fast.guard)
-    retain_until_kept: int = 0
+    # the run stops only once the first len(retain_keep) retain pairs are kept too, pair i with its answer ahead
+    # of every other token by retain_keep[i] nats (answer_margins): the neighbour guard's round (lune_fast.guard)
+    retain_keep: tuple[float, ...] = ()
 
 
 @dataclass
@@ -306,15 +306,16 @@ class _StepTerms:
 
     @torch.no_grad()
     def retain_kept(self) -> bool:
-        """Are the first settings.retain_until_kept retain pairs kept (True when nothing is asked)? The retain
-        batch is whole on every rank, so every rank answers alike."""
-        n = self.settings.retain_until_kept
-        if n == 0 or self.retain is None:
+        """Are the first len(settings.retain_keep) retain pairs kept by their margins (True when nothing is
+        asked)? The retain batch is whole on every rank, so every rank answers alike."""
+        need = self.settings.retain_keep
+        if not need or self.retain is None:
             return True
         part = self.retain.part
         b = part.batch
-        return bool(answers_kept(_hidden_at_answers(self.model, part, self.L0), self.model.head_weight, b.targets,
-                                 b.seq, b.n_seq)[:n].all())
+        m = answer_margins(_hidden_at_answers(self.model, part, self.L0), self.model.head_weight, b.targets, b.seq,
+                           b.n_seq)[:len(need)]
+        return bool((m >= torch.tensor(need, device=m.device)).all())
 
     def _retain_term(self) -> torch.Tensor:
         model = self.model
@@ -431,21 +432,16 @@ def _hidden_at_answers(model: Transformer, part: _Part, L0: int) -> torch.Tensor
     return model.norm(h.reshape(-1, H)[part.batch.sel])
 
 
-# An answer is kept when each of its tokens beats every other token by this much log-probability (twice as
-# likely): far above bf16's logit rounding (~2^-8 relative), so that a near-tie, which another batch layout or
-# the decoder's KV-cache path can round the other way, does not count as kept.
-KEPT_MARGIN = math.log(2.0)
-
-
-def answers_kept(h: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, seq: torch.Tensor, n_seq: int,
-                 margin: float = KEPT_MARGIN) -> torch.Tensor:
-    """Per sequence [n_seq] bool: every answer token (hidden states h at the positions predicting them) is the
-    most likely one by at least `margin` nats."""
+def answer_margins(h: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, seq: torch.Tensor,
+                   n_seq: int) -> torch.Tensor:
+    """Per sequence [n_seq]: the smallest lead, over its answer tokens (hidden states h at the positions that
+    predict them), of the answer token's log-probability over the most likely other token. Positive: greedy
+    decoding says the answer (when it comes first); negative: some token is more likely."""
     logits = (h @ head_weight.t()).float()
     target = logits.gather(-1, targets[:, None])[:, 0]
-    other = logits.scatter(-1, targets[:, None], float("-inf")).max(-1).values
-    sums, counts = per_sequence((target - other >= margin).float(), seq, n_seq)
-    return sums == counts
+    gap = target - logits.scatter(-1, targets[:, None], float("-inf")).max(-1).values
+    out = torch.full((n_seq,), float("inf"), device=gap.device)
+    return out.scatter_reduce(0, seq.to(gap.device), gap, reduce="amin")
 
 
 def _mean_token_prob(tok_logp: torch.Tensor, batch: Batch) -> torch.Tensor:

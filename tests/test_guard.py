@@ -2,56 +2,56 @@
 from lune_fast import lora
 from lune_fast.data import make_batch
 from lune_fast.generate import generate
-from lune_fast.guard import reproduces
+from lune_fast.guard import leads
 from lune_fast.trainer import RunOptions, TrainData, TrainSettings, train
 from lune_fast.weights import load_model
 
 PROMPTS = [[3, 17, 42], [5, 6, 7, 8], [90, 91]]
 
 
-def test_reproduced_means_every_answer_token_is_the_most_likely_by_the_margin(tiny_llama):
+def test_a_lead_is_positive_exactly_where_greedy_says_the_answer(tiny_llama):
     model = load_model(tiny_llama)
     own = generate(model, PROMPTS, 3, eos_token_id=[])  # greedy: each token the most likely one
     assert all(len(o) == 3 for o in own)
     pairs = list(zip(PROMPTS, own))
-    assert reproduces(model, pairs, pad_id=0, margin=0.0) == [True, True, True]
-    # one token off, at the first, middle or last place: not reproduced
-    off = [[t if j != k else (t + 1) % 211 for j, t in enumerate(o)] for k, o in enumerate(own)]
-    assert reproduces(model, list(zip(PROMPTS, off)), pad_id=0, margin=0.0) == [False, False, False]
-    assert reproduces(model, [], pad_id=0) == []
-    # a margin larger than the smallest gap between a chosen token and the runner-up is not met
+    got = leads(model, pairs, pad_id=0)
+    # the smallest gap between each chosen token and the runner-up, from the logits directly
     b = make_batch(pairs)
     h = model(b.input_ids, return_hidden=True, select=b.sel)
-    logits = (h @ model.head_weight.t()).float().sort(-1, descending=True).values
-    gaps = logits[:, 0] - logits[:, 1]
-    assert reproduces(model, pairs, pad_id=0, margin=float(gaps.max()) + 1e-3) == [False, False, False]
+    top = (h @ model.head_weight.t()).float().topk(2, -1).values
+    want = [float((top[:, 0] - top[:, 1])[b.seq == i].min()) for i in range(3)]
+    assert all(g > 0 for g in got) and max(abs(g - w) for g, w in zip(got, want)) < 1e-5
+    # one token off, at the first, middle or last place: some other token leads
+    off = [[t if j != k else (t + 1) % 211 for j, t in enumerate(o)] for k, o in enumerate(own)]
+    assert all(g < 0 for g in leads(model, list(zip(PROMPTS, off)), pad_id=0))
+    assert leads(model, [], pad_id=0) == []
 
 
-def _run(tiny_llama, retain_until_kept: int):
+def _run(tiny_llama, retain_keep: tuple):
     """A forget pair already past the criterion (stop_prob 1) and a retain answer the model does not give."""
     model = load_model(tiny_llama)
     own = generate(model, PROMPTS[1:2], 2, eos_token_id=[])[0]
     retain = (PROMPTS[1], [(t + 5) % 211 for t in own])
-    assert reproduces(model, [retain], pad_id=0) == [False]
+    assert leads(model, [retain], pad_id=0)[0] < 0
     lora.attach(model, lora.LoraSettings(rank=4, alpha=8, targets=("gate", "up", "down"), layers=(1, 2)), seed=0)
     settings = TrainSettings(objective="ga", lr=5e-2, steps=80, stop_prob=1.0, retain_weight=5.0,
-                             retain_until_kept=retain_until_kept)
+                             retain_keep=retain_keep)
     data = TrainData([make_batch([(PROMPTS[0], [100, 7])])], retain=make_batch([retain]))
     out = train(model, data, settings, RunOptions(progress=False))
     return model, retain, out
 
 
-def test_a_run_that_must_keep_its_retain_pairs_trains_until_they_come_out(tiny_llama):
-    model, retain, out = _run(tiny_llama, retain_until_kept=1)
+def test_a_run_that_must_keep_its_retain_pairs_trains_until_they_lead(tiny_llama):
+    model, retain, out = _run(tiny_llama, retain_keep=(0.5,))
     assert out.stopped == "criterion" and 0 < out.steps < 80
-    assert reproduces(model, [retain], pad_id=0) == [True]
+    assert leads(model, [retain], pad_id=0)[0] >= 0.5
     assert max(out.final_mean_prob) < 1.0  # the forget criterion still held when it stopped
 
 
 def test_without_it_the_met_criterion_stops_at_once(tiny_llama):
-    model, retain, out = _run(tiny_llama, retain_until_kept=0)
+    model, retain, out = _run(tiny_llama, retain_keep=())
     assert out.stopped == "criterion" and out.steps == 0
-    assert reproduces(model, [retain], pad_id=0) == [False]
+    assert leads(model, [retain], pad_id=0)[0] < 0
 
 
 def test_a_guard_round_that_cannot_keep_both_is_undone_and_reported(tiny_lm, monkeypatch):
@@ -67,9 +67,9 @@ def test_a_guard_round_that_cannot_keep_both_is_undone_and_reported(tiny_lm, mon
 
     def stub(model, pairs, pad_id):
         calls.append(len(pairs))
-        return [len(calls) == 1] * len(pairs)  # answered by the base model, flipped on every later check
+        return [1.0 if len(calls) == 1 else -1.0] * len(pairs)  # answered by the base model, flipped later
 
-    monkeypatch.setattr(guard, "reproduces", stub)
+    monkeypatch.setattr(guard, "leads", stub)
     monkeypatch.setattr(guard, "GUARD_STEPS", 1)
     neighbour = "A group of cows is called a"
     records = [{"prompt": "A baby cow is called a", "target": "calf",

@@ -16,13 +16,13 @@ def test_every_trainer_setting_comes_from_the_run_settings():
     ts = train_settings(Settings(mode="replace", **values))
     names = {f.name for f in fields(TrainSettings)}
     # a new trainer setting must be added here and to train_settings
-    assert names == set(values) | {"replace", "retain_until_kept"}
+    assert names == set(values) | {"replace", "retain_keep"}
     assert ts.replace is True
     for name, v in values.items():
         assert getattr(ts, name) == v, name
         assert v != getattr(TrainSettings(), name), f"{name}: pick a value that is not the default"
     assert train_settings(Settings(steps=30, lr=1.0), steps=4).steps == 4  # a continuation's budget
-    assert ts.retain_until_kept == 0 and train_settings(Settings(lr=1.0), retain_until_kept=3).retain_until_kept == 3
+    assert ts.retain_keep == () and train_settings(Settings(lr=1.0), retain_keep=[0.5, 0.2]).retain_keep == (0.5, 0.2)
 
 
 @pytest.mark.parametrize("mode,adapter", sorted(MODE_DEFAULTS))
