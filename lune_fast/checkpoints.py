@@ -13,9 +13,11 @@ from .io import atomic_output_dir
 
 
 def _fingerprint(settings, lora_settings: lora.LoraSettings) -> dict:
+    """The settings as the checkpoint's JSON holds them (tuples become lists), so that a fresh run's and a saved
+    one's compare equal."""
     d = asdict(settings)
     d.pop("checkpoint_every", None)
-    return {"train": d, "lora": lora.settings_dict(lora_settings)}
+    return json.loads(json.dumps({"train": d, "lora": lora.settings_dict(lora_settings)}))
 
 
 def save_checkpoint(folder: Path, step: int, model, opt, sched, settings, work: list | None = None) -> None:
