@@ -25,7 +25,7 @@ from .model import Transformer
 from .plan import Pair, Plan
 from .recall import ROUND_FACTOR, Rounds
 from .settings import train_settings
-from .trainer import RunOptions, answer_margins, train_keeping_last_good
+from .trainer import RunOptions, answer_margins, copy_into, train_keeping_last_good
 
 
 # the guard round's budget: a neighbour that a few steps cannot put back is one the forgetting needs to move
@@ -82,13 +82,10 @@ def guard_round(model: Transformer, enc: Encoder, plan: Plan, rounds: Rounds, ru
     params = lora.trainable_parameters(model)
     before = [p.detach().clone() for p in params]
     more, error = train_keeping_last_good(model, data, settings, replace(run, checkpoint_dir=None, resume=False))
-    if more.stopped != "criterion" or error is not None:
-        # the forgetting and the neighbours could not both be had: the request's result stands as it was
-        with torch.no_grad():
-            for p, b in zip(params, before):
-                p.copy_(b)
+    if more.stopped == "criterion" and error is None:
+        report["still_flipped"] = [guard.prompts[i] for i in guard.flipped(model, enc.pad_id)]
+    else:  # the forgetting and the neighbours could not both be had: the request's result stands as it was
+        copy_into(before, params)
         report["still_flipped"] = report["flipped"]
         report["reverted"] = True
-        return Rounds(rounds.outcome.then(more), rounds.rounds, rounds.error), report
-    report["still_flipped"] = [guard.prompts[i] for i in guard.flipped(model, enc.pad_id)]
-    return Rounds(rounds.outcome.then(more), rounds.rounds, error), report
+    return Rounds(rounds.outcome.then(more), rounds.rounds, rounds.error), report

@@ -181,7 +181,7 @@ def train(model: Transformer, data: TrainData, settings: TrainSettings, run: Run
                     losses, _, weights = _forward(model, work, L0, settings, train_all=True)
                 loss = step_terms.loss(losses, weights)
                 if not _finite(loss, dist, model.device):
-                    _copy(last_good, params)
+                    copy_into(last_good, params)
                     raise TrainingDiverged(step + 1, settings.lr)  # 1-based: the step that failed
                 loss.backward()
                 if dist is not None:
@@ -191,7 +191,7 @@ def train(model: Transformer, data: TrainData, settings: TrainSettings, run: Run
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                _copy(params, last_good)
+                copy_into(params, last_good)
                 step += 1
                 outcome.losses.append(loss.item())
                 outcome.step_seconds.append(time.perf_counter() - t_step)
@@ -403,7 +403,7 @@ class _InterruptFlag:
 
 
 @torch.no_grad()
-def _copy(src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
+def copy_into(src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
     for a, b in zip(src, dst):
         b.copy_(a)
 

@@ -6,8 +6,9 @@
 Per projection shape (in -> out) of the model, for each N tokens and rank r, one training step of a linear
 layer: y = x Wᵀ + s (x Aᵀ) Bᵀ forward, then dx, dA, dB backward (W frozen: no dW). Variants, same process:
 - base: the frozen linear alone, forward + dgrad (cuBLAS / oneDNN) — the floor the LoRA term adds to;
-- lune_fast: the default backend ("auto": the fused Triton kernels on CUDA; on CPU the torch Function);
-- lune_torch: the torch autograd.Function (an addmm chain that saves x and x·Aᵀ only), on any device;
+- lune_fast: the default backend ("auto": the torch autograd.Function, an addmm chain that saves x and x·Aᵀ
+  only, on every device);
+- lune_triton (CUDA only): the fused Triton kernels (backend="triton");
 - peft_default: PEFT's math with fp32 adapters (x cast up to the adapter dtype, result cast back);
 - peft_bf16: PEFT's math with adapters in the activations' dtype;
 - chain: an Unsloth-style cuBLAS chain (addmm with the LoRA term folded in, in-place dx), written here.
@@ -115,8 +116,8 @@ def _chain(x, w, A, B, s, dy):
     return step
 
 
-VARIANTS = {"base": _base, "lune_fast": _lune("auto"), "lune_torch": _lune("torch"),
-            "peft_default": _peft(torch.float32), "peft_bf16": None, "chain": _chain}
+VARIANTS = {"base": _base, "lune_fast": _lune("auto"), "peft_default": _peft(torch.float32), "peft_bf16": None,
+            "chain": _chain}
 
 
 def kernel_split(x, w, A, B, s, dy, repeats: int) -> dict:
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = a.device
     flops_rate, bw = measure_rates(dev, dtype)
     sync = torch.cuda.synchronize if dev == "cuda" else None
-    variants = dict(VARIANTS, peft_bf16=_peft(dtype))
+    variants = dict(VARIANTS, peft_bf16=_peft(dtype), **({"lune_triton": _lune("triton")} if dev == "cuda" else {}))
     rows = []
     for name, (din, dout) in projections(cfg).items():
         for n in map(int, a.n.split(",")):
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"proj": name, "in": din, "out": dout, "N": n, "r": r,
                              "lune_ms": 1e3 * t, "base_ms": 1e3 * times["base"],
                              "vs_base": t / times["base"], "TFLOP/s": flops / t / 1e12, "vs_floor": t / floor,
-                             "torch_x": times["lune_torch"] / t, "peft_default_x": times["peft_default"] / t,
+                             "triton_x": times["lune_triton"] / t if "lune_triton" in times else None,
+                             "peft_default_x": times["peft_default"] / t,
                              "peft_bf16_x": times["peft_bf16"] / t, "chain_x": times["chain"] / t}
                             | (kernel_split(x, w, A, B, 2.0, dy, a.repeats) if dev == "cuda" else {}))
     info = machine()
