@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -156,24 +157,27 @@ class Unlearner:
         t0 = time.perf_counter()
         # 1. the plan: what to train (refusing what cannot fit before any work), where the adapter goes
         job = self._plan(read.facts, read.skipped, s, retain)
-        if st is not None:
-            self._check_state(st, job)
+        if st is not None:  # the state's layer window with room for the request
+            job.layout = replace(job.layout, layers=self._check_state(st, job))
         before = self.base_evaluation(job.facts, texts, s.mode == "replace", s.max_new_tokens, progress) \
             if evaluate_before else None
         run = RunOptions(checkpoint_dir=None if self.fsdp else checkpoint_dir, resume=resume, progress=progress,
                          dist=self.dist)  # sharded optimiser state: checkpoints are a data-parallel feature
         # 2. the adapter, training (a diverged run keeps its last good adapter), the recall rounds; evaluate
         t_train = time.perf_counter()
-        try:
-            rounds, keys, guarded = self._train(job, run, st, scale_lr=replace(self.defaults, **overrides).lr is None)
-            train_seconds = time.perf_counter() - t_train
-            after = evaluate(self.model, self.encoder, job.facts, texts, s.mode == "replace", s.max_new_tokens,
-                             progress, self.dist) if evaluate_after else None
-            state = distributed.adapter_state(self.model)
-            trained = sum(p.numel() for p in lora.trainable_parameters(self.model))
-        finally:
-            if not self.fsdp:  # a sharded model stays as it is: one request per process under FSDP
-                lora.detach(self.model)
+        # a state's ranks in other layer windows act too, folded into the frozen weights until the request ends
+        with st.folded_outside(self.model, job.layout) if st is not None else nullcontext():
+            try:
+                rounds, keys, guarded = self._train(job, run, st,
+                                                    scale_lr=replace(self.defaults, **overrides).lr is None)
+                train_seconds = time.perf_counter() - t_train
+                after = evaluate(self.model, self.encoder, job.facts, texts, s.mode == "replace", s.max_new_tokens,
+                                 progress, self.dist) if evaluate_after else None
+                state = distributed.adapter_state(self.model)
+                trained = sum(p.numel() for p in lora.trainable_parameters(self.model))
+            finally:
+                if not self.fsdp:  # a sharded model stays as it is: one request per process under FSDP
+                    lora.detach(self.model)
         # 3. the result: adapter, METRICS (paraphrases/neighbours on what the base model answered), cost
         cost = {"train_seconds": round(train_seconds, 3), "steps": rounds.outcome.steps,
                 "train_tokens": rounds.outcome.tokens, "recall_rounds": rounds.rounds,
@@ -185,9 +189,9 @@ class Unlearner:
         result.keys = keys
         return result
 
-    def _check_state(self, st: lifelong.State, job: plan.Plan) -> None:
+    def _check_state(self, st: lifelong.State, job: plan.Plan) -> tuple[int, ...]:
         room = min(m.in_features for m in lora.frozen_linears(self.model, job.layout).values()) // 2
-        st.check_request(job.layout, str(self.model_dir), self.model.config.num_hidden_layers,
+        return st.check_request(job.layout, str(self.model_dir), self.model.config.num_hidden_layers,
                          job.settings.adapter == "keyed", room, len(job.facts))
 
     def _commit_request(self, st: lifelong.State, result: ForgetResult) -> None:
@@ -260,10 +264,10 @@ class Unlearner:
         lr is the default one, to be scaled to this model (a given lr is used as it is). Returns the rounds, the
         keyed adapter's keys and the guard's report (None without the guard)."""
         s = job.settings
-        guard = Guard.of(self.model, self.encoder, job.facts) if s.neighbor_guard and not self.fsdp else None
+        earlier = st.earlier_facts() if st is not None else []
         preserved = preserved_inputs(self.model, self.encoder, job.facts, job.layout, s.preserve_prompts,
                                      s.preserve_text, s.seed, self._text_moments, s.preserve_neighbors,
-                                     st.earlier_facts() if st is not None else ()) \
+                                     earlier) \
             if s.adapter == "keyed" or s.preserve_weight > 0 else None
         keys = None
         if s.adapter == "keyed":
@@ -275,6 +279,8 @@ class Unlearner:
             lora.attach(self.model, job.layout, seed=s.seed, backend=self.backend)
         if st is not None:
             st.attach_earlier(self.model)
+        # B is zero yet: the model answers as the base model with the state's ranks acting
+        guard = Guard.of(self.model, self.encoder, job.facts, earlier) if s.neighbor_guard and not self.fsdp else None
         data = job.train_data(self.model, dist=self.dist, preserved=preserved)
         outcome, error = train_keeping_last_good(self.model, data, train_settings(s, lr_scale=job.lr_scale), run)
         rounds = recall.Rounds(outcome, 0, error)

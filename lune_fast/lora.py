@@ -100,10 +100,26 @@ class LoraSettings:
     targets: tuple[str, ...] = ("gate", "up", "down")
     layers: tuple[int, ...] = field(default_factory=tuple)  # empty = all layers
     rslora: bool = False
+    # PEFT's rank_pattern and alpha_pattern, resolved to module paths ('layers.12.mlp.down_proj'): the modules
+    # whose rank or alpha is not `rank` / `alpha` (a lifelong state whose requests sit in several layer windows)
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def rank_of(self, module: str) -> int:
+        return self.rank_pattern.get(module, self.rank)
+
+    def scale_of(self, module: str) -> float:
+        r, alpha = self.rank_of(module), self.alpha_pattern.get(module, self.alpha)
+        return alpha / (math.sqrt(r) if self.rslora else r)
+
+    def modules(self, n_layers: int) -> list[str]:
+        """The PEFT module paths this layout adapts, layer by layer."""
+        return [f"layers.{i}.{TARGETS[t][0]}.{TARGETS[t][1]}" for i in (self.layers or range(n_layers))
+                for t in self.targets]
 
 
 # -- the adapted linear ---------------------------------------------------------------------------------
@@ -210,9 +226,11 @@ def attach(model: Transformer, settings: LoraSettings, seed: int = 0, backend: s
         for t in settings.targets:
             parent_name, mod_name = TARGETS[t]
             parent = getattr(block, parent_name)
-            lora = LoRALinear(getattr(parent, mod_name), settings.rank, settings.scale, gen, backend)
+            name = f"layers.{i}.{parent_name}.{mod_name}"
+            lora = LoRALinear(getattr(parent, mod_name), settings.rank_of(name), settings.scale_of(name), gen,
+                              backend)
             setattr(parent, mod_name, lora)
-            adapters[f"layers.{i}.{parent_name}.{mod_name}"] = lora
+            adapters[name] = lora
     if grouped is None:
         grouped = backend == "triton"
     if grouped:
@@ -226,8 +244,8 @@ def _group_layer(block) -> None:
     for parent_name, names, hook in GROUPS:
         parent = getattr(block, parent_name)
         mods = [getattr(parent, n) for n in names]
-        if not all(isinstance(m, LoRALinear) for m in mods):
-            continue
+        if not all(isinstance(m, LoRALinear) for m in mods) or len({m.rank for m in mods}) > 1:
+            continue  # the fused op stacks equal ranks
         with torch.no_grad():  # stack the frozen weights once; each module keeps a view of its rows
             w_cat = torch.cat([m.base.weight for m in mods])
             offset = 0
@@ -257,13 +275,14 @@ class _GroupedProjection:
 
 def frozen_linears(model: Transformer, settings: LoraSettings) -> dict[str, nn.Linear]:
     """The frozen projections `settings` adapts, by PEFT module path, whether or not adapters are attached."""
-    out = {}
-    for i in settings.layers or range(model.config.num_hidden_layers):
-        for t in settings.targets:
-            parent_name, mod_name = TARGETS[t]
-            mod = getattr(getattr(model.layers[i], parent_name), mod_name)
-            out[f"layers.{i}.{parent_name}.{mod_name}"] = mod.base if isinstance(mod, LoRALinear) else mod
-    return out
+    return {name: frozen_linear(model, name) for name in settings.modules(model.config.num_hidden_layers)}
+
+
+def frozen_linear(model: Transformer, module: str) -> nn.Linear:
+    """The frozen projection at a PEFT module path ('layers.12.mlp.down_proj'), adapted or not."""
+    _, layer, parent_name, mod_name = module.split(".")
+    mod = getattr(getattr(model.layers[int(layer)], parent_name), mod_name)
+    return mod.base if isinstance(mod, LoRALinear) else mod
 
 
 @contextmanager
@@ -342,6 +361,7 @@ def unmerge(model: Transformer) -> None:
 
 # -- PEFT format ---------------------------------------------------------------------------------------------
 PEFT_PREFIX = "base_model.model.model."
+PEFT_MODULE_PREFIX = "model."  # the adapted modules' names in the Hugging Face model PEFT wraps
 
 
 def peft_key(module: str, part: str) -> str:
@@ -374,7 +394,29 @@ def peft_config(settings: LoraSettings, base_model: str, n_layers: int) -> dict:
         "target_modules": sorted(TARGETS[t][1] for t in settings.targets),
         "layers_to_transform": layers, "layers_pattern": "layers", "inference_mode": True,
         "modules_to_save": None,
+        # PEFT matches these keys against the base model's module names ("model.layers.12.mlp.down_proj")
+        "rank_pattern": {PEFT_MODULE_PREFIX + m: r for m, r in settings.rank_pattern.items()},
+        "alpha_pattern": {PEFT_MODULE_PREFIX + m: a for m, a in settings.alpha_pattern.items()},
     }
+
+
+def _patterns(cfg: dict, field_name: str, modules: list[str], kind, source: str) -> dict:
+    """A PEFT rank_pattern / alpha_pattern resolved to our module paths, matched as PEFT matches it: the first
+    key that, as a regular expression, matches the end of the module's name after a dot."""
+    pattern = cfg.get(field_name) or {}
+    if not isinstance(pattern, dict):
+        raise AdapterError(f"{source}: {field_name} must be an object of module pattern -> value, found {pattern!r}")
+    out = {}
+    for key, value in pattern.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0 or \
+                (kind is int and value != int(value)):
+            raise AdapterError(f"{source}: {field_name}[{key!r}] must be a positive {kind.__name__}, found {value!r}")
+    for m in modules:
+        full = PEFT_MODULE_PREFIX + m
+        key = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", full)), None)
+        if key is not None:
+            out[m] = kind(pattern[key])
+    return out
 
 
 def save_adapter(folder: Path, state: dict[str, torch.Tensor], config: dict) -> None:
@@ -404,8 +446,12 @@ def settings_from_peft(cfg: dict, n_layers: int, source: str) -> LoraSettings:
     layers = cfg.get("layers_to_transform")
     layers = parse_layers(list(layers) if isinstance(layers, list) else
                           ([layers] if isinstance(layers, int) else None), n_layers)
-    return LoraSettings(rank=r, alpha=float(alpha), targets=parse_targets(mods), layers=layers,
-                        rslora=bool(cfg.get("use_rslora", False)))
+    settings = LoraSettings(rank=r, alpha=float(alpha), targets=parse_targets(mods), layers=layers,
+                            rslora=bool(cfg.get("use_rslora", False)))
+    modules = settings.modules(n_layers)
+    settings.rank_pattern = _patterns(cfg, "rank_pattern", modules, int, source)
+    settings.alpha_pattern = _patterns(cfg, "alpha_pattern", modules, float, source)
+    return settings
 
 
 def load_adapter(model: Transformer, folder: str | Path) -> LoraSettings:
@@ -450,7 +496,7 @@ def attach_tensors(model: Transformer, settings: LoraSettings, state: dict[str, 
             if tuple(t.shape) != tuple(param.shape):
                 detach(model)
                 raise AdapterError(f"{source}: tensor {key!r} has shape {tuple(t.shape)}, expected "
-                                   f"{tuple(param.shape)} (r={settings.rank} in adapter_config.json)")
+                                   f"{tuple(param.shape)} (r={settings.rank_of(name)} in adapter_config.json)")
             with torch.no_grad():
                 param.copy_(t)
     extra = sorted(set(state) - expected)

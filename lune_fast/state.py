@@ -10,7 +10,11 @@ The state is a folder:
                                                      the next request's ranks are fitted not to read them
 
 A request's ranks are the columns of B and rows of A in the order the ledger lists the active requests, so
-revoking one removes exactly its slice. Each update writes a new folder and swaps it in (lune_fast.io), under
+revoking one removes exactly its slice. A keyed request takes one rank per fact on each projection of a layer
+window, and a projection has room for in_features/2 of them: when the state's first window is full, requests
+go to the next window of the same width further up (layers 3-9, then 10-16, 17-23 on the default model; MEMIT
+spreads its edits over layers for the same reason), and the adapter's rank differs by layer (PEFT's
+rank_pattern). Each update writes a new folder and swaps it in (lune_fast.io), under
 a lock beside the folder: a kill leaves the old state or the new one, and two writers take turns.
 """
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,9 +96,9 @@ class State:
         from safetensors.torch import load_file
 
         tensors = load_file(str(folder / ADAPTER))
-        rank = state.rank
         for key, t in tensors.items():
             name, part = lora.split_peft_key(key)
+            rank = state.module_rank(name)  # an adapter with nothing active stores one zero rank
             if part == "lora_A":
                 state.A[name] = t[:rank]
             else:
@@ -111,7 +116,38 @@ class State:
 
     @property
     def rank(self) -> int:
+        """The active requests' ranks, summed over requests (a projection holds those of its window's)."""
         return sum(e["rank"] for e in self.active())
+
+    def module_rank(self, module: str) -> int:
+        """The ranks the active requests have on one adapted projection (PEFT module path)."""
+        return sum(e["rank"] for e in self.active() if holds(e, module))
+
+    def base_layers(self) -> tuple[int, ...]:
+        """The layers of the state's first request: the first window, which the others are shifted from."""
+        first = next(e for e in self.entries if e["op"] == "forget")
+        return tuple(first["settings"]["layers"])
+
+    def window_for(self, layout: lora.LoraSettings, n_layers: int, n_new: int, room: int) -> tuple[int, ...]:
+        """The first layer window with room for `n_new` more keyed facts: the first request's window, then the
+        same width shifted up the depth by whole widths (those that fit in the model), the farthest first: on
+        facts-dev the default model's layers 17-23 keep 0.85 of the neighbours and 10-16 only 0.61 (3-9: 0.955;
+        RESULTS.md section 11)."""
+        base = self.base_layers() if self.config is not None else tuple(layout.layers)
+        width = max(base) - min(base) + 1
+        shifts = [k * width for k in range(1, n_layers) if max(base) + k * width < n_layers]
+        windows = [tuple(i + shift for i in base) for shift in [0] + shifts[::-1]]
+        held = {}
+        for e in self.active():
+            if e["id"] in self.keys:
+                w = tuple(e["settings"]["layers"])
+                held[w] = held.get(w, 0) + len(e["records"])
+        for w in windows:
+            if held.get(w, 0) + n_new <= room:
+                return w
+        listed = ", ".join(f"layers {w[0]}-{w[-1]}: {held.get(w, 0)}" for w in windows)
+        raise StateError(f"{self.folder}: no layer window has room for {n_new} more keyed facts ({room} each; held "
+                         f"{listed}); revoke requests or start another state")
 
     @property
     def facts(self) -> int:
@@ -148,19 +184,18 @@ class State:
 
     # -- checking a new request against the state -------------------------------------------------------
     def check_request(self, layout: lora.LoraSettings, base_model: str, n_layers: int, keyed: bool, room: int,
-                      n_new: int) -> None:
+                      n_new: int) -> tuple[int, ...]:
+        """The layers the request's ranks go to: a keyed request's window with room (window_for), else the
+        state's layers. A request resolved to other targets or layers than the state's first is refused."""
         if self.config is None:
-            return
+            return tuple(layout.layers)
         self.check_model(base_model)
-        have = self.layout(n_layers)
-        if (have.targets, have.layers) != (layout.targets, layout.layers):
-            raise StateError(f"{self.folder} adapts {','.join(have.targets)} at layers {list(have.layers)}; this "
-                             f"request resolved to {','.join(layout.targets)} at {list(layout.layers)}: give the "
-                             f"same --targets/--layers as the state's first request")
-        held = sum(len(e["records"]) for e in self.active() if e["id"] in self.keys)
-        if keyed and held + n_new > room:
-            raise StateError(f"{self.folder} holds {held} keyed facts and this request adds {n_new}: more than the "
-                             f"{room} one set of projections has room for; revoke requests or start another state")
+        targets, layers = self.layout(n_layers).targets, self.base_layers()
+        if (targets, layers) != (layout.targets, tuple(layout.layers)):
+            raise StateError(f"{self.folder} adapts {','.join(targets)} at layers {list(layers)}; this request "
+                             f"resolved to {','.join(layout.targets)} at {list(layout.layers)}: give the same "
+                             f"--targets/--layers as the state's first request")
+        return self.window_for(layout, n_layers, n_new, room) if keyed else layers
 
     def check_model(self, base_model: str) -> None:
         if self.config is not None and self.config.get("base_model_name_or_path") != base_model:
@@ -174,11 +209,31 @@ class State:
                             tensors, str(self.folder))
 
     def attach_earlier(self, model) -> None:
-        """Give each adapted linear of `model` the state's ranks as fixed earlier ranks."""
-        if self.rank == 0:
-            return
+        """Give each adapted linear of `model` the state's ranks there as fixed earlier ranks."""
         for name, m in lora.adapters_of(model).items():
-            m.set_earlier(self.A[name], self.B[name])
+            if name in self.A and self.A[name].shape[0]:
+                m.set_earlier(self.A[name], self.B[name])
+
+    @contextmanager
+    def folded_outside(self, model, layout: lora.LoraSettings):
+        """The state's ranks on projections `layout` does not adapt (other layer windows) folded into the frozen
+        weights for the block, so that a request is trained and checked with the whole state acting; the
+        weights are put back exactly (a copy) on the way out."""
+        inside = set(layout.modules(model.config.num_hidden_layers))
+        saved = {}
+        try:
+            with torch.no_grad():
+                for name, a in self.A.items():
+                    if name in inside or not a.shape[0]:
+                        continue
+                    w = lora.frozen_linear(model, name).weight
+                    saved[name] = w.clone()
+                    w.copy_((w.float() + self.B[name].to(w.device) @ a.to(w.device)).to(w.dtype))
+            yield
+        finally:
+            with torch.no_grad():
+                for name, w in saved.items():
+                    lora.frozen_linear(model, name).weight.copy_(w)
 
     # -- updating -------------------------------------------------------------------------------------------
     def with_request(self, entry: dict, adapter: dict[str, torch.Tensor], config: dict,
@@ -204,14 +259,16 @@ class State:
         target = self.entry(request_id)
         if target not in self.active():
             raise StateError(f"{self.folder}: request {request_id!r} was revoked already")
-        offset = 0
-        for e in self.active():
-            if e is target:
-                break
-            offset += e["rank"]
-        end = offset + target["rank"]
-        A = {n: torch.cat([a[:offset], a[end:]]) for n, a in self.A.items()}
-        B = {n: torch.cat([b[:, :offset], b[:, end:]], dim=1) for n, b in self.B.items()}
+        A, B = dict(self.A), dict(self.B)
+        for name in [n for n in self.A if holds(target, n)]:
+            offset = 0
+            for e in self.active():
+                if e is target:
+                    break
+                offset += e["rank"] if holds(e, name) else 0
+            end = offset + target["rank"]
+            A[name] = torch.cat([self.A[name][:offset], self.A[name][end:]])
+            B[name] = torch.cat([self.B[name][:, :offset], self.B[name][:, end:]], dim=1)
         keys = {r: k for r, k in self.keys.items() if r != request_id}
         return State(self.folder, self.entries + [entry], dict(self.config), A, B, keys)
 
@@ -220,18 +277,29 @@ class State:
         return f"r{len(self.entries) + 1:04d}"
 
     def adapter_files(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """The PEFT tensors and config of the whole state. PEFT has no rank 0: with nothing active the adapter
-        is one zero rank (the model unchanged)."""
-        rank = self.rank
-        width = max(rank, 1)
+        """The PEFT tensors and config of the whole state: the projections with active ranks, each at scale 1
+        (rank and alpha per projection where windows differ: rank_pattern, alpha_pattern). PEFT has no rank 0:
+        with nothing active the adapter is one zero rank on the first window (the model unchanged)."""
+        ranks = {name: a.shape[0] for name, a in self.A.items() if a.shape[0]}
         tensors = {}
-        for name in self.A:
-            a, b = self.A[name], self.B[name]
-            if rank == 0:
-                a, b = torch.zeros(1, a.shape[1]), torch.zeros(b.shape[0], 1)
-            tensors[lora.peft_key(name, "lora_A")] = a.contiguous()
-            tensors[lora.peft_key(name, "lora_B")] = b.contiguous()
-        config = {**self.config, "r": width, "lora_alpha": float(width), "use_rslora": False}
+        if not ranks:
+            base = set(lora.LoraSettings(targets=lora.parse_targets(self.config["target_modules"]),
+                                         layers=self.base_layers()).modules(0))
+            for name in sorted(base & set(self.A)):
+                tensors[lora.peft_key(name, "lora_A")] = torch.zeros(1, self.A[name].shape[1])
+                tensors[lora.peft_key(name, "lora_B")] = torch.zeros(self.B[name].shape[0], 1)
+            ranks = {name: 1 for name in base & set(self.A)}
+        else:
+            for name in ranks:
+                tensors[lora.peft_key(name, "lora_A")] = self.A[name].contiguous()
+                tensors[lora.peft_key(name, "lora_B")] = self.B[name].contiguous()
+        counts = [r for r in ranks.values()]
+        r = max(set(counts), key=lambda v: (counts.count(v), v))  # the most common rank; the others are patterns
+        pattern = {n: k for n, k in sorted(ranks.items()) if k != r}
+        layers = sorted({int(n.split(".")[1]) for n in ranks})
+        config = {**self.config, "r": r, "lora_alpha": float(r), "use_rslora": False, "layers_to_transform": layers,
+                  "rank_pattern": {lora.PEFT_MODULE_PREFIX + n: k for n, k in pattern.items()},
+                  "alpha_pattern": {lora.PEFT_MODULE_PREFIX + n: float(k) for n, k in pattern.items()}}
         return tensors, config
 
     def commit(self) -> None:
@@ -249,6 +317,14 @@ class State:
                 save_file(keys, str(tmp / KEYS))
 
 
+def holds(e: dict, module: str) -> bool:
+    """Whether a forget entry has ranks on the projection `module` (PEFT module path; no layers = all)."""
+    layer, name = module.split(".")[1], module.rsplit(".", 1)[1]
+    s = e["settings"]
+    return lora.parse_targets([name])[0] in lora.parse_targets(s["targets"]) and \
+        (not s["layers"] or int(layer) in s["layers"])
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -264,8 +340,8 @@ def ledger_table(state: State) -> str:
     """The history as a table: one row per request or revocation."""
     active = {e["id"] for e in state.active()}
     rows = [f"{state.folder}: {len(active)} active request(s), {state.facts} facts, rank {state.rank}", "",
-            "| id | time | op | facts | rank | forget recall before → after | neighbours after | adapter |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| id | time | op | facts | rank | layers | forget recall before → after | neighbours after | adapter |",
+            "|---|---|---|---|---|---|---|---|---|"]
 
     def rate(m, key):
         v = (m or {}).get(key)
@@ -274,13 +350,15 @@ def ledger_table(state: State) -> str:
     for e in state.entries:
         if e["op"] == "forget":
             status = "" if e["id"] in active else " (revoked)"
-            rows.append(f"| {e['id']}{status} | {e['time']} | forget | {len(e['records'])} | {e['rank']} | "
+            layers = e["settings"]["layers"]
+            where = f"{layers[0]}-{layers[-1]}" if layers else "all"
+            rows.append(f"| {e['id']}{status} | {e['time']} | forget | {len(e['records'])} | {e['rank']} | {where} | "
                         f"{rate(e.get('before'), 'forget_recall')} → {rate(e.get('after'), 'forget_recall')} | "
                         f"{rate(e.get('after'), 'neighbor_recall')} | {e['adapter_sha256'][:12]} |")
         else:
             after = e.get("after") or {}
             rows.append(f"| {e['id']} | {e['time']} | revoke {e['request']} | {len(e.get('records', []))} | "
-                        f"−{e['rank']} | revoked facts now {rate(after.get('revoked'), 'forget_recall')}, others "
+                        f"−{e['rank']} | | revoked facts now {rate(after.get('revoked'), 'forget_recall')}, others "
                         f"{rate(after.get('remaining'), 'forget_recall')} | "
                         f"{rate(after.get('remaining'), 'neighbor_recall')} | {e['adapter_sha256'][:12]} |")
     return "\n".join(rows)

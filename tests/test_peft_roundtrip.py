@@ -146,3 +146,35 @@ def test_keyed_adapter_from_a_forget_run_loads_in_peft_and_matches(tiny_lm, tmp_
     lora.detach(u.model)
     assert rel_err(got, ref) <= 1e-5
     assert rel_err(base, ref) > 1e-6  # the trained B moved the output
+
+
+def test_an_adapter_peft_saved_with_rank_and_alpha_patterns_loads_and_matches(tmp_path):
+    """PEFT's rank_pattern / alpha_pattern (regular expressions over module names) give each module its rank
+    and alpha; lune_fast resolves them as PEFT does (a lifelong state writes them when its windows differ)."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    hf = make_tiny_hf("llama", tmp_path / "base").double()
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                     rank_pattern={"q_proj": 2, "layers.2.mlp.down_proj": 6}, alpha_pattern={"v_proj": 3},
+                     init_lora_weights=False)  # random B too: the adapter changes the output
+    peft_model = get_peft_model(hf, cfg).eval()
+    peft_model.save_pretrained(str(tmp_path / "ad"))
+    model = load_model(tmp_path / "base", dtype=torch.float64)
+    loaded = lora.load_adapter(model, tmp_path / "ad")
+    assert loaded.rank_of("layers.0.self_attn.q_proj") == 2 and loaded.rank_of("layers.2.mlp.down_proj") == 6
+    assert loaded.rank_of("layers.1.mlp.down_proj") == 4 and loaded.scale_of("layers.1.self_attn.v_proj") == 3 / 4
+    ids = torch.randint(0, 211, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = peft_model(ids).logits, model(ids)
+        with peft_model.disable_adapter():
+            assert rel_err(peft_model(ids).logits, ref) > 1e-3
+    assert rel_err(got, ref) <= 64 * 2 ** -24
+
+    lora.detach(model)
+    cfg_path = tmp_path / "ad" / "adapter_config.json"
+    good = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**good, "rank_pattern": {"q_proj": 2.5}}))
+    with pytest.raises(lora.AdapterError, match=r"rank_pattern\['q_proj'\] must be a positive int, found 2.5"):
+        lora.load_adapter(model, tmp_path / "ad")

@@ -39,11 +39,26 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / ADAPTER))
 
 
-def test_requests_compose_into_one_peft_adapter_and_revoke_removes_exactly_their_ranks(tiny_unlearner, tmp_path,
-                                                                                     monkeypatch):
+def _peft_matches(u, d: Path, monkeypatch) -> torch.Tensor:
+    """PEFT loads the state folder `d` as it is and gives our logits with the state on (float32 bound);
+    returns the token ids compared."""
     import huggingface_hub
     from peft import AutoPeftModelForCausalLM
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(d)).eval()
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    lora.load_adapter(u.model, d)
+    with torch.no_grad():
+        got, ref = u.model(ids), peft_model(ids).logits
+    lora.detach(u.model)
+    assert rel_err(got, ref) <= 1e-5
+    return ids
+
+
+def test_requests_compose_into_one_peft_adapter_and_revoke_removes_exactly_their_ranks(tiny_unlearner, tmp_path,
+                                                                                     monkeypatch):
     u, d = tiny_unlearner, tmp_path / "state"
     r1 = u.forget(RECORDS_1, into=d, **TINY)
     after_1 = _tensors(d)
@@ -79,15 +94,7 @@ def test_requests_compose_into_one_peft_adapter_and_revoke_removes_exactly_their
     assert lines[-1]["adapter_sha256"] == file_sha256(d / ADAPTER)
 
     # PEFT loads the state folder as it is, and gives our logits with the state on
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(d)).eval()
-    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
-    lora.load_adapter(u.model, d)
-    with torch.no_grad():
-        got, ref = u.model(ids), peft_model(ids).logits
-    lora.detach(u.model)
-    assert rel_err(got, ref) <= 1e-5
+    ids = _peft_matches(u, d, monkeypatch)
 
     # revoking request 1 leaves exactly request 2's ranks; revoking request 2 then leaves the model as it was
     u.revoke(d, "r0001", evaluate_after=False)
@@ -139,7 +146,7 @@ def test_the_cli_adds_lists_and_revokes(tiny_lm, tmp_path, capsys):
     assert "request r0001 added to" in out and "request r0002 added to" in out
     assert main(["ledger", str(d)]) == 0
     table = capsys.readouterr().out
-    assert "2 active request(s), 4 facts, rank 4" in table and "| r0002 | " in table
+    assert "2 active request(s), 4 facts, rank 4" in table and "| r0002 | " in table and "| 2 | 1-2 |" in table
     assert main(["revoke", "--into", str(d), "--request", "r0001", "--no-eval", "--model", str(tiny_lm)]) == 0
     assert main(["ledger", str(d)]) == 0
     table = capsys.readouterr().out
@@ -161,7 +168,8 @@ for i in range(start, start + 10**6):
         st = State.open(folder)
         g = torch.Generator().manual_seed(i)
         ad = {name + ".lora_A.weight": torch.randn(2, 256, generator=g), name + ".lora_B.weight": torch.randn(128, 2, generator=g)}
-        entry = {"id": st.next_id(), "op": "forget", "time": now(), "records": [{"prompt": str(i), "target": "x"}], "rank": 2}
+        entry = {"id": st.next_id(), "op": "forget", "time": now(), "records": [{"prompt": str(i), "target": "x"}],
+                 "settings": {"targets": ["down"], "layers": [0]}, "rank": 2}
         st.with_request(entry, ad, cfg, {"layers.0.mlp.down_proj": torch.randn(1, 256, generator=g)}).commit()
     print(i, flush=True)
 """
@@ -292,3 +300,51 @@ def test_on_the_default_model_a_revoked_request_comes_back_and_the_others_stay_f
     assert line["after"]["revoked"]["forget_recall"] >= 0.75
     assert line["after"]["remaining"]["forget_recall"] <= 0.25
     assert json.loads((d / LEDGER).read_text().splitlines()[-1])["after"] == line["after"]
+
+
+def test_a_full_window_sends_requests_up_the_depth_and_peft_loads_the_mixed_ranks(tmp_path_factory, default_dir,
+                                                                                  tmp_path, monkeypatch):
+    """intermediate_size 8: a down_proj has room for 4 keyed facts; layers 1-2 are the first window, 3-4 the
+    next, and 5-6 would not fit in 6 layers."""
+    from conftest import make_tiny_lm
+    from lune_fast.api import Unlearner
+
+    folder = make_tiny_lm("llama", tmp_path_factory.mktemp("narrow_lm"), default_dir, num_hidden_layers=6,
+                          intermediate_size=8, tie_word_embeddings=True)
+    u = Unlearner(str(folder), dtype="float32")
+    weights = {n: m.weight.detach().clone() for n, m in u.model.named_modules() if hasattr(m, "weight")}
+    d = tmp_path / "state"
+    r1 = u.forget(RECORDS_2, into=d, **TINY)  # 3 facts: layers 1-2
+    r2 = u.forget(RECORDS_2[:1] + RECORDS_1, into=d, **TINY)  # 3 more: 1-2 would hold 6, so 3-4
+    r3 = u.forget(RECORDS_1[:1], into=d, **TINY)  # 1 more: fits in 1-2
+    assert [r.config["layers"] for r in (r1, r2, r3)] == [[1, 2], [3, 4], [1, 2]]
+    with pytest.raises(StateError, match=r"no layer window has room for 2 more keyed facts \(4 each; held layers "
+                                         r"1-2: 4, layers 3-4: 3\)"):
+        u.forget(RECORDS_1, into=d, **TINY)
+    # the frozen weights are as they were (the other window's ranks were folded in while a request trained)
+    for n, m in u.model.named_modules():
+        if hasattr(m, "weight"):
+            assert torch.equal(m.weight, weights[n]), n
+
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    assert cfg["layers_to_transform"] == [1, 2, 3, 4] and cfg["r"] == 4
+    assert cfg["rank_pattern"] == {"model.layers.3.mlp.down_proj": 3, "model.layers.4.mlp.down_proj": 3}
+    st = State.open(d)
+    assert {n: a.shape[0] for n, a in st.A.items()} == {"layers.1.mlp.down_proj": 4, "layers.2.mlp.down_proj": 4,
+                                                       "layers.3.mlp.down_proj": 3, "layers.4.mlp.down_proj": 3}
+
+    _peft_matches(u, d, monkeypatch)  # PEFT reads the per-layer ranks and gives our logits
+
+    # revoking the request in 3-4 empties that window: the adapter is back on layers 1-2, unchanged there
+    before = _tensors(d)
+    u.revoke(d, r2.request_id, evaluate_after=False)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    assert cfg["layers_to_transform"] == [1, 2] and cfg["rank_pattern"] == {}
+    after = _tensors(d)
+    assert set(after) == {k for k in before if ".layers.1." in k or ".layers.2." in k}
+    assert all(torch.equal(after[k], before[k]) for k in after)
+    # and the first window's request order is kept: revoking r1 leaves r3's rank
+    u.revoke(d, r1.request_id, evaluate_after=False)
+    st = State.open(d)
+    for name, a in st.A.items():
+        assert torch.equal(a, before[lora.peft_key(name, "lora_A")][3:4])
