@@ -50,9 +50,13 @@ class Guard:
     need: list[float]  # the lead each must keep: min(MAX_LEAD, half the base model's)
 
     @classmethod
-    def of(cls, model: Transformer, enc: Encoder, facts: list[Fact]) -> "Guard":
-        """The listed neighbours of `facts` that the model (the base model: no adapter attached) answers."""
-        listed = list(dict.fromkeys((p, t, f.chat) for f in facts for p, t in f.neighbors))
+    def of(cls, model: Transformer, enc: Encoder, facts: list[Fact], earlier: list[Fact] | tuple = ()) -> "Guard":
+        """The listed neighbours of `facts` and of a lifelong state's `earlier` facts that the model answers as it
+        is (call it before training: the base model with the state's ranks acting), leaving out neighbours
+        that are forget prompts themselves (a request may list another of its facts as a neighbour)."""
+        forget = {f.prompt for f in [*facts, *earlier]}
+        listed = list(dict.fromkeys((p, t, f.chat) for f in [*facts, *earlier] for p, t in f.neighbors
+                                    if p not in forget))
         pairs = [enc.pair(p, t, chat) for p, t, chat in listed]
         keep = [(x, p, min(MAX_LEAD, m / 2)) for x, (p, _, _), m in zip(pairs, listed, leads(model, pairs, enc.pad_id))
                 if m > 0]

@@ -85,3 +85,24 @@ def test_a_guard_round_that_cannot_keep_both_is_undone_and_reported(tiny_lm, mon
     assert guarded.adapter.keys() == plain.adapter.keys()
     assert all(torch.equal(guarded.adapter[k], plain.adapter[k]) for k in plain.adapter)
     assert "neighbor_guard" not in plain.cost
+
+
+def test_the_guard_watches_earlier_facts_neighbours_and_never_a_forget_prompt(tiny_llama, monkeypatch):
+    """Guard.of lists the request's and a state's earlier facts' neighbours, once each, and leaves out any that
+    is a forget prompt of either (a request may list another of its facts as a neighbour: keeping it would fight
+    the forgetting)."""
+    import lune_fast.guard as guard_mod
+    from lune_fast.data import Fact
+
+    class Enc:
+        pad_id = 0
+
+        def pair(self, prompt, answer, chat):
+            return [len(prompt) % 200 + 1], [len(answer) % 200 + 1]
+
+    monkeypatch.setattr(guard_mod, "leads", lambda model, pairs, pad_id: [1.0] * len(pairs))
+    new = [Fact("A is", "a", neighbors=[("B is", "b"), ("N1 is", "n1")]), Fact("B is", "b", neighbors=[("N1 is", "n1")])]
+    old = [Fact("C is", "c", neighbors=[("N2 is", "n2"), ("A is", "a")])]
+    g = guard_mod.Guard.of(None, Enc(), new, old)
+    assert g.prompts == ["N1 is", "N2 is"]
+    assert g.need == [0.5, 0.5]  # half the lead of 1.0, under ln 2
