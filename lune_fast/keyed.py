@@ -72,6 +72,14 @@ def subject_keys(model: Transformer, settings: lora.LoraSettings, where: list[li
     return out
 
 
+def spd_solve(M: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """M⁻¹ B for a symmetric positive definite M (the ridges make C and G so): a Cholesky factor and two
+    triangular solves, a third of the time of torch.linalg.solve's LU on 2 cores at d = 1536 (and
+    torch.cholesky_solve is slower than either there)."""
+    L = torch.linalg.cholesky(M)
+    return torch.linalg.solve_triangular(L.t(), torch.linalg.solve_triangular(L, B, upper=False), upper=True)
+
+
 @torch.no_grad()
 def set_keyed(model: Transformer, keys: dict[str, torch.Tensor], preserved: Preserved, ridge: float = 1e-2,
               overlap: float = 1e-2, earlier: dict[str, torch.Tensor] | None = None) -> None:
@@ -93,11 +101,11 @@ def set_keyed(model: Transformer, keys: dict[str, torch.Tensor], preserved: Pres
         n_new = K.shape[1]
         if earlier is not None and name in earlier and len(earlier[name]):
             K = torch.cat([K, earlier[name].to(K.device, K.dtype).t()], dim=1)
-        CiK = torch.linalg.solve(C, K)  # C⁻¹ K
+        CiK = spd_solve(C, K)  # C⁻¹ K
         G = K.t() @ CiK  # Kᵀ C⁻¹ K [n, n]
         n = G.shape[0]
         G = G + max(overlap, 1e-9) * torch.trace(G) / n * torch.eye(n, dtype=G.dtype, device=G.device)
-        A = torch.linalg.solve(G, CiK.t())[:n_new]  # [n_new, d]
+        A = spd_solve(G, CiK.t())[:n_new]  # [n_new, d]
         if A.shape[0] != m.lora_A.shape[0]:
             raise ValueError(f"{name}: rank {m.lora_A.shape[0]} for {A.shape[0]} keys")
         m.lora_A.copy_(A.float())
