@@ -3,7 +3,13 @@
     lune-fast bench stream --per-request 1 --requests 100 --eval-every 10 --out benchmarks/results/stream_1
 
 Requests of --per-request facts from the validation set (facts nobody tuned on) go one after another into one
-state. Every --eval-every requests (and after the last), over all facts forgotten so far, on the model with
+state. With --mode replace the requests replace the answers (--facts a,b: several record files, taken in turn,
+e.g. CounterFact and TOFU: the model need not know a record for its replacement to be measured), and the checks
+are CounterFact's own scores (ROME, MEMIT and AlphaEdit report them), teacher-forced, so that thousands of
+records are scored in a minute: efficacy = the share of prompts whose new answer has a higher mean token
+log-probability than the old one, paraphrase = the same on the paraphrases, neighbourhood = the share of
+neighbour prompts whose own answer still beats the record's new one (also relative to the base model's);
+"returned" is then a fact whose new answer won at an earlier check and does not now. Every --eval-every requests (and after the last), over all facts forgotten so far, on the model with
 the whole state: forget, paraphrase (naming the subject) and indirect-paraphrase recall, neighbours kept (over
 those the base model answered, relative to before), retain perplexity relative to before, and how many facts
 that were gone at an earlier check answer again ("returned"). Each request's wall time (the whole
@@ -19,9 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from .harness import machine, markdown_table, write_json
 
 GOALS = "forget <= 0.05, paraphrase <= 0.20, neighbours >= 0.90x, retain ppl <= 1.10x, no fact returns"
+GOALS_REPLACE = ("efficacy >= 0.95, neighbourhood comparisons the base model won still won >= 0.95, retain ppl <= "
+                 "1.10x, no fact returns")
 
 
 def _base_answers(u, facts, texts) -> tuple[dict, float]:
@@ -50,14 +60,57 @@ def measure(u, st, facts, texts, base_hits: dict, base_ppl: float) -> tuple[dict
             "neigh_rel": m["neighbor_recall"], "ppl_rel": ev.retain_ppl / base_ppl}, forget_hits
 
 
-def meets(row: dict) -> bool:
-    return (row["forget"] <= 0.05 and (row["para"] is None or row["para"] <= 0.20)
-            and (row["neigh_rel"] is None or row["neigh_rel"] >= 0.90) and row["ppl_rel"] <= 1.10
-            and row["returned"] == 0)
+def preference_scores(u, facts, texts) -> tuple[dict, dict]:
+    """CounterFact's scores on the model as it is: efficacy, paraphrase and neighbourhood (each a share of
+    pairwise comparisons of mean token log-probabilities, teacher-forced) and retain perplexity; and each
+    comparison's outcome, by kind, keyed by (prompt, the answer that should win, the other)."""
+    from ..data import make_batch
+    from ..evaluate import answer_logprobs, perplexity
+
+    enc = u.encoder
+    comparisons = {"efficacy": [], "paraphrase": [], "neighbourhood": []}  # (prompt, answer that should win, other)
+    for f in facts:
+        comparisons["efficacy"].append((f.prompt, f.replacement, f.target, f.chat))
+        comparisons["paraphrase"] += [(p, f.replacement, f.target, f.chat) for p in f.paraphrases]
+        comparisons["neighbourhood"] += [(p, t, f.replacement, f.chat) for p, t in f.neighbors if t != f.replacement]
+    wins, scores = {}, {}
+    for kind, rows in comparisons.items():
+        pairs = [enc.pair(p, a, chat) for p, win, lose, chat in rows for a in (win, lose)]
+        lp = torch.cat([answer_logprobs(u.model, make_batch(pairs[i:i + 256], enc.pad_id))
+                        for i in range(0, len(pairs), 256)]) if pairs else torch.zeros(0)
+        won = (lp[0::2] > lp[1::2]).tolist()
+        wins[kind] = {row[:3]: w for row, w in zip(rows, won)}
+        scores[kind] = sum(won) / len(won) if won else None
+    return {**scores, "ppl": perplexity(u.model, enc, texts)}, wins
+
+
+def measure_replace(u, st, facts, texts, base: tuple[dict, dict]) -> tuple[dict, list[bool]]:
+    """preference_scores with the whole state on the model, the neighbourhood comparisons the base model won
+    that still hold ("neigh_rel"), and per fact whether its new answer wins on its prompt."""
+    from .. import lora
+
+    st.attach(u.model)
+    try:
+        m, wins = preference_scores(u, facts, texts)
+    finally:
+        lora.detach(u.model)
+    base_scores, base_wins = base
+    held = [w for key, w in wins["neighbourhood"].items() if base_wins["neighbourhood"].get(key)]
+    return {"efficacy": m["efficacy"], "paraphrase": m["paraphrase"], "neighbourhood": m["neighbourhood"],
+            "neigh_rel": sum(held) / len(held) if held else None, "ppl_rel": m["ppl"] / base_scores["ppl"]}, \
+        list(wins["efficacy"].values())
+
+
+def meets(row: dict, replace: bool = False) -> bool:
+    kept = row["neigh_rel"] is None or row["neigh_rel"] >= (0.95 if replace else 0.90)
+    done = row["efficacy"] >= 0.95 if replace else \
+        row["forget"] <= 0.05 and (row["para"] is None or row["para"] <= 0.20)
+    return done and kept and row["ppl_rel"] <= 1.10 and row["returned"] == 0
 
 
 def run(u, records: list[dict], per_request: int, requests: int, eval_every: int, folder: Path,
-        out_jsonl: Path | None = None, overrides: dict | None = None) -> tuple[list[dict], list[float]]:
+        out_jsonl: Path | None = None, overrides: dict | None = None, mode: str = "suppress"
+        ) -> tuple[list[dict], list[float]]:
     from tqdm.auto import tqdm
 
     from ..data import read_facts
@@ -67,24 +120,34 @@ def run(u, records: list[dict], per_request: int, requests: int, eval_every: int
     chunks = [c for c in chunks if c]
     texts = u.retain_texts()
     all_facts = read_facts([r for c in chunks for r in c]).facts
-    base_hits, base_ppl = _base_answers(u, all_facts, texts)
+    replace = mode == "replace"
+    if replace:
+        base = preference_scores(u, all_facts, texts)
+        tqdm.write("base model: " + json.dumps(base[0]))
+    else:
+        base_hits, base_ppl = _base_answers(u, all_facts, texts)
     rows, seconds, gone_once = [], [], set()
     done: list = []
     for i, chunk in enumerate(tqdm(chunks, desc="requests", unit="request")):
         t0 = time.perf_counter()
-        r = u.forget(chunk, into=folder, progress=False, evaluate_before=False, evaluate_after=False,
+        r = u.forget(chunk, mode=mode, into=folder, progress=False, evaluate_before=False, evaluate_after=False,
                      **(overrides or {}))
         seconds.append(time.perf_counter() - t0)
         done += r.facts
         if (i + 1) % eval_every and i + 1 != len(chunks):
             continue
         st = State.open(folder)
-        m, hits = measure(u, st, done, texts, base_hits, base_ppl)
-        returned = sum(1 for f, h in zip(done, hits) if h and f.prompt in gone_once)
-        gone_once |= {f.prompt for f, h in zip(done, hits) if not h}
+        if replace:  # gone: the new answer wins
+            m, gone = measure_replace(u, st, done, texts, base)
+        else:  # gone: the target is not said
+            m, hits = measure(u, st, done, texts, base_hits, base_ppl)
+            gone = [not h for h in hits]
+        returned = sum(1 for f, g in zip(done, gone) if not g and f.prompt in gone_once)
+        gone_once |= {f.prompt for f, g in zip(done, gone) if g}
         row = {"requests": i + 1, "facts": len(done), **m, "returned": returned, "rank": st.rank,
+               "windows": len({tuple(e["settings"]["layers"]) for e in st.active()}),
                "request_s": round(seconds[-1], 3), "steps": r.cost["steps"], "stopped": r.stopped}
-        row["meets"] = meets(row)
+        row["meets"] = meets(row, replace)
         rows.append(row)
         tqdm.write(json.dumps(row))
         if out_jsonl is not None:
@@ -114,11 +177,14 @@ def plot(rows: list[dict], seconds: list[float], per_request: int, path: Path, t
         return False
     x = [r["facts"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for key, label in (("forget", "forget"), ("para", "paraphrase"), ("indirect", "indirect paraphrase")):
+    replace = "efficacy" in rows[0]
+    curves = (("efficacy", "efficacy"), ("paraphrase", "paraphrase"), ("neighbourhood", "neighbourhood")) \
+        if replace else (("forget", "forget"), ("para", "paraphrase"), ("indirect", "indirect paraphrase"))
+    for key, label in curves:
         axes[0].plot(x, [r[key] for r in rows], marker="o", ms=3, label=label)
-    axes[0].axhline(0.05, ls=":", color="gray")
-    axes[0].axhline(0.20, ls=":", color="gray")
-    axes[0].set_ylabel("recall (lower is better)")
+    for level in (0.95,) if replace else (0.05, 0.20):
+        axes[0].axhline(level, ls=":", color="gray")
+    axes[0].set_ylabel("score (CounterFact's)" if replace else "recall (lower is better)")
     axes[1].plot(x, [r["neigh_rel"] for r in rows], marker="o", ms=3, color="tab:green", label="neighbours kept")
     axes[1].plot(x, [1 / r["ppl_rel"] for r in rows], marker="o", ms=3, color="tab:purple", label="1 / retain ppl ×")
     axes[1].axhline(0.90, ls=":", color="gray")
@@ -135,10 +201,17 @@ def plot(rows: list[dict], seconds: list[float], per_request: int, path: Path, t
     return True
 
 
+def interleave(lists: list[list[dict]]) -> list[dict]:
+    """One record from each list in turn, until all are used."""
+    return [r for i in range(max(map(len, lists))) for lst in lists if i < len(lst) for r in [lst[i]]]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lune-fast bench stream", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--facts", help="records (default: the package's validation set, never tuned on)")
+    ap.add_argument("--facts", help="records (default: the package's validation set, never tuned on); several "
+                                    "files separated by commas are taken in turn, one record from each")
+    ap.add_argument("--mode", choices=("suppress", "replace"), default="suppress")
     ap.add_argument("--per-request", type=int, default=1, help="facts per request")
     ap.add_argument("--requests", type=int, default=100)
     ap.add_argument("--eval-every", type=int, default=10, help="measure the whole state every N requests")
@@ -150,9 +223,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..api import Unlearner
     from ..assets import asset
+    from ..data import _json_lines
 
-    source = Path(a.facts) if a.facts else asset("validation.jsonl")
-    records = [json.loads(x) for x in source.read_text().splitlines() if x.strip()]
+    sources = [Path(f) for f in a.facts.split(",")] if a.facts else [asset("validation.jsonl")]
+    records = interleave([[obj for _, obj in _json_lines(f)] for f in sources])
+    source = ", ".join(f.name for f in sources)
     need = a.per_request * a.requests
     if need > len(records):
         print(f"{source} has {len(records)} records: {a.requests} requests of {a.per_request} take "
@@ -164,16 +239,20 @@ def main(argv: list[str] | None = None) -> int:
         Path(f"{out}.jsonl").unlink(missing_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         rows, seconds = run(u, records, a.per_request, a.requests, a.eval_every, Path(tmp) / "state",
-                            Path(f"{out}.jsonl") if out else None, json.loads(a.settings))
+                            Path(f"{out}.jsonl") if out else None, json.loads(a.settings), a.mode)
     lat = latency(seconds)
-    print(markdown_table(rows, ["requests", "facts", "forget", "para", "indirect", "neigh_rel", "ppl_rel", "returned",
-                                "rank", "request_s", "meets"]))
-    print(f"goals: {GOALS}; met at {sum(r['meets'] for r in rows)}/{len(rows)} checks")
+    replace = a.mode == "replace"
+    scores = ["efficacy", "paraphrase", "neighbourhood"] if replace else ["forget", "para", "indirect"]
+    print(markdown_table(rows, ["requests", "facts"] + scores + ["neigh_rel", "ppl_rel", "returned", "rank",
+                                                                 "windows", "request_s", "meets"]))
+    goals = GOALS_REPLACE if replace else GOALS
+    print(f"goals: {goals}; met at {sum(r['meets'] for r in rows)}/{len(rows)} checks")
     print("latency per request:", json.dumps(lat))
     if out is not None:
-        write_json(f"{out}.json", {"machine": machine(), "source": str(source), "per_request": a.per_request,
-                                   "requests": len(seconds), "settings": json.loads(a.settings), "goals": GOALS,
+        write_json(f"{out}.json", {"machine": machine(), "source": source, "mode": a.mode,
+                                   "per_request": a.per_request, "requests": len(seconds),
+                                   "settings": json.loads(a.settings), "goals": goals,
                                    "latency": lat, "request_seconds": [round(s, 3) for s in seconds], "rows": rows})
         plot(rows, seconds, a.per_request, Path(f"{out}.png"),
-             f"{len(seconds)} requests of {a.per_request} fact(s), {source.name}")
+             f"{len(seconds)} requests of {a.per_request} fact(s), {a.mode}, {source}")
     return 0
