@@ -411,6 +411,11 @@ def _patterns(cfg: dict, field_name: str, modules: list[str], kind, source: str)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0 or \
                 (kind is int and value != int(value)):
             raise AdapterError(f"{source}: {field_name}[{key!r}] must be a positive {kind.__name__}, found {value!r}")
+    for key in pattern:
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise AdapterError(f"{source}: {field_name} key {key!r} is not a regular expression ({e})") from None
     for m in modules:
         full = PEFT_MODULE_PREFIX + m
         key = next((k for k in pattern if re.match(rf"(.*\.)?({k})$", full)), None)

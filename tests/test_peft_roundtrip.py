@@ -178,3 +178,6 @@ def test_an_adapter_peft_saved_with_rank_and_alpha_patterns_loads_and_matches(tm
     cfg_path.write_text(json.dumps({**good, "rank_pattern": {"q_proj": 2.5}}))
     with pytest.raises(lora.AdapterError, match=r"rank_pattern\['q_proj'\] must be a positive int, found 2.5"):
         lora.load_adapter(model, tmp_path / "ad")
+    cfg_path.write_text(json.dumps({**good, "alpha_pattern": {"q_proj(": 2}}))
+    with pytest.raises(lora.AdapterError, match=r"alpha_pattern key 'q_proj\(' is not a regular expression"):
+        lora.load_adapter(model, tmp_path / "ad")
