@@ -187,9 +187,9 @@ def plot(rows: list[dict], seconds: list[float], per_request: int, path: Path, t
     axes[0].set_ylabel("score (CounterFact's)" if replace else "recall (lower is better)")
     axes[1].plot(x, [r["neigh_rel"] for r in rows], marker="o", ms=3, color="tab:green", label="neighbours kept")
     axes[1].plot(x, [1 / r["ppl_rel"] for r in rows], marker="o", ms=3, color="tab:purple", label="1 / retain ppl ×")
-    axes[1].axhline(0.90, ls=":", color="gray")
-    axes[1].set_ylim(0.5, 1.05)
-    axes[2].plot([per_request * (i + 1) for i in range(len(seconds))], seconds, marker=".", ms=3, lw=0.8,
+    axes[1].axhline(0.95 if replace else 0.90, ls=":", color="gray")
+    axes[1].set_ylim(min([0.5] + [1 / r["ppl_rel"] - 0.03 for r in rows]), 1.05)
+    axes[2].plot([min(per_request * (i + 1), x[-1]) for i in range(len(seconds))], seconds, marker=".", ms=3, lw=0.8,
                  color="tab:red", label="each request's seconds")
     axes[2].set_ylim(bottom=0)
     for ax in axes:
