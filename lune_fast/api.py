@@ -166,10 +166,11 @@ class Unlearner:
         # 2. the adapter, training (a diverged run keeps its last good adapter), the recall rounds; evaluate
         t_train = time.perf_counter()
         # a state's ranks in other layer windows act too, folded into the frozen weights until the request ends
-        with st.folded_outside(self.model, job.layout) if st is not None else nullcontext():
+        with st.folded_outside(self.model, job.layout) if st is not None else nullcontext() as folded:
             try:
                 rounds, keys, guarded = self._train(job, run, st,
-                                                    scale_lr=replace(self.defaults, **overrides).lr is None)
+                                                    scale_lr=replace(self.defaults, **overrides).lr is None,
+                                                    folded=folded)
                 train_seconds = time.perf_counter() - t_train
                 after = evaluate(self.model, self.encoder, job.facts, texts, s.mode == "replace", s.max_new_tokens,
                                  progress, self.dist) if evaluate_after else None
@@ -256,18 +257,19 @@ class Unlearner:
         return plan.Plan(s, facts, pairs, owners, plan.retain_pairs(self.encoder, anchors, retain), layout,
                          self.encoder.pad_id, [a.prompt for a in anchors])
 
-    def _train(self, job: plan.Plan, run: RunOptions, st: lifelong.State | None = None, scale_lr: bool = True
-               ) -> tuple[recall.Rounds, dict | None, dict | None]:
+    def _train(self, job: plan.Plan, run: RunOptions, st: lifelong.State | None = None, scale_lr: bool = True,
+               folded=None) -> tuple[recall.Rounds, dict | None, dict | None]:
         """Attach the adapter (keyed: its A from the preserved inputs, away from a state's earlier keys; under
         FSDP it is on already) beside a state's earlier ranks, train, in suppress mode check again and continue
         (the recall rounds), and with the neighbour guard put back listed neighbours that flipped. scale_lr: the
-        lr is the default one, to be scaled to this model (a given lr is used as it is). Returns the rounds, the
-        keyed adapter's keys and the guard's report (None without the guard)."""
+        lr is the default one, to be scaled to this model (a given lr is used as it is); folded: what a state
+        folded into the frozen weights (State.folded_outside), part of the preserved text's cache key. Returns
+        the rounds, the keyed adapter's keys and the guard's report (None without the guard)."""
         s = job.settings
         earlier = st.earlier_facts() if st is not None else []
         preserved = preserved_inputs(self.model, self.encoder, job.facts, job.layout, s.preserve_prompts,
                                      s.preserve_text, s.seed, self._text_moments, s.preserve_neighbors,
-                                     earlier) \
+                                     earlier, folded) \
             if s.adapter == "keyed" or s.preserve_weight > 0 else None
         keys = None
         if s.adapter == "keyed":

@@ -115,12 +115,13 @@ def set_keyed(model: Transformer, keys: dict[str, torch.Tensor], preserved: Pres
 
 def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settings: lora.LoraSettings,
                      n_prompts: int, text: str | None, seed: int, text_cache: dict, neighbors: bool = True,
-                     earlier: list[Fact] | tuple = ()) -> Preserved:
+                     earlier: list[Fact] | tuple = (), folded=None) -> Preserved:
     """The inputs the adapter should leave alone, in groups of equal weight: each fact's prompt template with
     `n_prompts` other subjects; the neighbours the records list (with `neighbors`: their prompts only, not their
     answers; the request says they must stay), also those of a lifelong state's `earlier` facts; and the
-    preservation text (a file, or the package's). The text's moments depend only on the model and the adapter
-    layout, so they are kept in `text_cache` and reused."""
+    preservation text (a file, or the package's). The text's moments depend only on the model, the adapter
+    layout and what a lifelong state has `folded` into the frozen weights (State.folded_outside), so they are
+    kept in `text_cache` under those and reused."""
     prompts = [enc.prompt_ids(p, f.chat) for f, ps in zip(facts, other_subject_prompts(facts, n_prompts, seed))
                for p in ps]
     groups = [group_moments(model, settings, prompts, enc.pad_id)]
@@ -129,7 +130,7 @@ def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settin
         if neighbors else []
     if listed:
         groups.append(group_moments(model, settings, listed, enc.pad_id))
-    key = (settings.targets, settings.layers, text)
+    key = (settings.targets, settings.layers, text, folded)
     if key not in text_cache:
         ids = [enc.tok(t, add_special_tokens=False)["input_ids"] for t in read_lines(text or asset("preserve_text.jsonl"))]
         text_cache[key] = group_moments(model, settings, ids, enc.pad_id)

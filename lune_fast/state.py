@@ -218,9 +218,11 @@ class State:
     def folded_outside(self, model, layout: lora.LoraSettings):
         """The state's ranks on projections `layout` does not adapt (other layer windows) folded into the frozen
         weights for the block, so that a request is trained and checked with the whole state acting; the
-        weights are put back exactly (a copy) on the way out."""
+        weights are put back exactly (a copy) on the way out. Yields what was folded, (folder, request ids),
+        or None: anything cached about the model's activations inside the block must be keyed by it."""
         inside = set(layout.modules(model.config.num_hidden_layers))
         saved = {}
+        folded = [e["id"] for e in self.active() if any(holds(e, n) for n in self.A if n not in inside)]
         try:
             with torch.no_grad():
                 for name, a in self.A.items():
@@ -229,7 +231,7 @@ class State:
                     w = lora.frozen_linear(model, name).weight
                     saved[name] = w.clone()
                     w.copy_((w.float() + self.B[name].to(w.device) @ a.to(w.device)).to(w.dtype))
-            yield
+            yield (str(self.folder.resolve()), tuple(folded)) if folded else None
         finally:
             with torch.no_grad():
                 for name, w in saved.items():

@@ -348,3 +348,29 @@ def test_a_full_window_sends_requests_up_the_depth_and_peft_loads_the_mixed_rank
     st = State.open(d)
     for name, a in st.A.items():
         assert torch.equal(a, before[lora.peft_key(name, "lora_A")][3:4])
+
+
+def test_a_request_into_a_later_window_is_the_same_whatever_the_unlearner_served_before(
+        tmp_path_factory, default_dir, tmp_path):
+    """The preserved text's moments are cached per layout; in a later window they are read with the earlier
+    windows' ranks folded in, so the cache must know which ranks those were. Same request, same state: an
+    Unlearner that served the state's history and a fresh one give the same adapter."""
+    import shutil
+
+    from conftest import make_tiny_lm
+    from lune_fast.api import Unlearner
+
+    folder = make_tiny_lm("llama", tmp_path_factory.mktemp("narrow_lm2"), default_dir, num_hidden_layers=6,
+                          intermediate_size=8, tie_word_embeddings=True)
+    u = Unlearner(str(folder), dtype="float32")
+    d = tmp_path / "state"
+    r1 = u.forget(RECORDS_2, into=d, **TINY)  # layers 1-2
+    u.forget(RECORDS_1 + RECORDS_2[:1], into=d, **TINY)  # 3 more: layers 3-4, read with r1 folded in
+    u.revoke(d, r1.request_id, evaluate_after=False)
+    u.forget(RECORDS_2 + RECORDS_1[:1], into=d, **TINY)  # 4 facts: layers 1-2 again, now other ranks
+    shutil.copytree(d, tmp_path / "copy")
+    served = u.forget(RECORDS_1[1:], into=d, **TINY)  # 1-2 is full: 3-4, read with the new 1-2 ranks folded in
+    fresh = Unlearner(str(folder), dtype="float32").forget(RECORDS_1[1:], into=tmp_path / "copy", **TINY)
+    assert served.config["layers"] == fresh.config["layers"] == [3, 4]
+    for k, t in served.adapter.items():
+        assert torch.equal(t, fresh.adapter[k]), k
