@@ -126,10 +126,13 @@ def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settin
                for p in ps]
     groups = [group_moments(model, settings, prompts, enc.pad_id)]
     forget = {f.prompt for f in [*facts, *earlier]}
-    listed = [enc.prompt_ids(p, f.chat) for f in [*facts, *earlier] for p, _ in f.neighbors if p not in forget] \
-        if neighbors else []
-    if listed:
-        groups.append(group_moments(model, settings, listed, enc.pad_id))
+    # the earlier facts' first: a state's next request starts with the same ones, and their sums are kept
+    listed = [[enc.prompt_ids(p, f.chat) for f in group for p, _ in f.neighbors if p not in forget]
+              for group in (earlier, facts)] if neighbors else [[], []]
+    if listed[0] or listed[1]:
+        groups.append(group_moments(model, settings, listed[0] + listed[1], enc.pad_id,
+                                    cache=text_cache.setdefault("earlier neighbours", {}),
+                                    key=(settings.targets, settings.layers, folded), stable=len(listed[0])))
     key = (settings.targets, settings.layers, text, folded)
     if key not in text_cache:
         ids = [enc.tok(t, add_special_tokens=False)["input_ids"] for t in read_lines(text or asset("preserve_text.jsonl"))]

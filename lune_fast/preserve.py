@@ -43,31 +43,65 @@ class Preserved:
         return torch.stack(terms).mean()
 
 
+CHUNK = 64  # sequences a forward reads; sums are added chunk by chunk, in order
+
+
+@dataclass
+class Sums:
+    """Running sums of x xᵀ per adapted linear over the whole chunks of `seqs`, and their token count."""
+    seqs: list[list[int]]
+    sums: dict[str, torch.Tensor]
+    n: int
+
+
 @torch.no_grad()
-def group_moments(model: Transformer, settings: lora.LoraSettings, seqs: list[list[int]], pad_id: int = 0,
-                  pack: int = 256) -> tuple[dict[str, torch.Tensor], int]:
-    """E[x xᵀ] over every token of `seqs` of the inputs of each projection `settings` adapts, on the frozen
-    model (packed rows; only the layers up to the last adapted one run), and the token count."""
-    linears = lora.frozen_linears(model, settings)
-    sums = {n: torch.zeros(m.in_features, m.in_features, device=model.device) for n, m in linears.items()}
+def _add_chunks(model: Transformer, settings: lora.LoraSettings, seqs: list[list[int]], acc: Sums, pad_id: int,
+                pack: int) -> None:
+    """Add the inputs of `seqs` (non-empty), CHUNK sequences a forward, to `acc`."""
     valid = {}
 
     def read(name, x):
         x = x[valid["idx"]]
         x = x.float()  # float32 products: A = (KᵀC⁻¹K)⁻¹KᵀC⁻¹ amplifies any rounding of C
-        sums[name].add_(x.t() @ x)
+        acc.sums[name].add_(x.t() @ x)
 
-    seqs = [s for s in seqs if s]
-    n = 0
     with lora.reading_inputs(model, settings, read) as end:
-        for start in range(0, len(seqs), 64):
+        for start in range(0, len(seqs), CHUNK):
             # (ids, [pad]) makes the packed input row exactly ids
-            batch = make_batch([(s, [pad_id]) for s in seqs[start:start + 64]], pad_id, pack=pack).to(model.device)
+            batch = make_batch([(s, [pad_id]) for s in seqs[start:start + CHUNK]], pad_id, pack=pack).to(model.device)
             valid["idx"] = (batch.segments.reshape(-1) >= 0).nonzero().squeeze(1)
-            n += int(valid["idx"].numel())
+            acc.n += int(valid["idx"].numel())
             positions, mask = batch.layout()
             model.run_layers(model.embed(batch.input_ids), positions, mask, end=end)
-    return {k: v / max(n, 1) for k, v in sums.items()}, n
+    acc.seqs = acc.seqs + seqs
+
+
+def group_moments(model: Transformer, settings: lora.LoraSettings, seqs: list[list[int]], pad_id: int = 0,
+                  pack: int = 256, cache: dict | None = None, key=None, stable: int = 0
+                  ) -> tuple[dict[str, torch.Tensor], int]:
+    """E[x xᵀ] over every token of `seqs` of the inputs of each projection `settings` adapts, on the frozen
+    model (packed rows; only the layers up to the last adapted one run), and the token count.
+
+    With `cache` (a dict this function owns: it keeps one entry): the first `stable` sequences are ones the next
+    call will start with too (a lifelong state's earlier neighbours); the sums over their whole chunks are kept
+    under `key`, and a call with that key whose sequences start with the kept ones adds only the rest — the same
+    chunks in the same order, so the result is the one computed afresh, bit for bit."""
+    stable = sum(1 for s in seqs[:stable] if s)
+    seqs = [s for s in seqs if s]
+    linears = lora.frozen_linears(model, settings)
+    kept = cache.get(key) if cache is not None else None
+    if kept is not None and len(kept.seqs) <= stable and seqs[:len(kept.seqs)] == kept.seqs:
+        acc = Sums(kept.seqs, {k: v.clone() for k, v in kept.sums.items()}, kept.n)
+    else:
+        acc = Sums([], {n: torch.zeros(m.in_features, m.in_features, device=model.device)
+                        for n, m in linears.items()}, 0)
+    whole = stable // CHUNK * CHUNK if cache is not None else 0
+    if whole > len(acc.seqs):
+        _add_chunks(model, settings, seqs[len(acc.seqs):whole], acc, pad_id, pack)
+        cache.clear()
+        cache[key] = Sums(acc.seqs, {k: v.clone() for k, v in acc.sums.items()}, acc.n)
+    _add_chunks(model, settings, seqs[len(acc.seqs):], acc, pad_id, pack)
+    return {k: v / max(acc.n, 1) for k, v in acc.sums.items()}, acc.n
 
 
 def combine(model: Transformer, settings: lora.LoraSettings, groups: list[tuple[dict[str, torch.Tensor], int]]

@@ -181,3 +181,36 @@ def test_step_scale_follows_the_adapted_projections_output_scale(tiny):
     with torch.no_grad():
         linears[name].weight.mul_(0.02)
     assert factor() == pytest.approx(0.2, rel=1e-4)
+
+
+def test_kept_moment_sums_give_the_moments_computed_afresh_bit_for_bit(tiny):
+    """A lifelong state's earlier neighbours come first and their whole chunks' sums are kept: a later call that
+    starts with them (and more) adds only the rest and gets exactly what a fresh call gets; a call that does not
+    start with them (a revoke, or a new fact among them) starts over."""
+    from lune_fast.preserve import CHUNK, Sums
+
+    settings = lora.LoraSettings(targets=("down",), layers=(0, 2))
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(1, 211, (int(n),), generator=g).tolist() for n in torch.randint(2, 9, (3 * CHUNK,), generator=g)]
+    cache = {}
+    first = group_moments(tiny, settings, seqs[:CHUNK + 10] + seqs[-5:], cache=cache, key="k", stable=CHUNK + 10)
+    assert [len(v.seqs) for v in cache.values()] == [CHUNK]  # the whole chunk of the stable part
+    fresh = group_moments(tiny, settings, seqs[:CHUNK + 10] + seqs[-5:])
+    assert first[1] == fresh[1] and all(torch.equal(first[0][n], fresh[0][n]) for n in fresh[0])
+
+    kept = cache["k"]
+    grown = seqs[:2 * CHUNK + 3]
+    want = group_moments(tiny, settings, grown)
+    got = group_moments(tiny, settings, grown, cache=cache, key="k", stable=2 * CHUNK)
+    assert got[1] == want[1] and all(torch.equal(got[0][n], want[0][n]) for n in want[0])
+    assert len(cache["k"].seqs) == 2 * CHUNK
+    # it did start from the kept sums: marked, the mark comes back
+    cache.clear()
+    cache["k"] = Sums(kept.seqs, {n: v + 1.0 for n, v in kept.sums.items()}, kept.n)
+    got = group_moments(tiny, settings, grown, cache=cache, key="k", stable=2 * CHUNK)
+    assert all(torch.allclose(got[0][n] * got[1], want[0][n] * want[1] + 1.0, rtol=0, atol=1e-3) for n in want[0])
+
+    other = seqs[1:2 * CHUNK + 3]  # no longer starts with the kept sequences: computed afresh
+    got = group_moments(tiny, settings, other, cache=cache, key="k", stable=2 * CHUNK - 1)
+    want = group_moments(tiny, settings, other)
+    assert all(torch.equal(got[0][n], want[0][n]) for n in want[0])
