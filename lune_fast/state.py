@@ -12,8 +12,8 @@ The state is a folder:
 A request's ranks are the columns of B and rows of A in the order the ledger lists the active requests, so
 revoking one removes exactly its slice. A keyed request takes one rank per fact on each projection of a layer
 window, and a projection has room for in_features/2 of them: when the state's first window is full, requests
-go to the next window of the same width further up (layers 3-9, then 10-16, 17-23 on the default model; MEMIT
-spreads its edits over layers for the same reason), and the adapter's rank differs by layer (PEFT's
+go to another window of the same width further up (layers 3-9, then 17-23, then 10-16 on the default model;
+MEMIT spreads its edits over layers for the same reason), and the adapter's rank differs by layer (PEFT's
 rank_pattern). Each update writes a new folder and swaps it in (lune_fast.io), under
 a lock beside the folder: a kill leaves the old state or the new one, and two writers take turns.
 """
