@@ -232,12 +232,9 @@ class Unlearner:
             return None
         facts = read_facts(records).facts
         known = self.base_evaluation(facts, texts, False, self.defaults.max_new_tokens, progress).known_mask()
-        st.attach(self.model)
-        try:
+        with st.on(self.model):
             return evaluate(self.model, self.encoder, facts, texts, False, self.defaults.max_new_tokens,
                             progress).metrics(known)
-        finally:
-            lora.detach(self.model)
 
     def _plan(self, facts, skipped: list[str], s: Settings, retain) -> plan.Plan:
         """What to train and where: the facts kept, their pairs (with the model's own answers for

@@ -53,6 +53,9 @@ class Sums:
     sums: dict[str, torch.Tensor]
     n: int
 
+    def copy(self) -> "Sums":
+        return Sums(self.seqs, {k: v.clone() for k, v in self.sums.items()}, self.n)
+
 
 @torch.no_grad()
 def _add_chunks(model: Transformer, settings: lora.LoraSettings, seqs: list[list[int]], acc: Sums, pad_id: int,
@@ -91,7 +94,7 @@ def group_moments(model: Transformer, settings: lora.LoraSettings, seqs: list[li
     linears = lora.frozen_linears(model, settings)
     kept = cache.get(key) if cache is not None else None
     if kept is not None and len(kept.seqs) <= stable and seqs[:len(kept.seqs)] == kept.seqs:
-        acc = Sums(kept.seqs, {k: v.clone() for k, v in kept.sums.items()}, kept.n)
+        acc = kept.copy()
     else:
         acc = Sums([], {n: torch.zeros(m.in_features, m.in_features, device=model.device)
                         for n, m in linears.items()}, 0)
@@ -99,7 +102,7 @@ def group_moments(model: Transformer, settings: lora.LoraSettings, seqs: list[li
     if whole > len(acc.seqs):
         _add_chunks(model, settings, seqs[len(acc.seqs):whole], acc, pad_id, pack)
         cache.clear()
-        cache[key] = Sums(acc.seqs, {k: v.clone() for k, v in acc.sums.items()}, acc.n)
+        cache[key] = acc.copy()
     _add_chunks(model, settings, seqs[len(acc.seqs):], acc, pad_id, pack)
     return {k: v / max(acc.n, 1) for k, v in acc.sums.items()}, acc.n
 

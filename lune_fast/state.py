@@ -96,9 +96,11 @@ class State:
         from safetensors.torch import load_file
 
         tensors = load_file(str(folder / ADAPTER))
+        # an adapter with nothing active stores one zero rank
+        ranks = state.module_ranks({lora.split_peft_key(key)[0] for key in tensors})
         for key, t in tensors.items():
             name, part = lora.split_peft_key(key)
-            rank = state.module_rank(name)  # an adapter with nothing active stores one zero rank
+            rank = ranks[name]
             if part == "lora_A":
                 state.A[name] = t[:rank]
             else:
@@ -119,9 +121,10 @@ class State:
         """The active requests' ranks, summed over requests (a projection holds those of its window's)."""
         return sum(e["rank"] for e in self.active())
 
-    def module_rank(self, module: str) -> int:
-        """The ranks the active requests have on one adapted projection (PEFT module path)."""
-        return sum(e["rank"] for e in self.active() if holds(e, module))
+    def module_ranks(self, modules) -> dict[str, int]:
+        """The ranks the active requests have on each adapted projection (PEFT module paths)."""
+        active = self.active()
+        return {m: sum(e["rank"] for e in active if holds(e, m)) for m in modules}
 
     def base_layers(self) -> tuple[int, ...]:
         """The layers of the state's first request: the first window, which the others are shifted from."""
@@ -202,11 +205,17 @@ class State:
             raise StateError(f"{self.folder} holds requests for {self.config.get('base_model_name_or_path')}, "
                              f"not {base_model}")
 
-    def attach(self, model) -> None:
-        """Put the whole state on `model` as one adapter (as PEFT would load the folder)."""
+    @contextmanager
+    def on(self, model):
+        """The whole state on `model` as one adapter (as PEFT would load the folder) inside the block, taken off
+        afterwards."""
         tensors, config = self.adapter_files()
         lora.attach_tensors(model, lora.settings_from_peft(config, model.config.num_hidden_layers, str(self.folder)),
                             tensors, str(self.folder))
+        try:
+            yield model
+        finally:
+            lora.detach(model)
 
     def attach_earlier(self, model) -> None:
         """Give each adapted linear of `model` the state's ranks there as fixed earlier ranks."""
@@ -262,12 +271,10 @@ class State:
         if target not in self.active():
             raise StateError(f"{self.folder}: request {request_id!r} was revoked already")
         A, B = dict(self.A), dict(self.B)
+        before = self.active()
+        before = before[:before.index(target)]
         for name in [n for n in self.A if holds(target, n)]:
-            offset = 0
-            for e in self.active():
-                if e is target:
-                    break
-                offset += e["rank"] if holds(e, name) else 0
+            offset = sum(e["rank"] for e in before if holds(e, name))
             end = offset + target["rank"]
             A[name] = torch.cat([self.A[name][:offset], self.A[name][end:]])
             B[name] = torch.cat([self.B[name][:, :offset], self.B[name][:, end:]], dim=1)
@@ -295,7 +302,7 @@ class State:
             for name in ranks:
                 tensors[lora.peft_key(name, "lora_A")] = self.A[name].contiguous()
                 tensors[lora.peft_key(name, "lora_B")] = self.B[name].contiguous()
-        counts = [r for r in ranks.values()]
+        counts = list(ranks.values())
         r = max(set(counts), key=lambda v: (counts.count(v), v))  # the most common rank; the others are patterns
         pattern = {n: k for n, k in sorted(ranks.items()) if k != r}
         layers = sorted({int(n.split(".")[1]) for n in ranks})

@@ -45,14 +45,10 @@ def _base_answers(u, facts, texts) -> tuple[dict, float]:
 def measure(u, st, facts, texts, base_hits: dict, base_ppl: float) -> tuple[dict, list[bool]]:
     """The state's METRICS over `facts` (rates over the probes the base model answered) and each fact's
     forget hit."""
-    from .. import lora
     from ..evaluate import evaluate
 
-    st.attach(u.model)
-    try:
+    with st.on(u.model):
         ev = evaluate(u.model, u.encoder, facts, texts, False, u.defaults.max_new_tokens)
-    finally:
-        lora.detach(u.model)
     known = [p.kind == "forget" or base_hits.get((p.prompt, p.target), False) for p in ev.probes]
     m = ev.metrics(known)
     forget_hits = [h for p, h in zip(ev.probes, ev.hits) if p.kind == "forget"]
@@ -87,13 +83,8 @@ def preference_scores(u, facts, texts) -> tuple[dict, dict]:
 def measure_replace(u, st, facts, texts, base: tuple[dict, dict]) -> tuple[dict, list[bool]]:
     """preference_scores with the whole state on the model, the neighbourhood comparisons the base model won
     that still hold ("neigh_rel"), and per fact whether its new answer wins on its prompt."""
-    from .. import lora
-
-    st.attach(u.model)
-    try:
+    with st.on(u.model):
         m, wins = preference_scores(u, facts, texts)
-    finally:
-        lora.detach(u.model)
     base_scores, base_wins = base
     held = [w for key, w in wins["neighbourhood"].items() if base_wins["neighbourhood"].get(key)]
     return {"efficacy": m["efficacy"], "paraphrase": m["paraphrase"], "neighbourhood": m["neighbourhood"],
