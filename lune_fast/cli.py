@@ -74,6 +74,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="suppress: train against the gold target, the model's own answer up to it, or both")
     p.add_argument("--per-example-stop", action=argparse.BooleanOptionalAction, default=d.per_example_stop,
                    help="an answer already below --stop-prob stops contributing gradient")
+    p.add_argument("--hold-done", action=argparse.BooleanOptionalAction, default=d.hold_done,
+                   help="keyed: a fact whose answers are past the threshold keeps its column of B (no momentum "
+                        "carries it on)")
+    p.add_argument("--hold-margin", type=float, default=d.hold_margin,
+                   help="with --hold-done: held once this factor past the threshold (suppress: below "
+                        "stop-prob x margin)")
     p.add_argument("--recall-rounds", type=int, default=d.recall_rounds,
                    help="suppress: ask the prompts again after training and train on any answer that still comes "
                         "out by another route, up to N times")
@@ -160,9 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true")
     x.add_argument("--model", default="default", help=MODEL_HELP)
 
-    b = sub.add_parser("bench", help="benchmarks: forward, logprob, lora, e2e, kernels, quality, stream")
-    b.add_argument("what", choices=["forward", "logprob", "lora", "kernels", "e2e", "e2e-gpu", "latency", "quality",
-                                      "stream"])
+    b = sub.add_parser("bench", help="benchmarks: forward, frozen-linear, logprob, lora, e2e, kernels, quality, "
+                                     "stream")
+    b.add_argument("what", choices=["forward", "frozen-linear", "logprob", "lora", "kernels", "e2e", "e2e-gpu",
+                                      "latency", "quality", "stream"])
     b.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark (see --help)")
 
     d = sub.add_parser("demo", help="unlearn a few of the package's facts on the default model")

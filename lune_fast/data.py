@@ -331,7 +331,8 @@ class Batch:
 
 def make_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int = 0, pack: int | None = None) -> Batch:
     """(prompt ids, answer ids) pairs -> Batch. The last answer token is never an input. With `pack`,
-    sequences are packed first-fit (longest first) into rows of max(pack, longest) tokens."""
+    sequences are packed first-fit (longest first) into rows of max(pack, longest) tokens, cut to what the
+    fullest row holds (rounded up to 8)."""
     seqs = []
     for p, a in pairs:
         if not p or not a:
@@ -353,6 +354,8 @@ def make_batch(pairs: list[tuple[list[int], list[int]]], pad_id: int = 0, pack: 
                 r = len(rows) - 1
             rows[r].append(i)
             room[r] -= n
+        # rows as long as the fullest one needs (to a multiple of 8): a request of one fact fills a sixth of 64
+        T = min(T, -(-max(T - free for free in room) // 8) * 8)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     positions = torch.zeros(len(rows), T, dtype=torch.long)
     segments = torch.full((len(rows), T), -1, dtype=torch.long)

@@ -92,6 +92,7 @@ def fully_shard_blocks(model) -> None:
     """FSDP2 over the transformer blocks (frozen weights and adapters); the rest stays replicated."""
     from torch.distributed.fsdp import fully_shard
 
+    model.pack_weights(False)  # FSDP refills the unsharded parameters in place: no copy may outlive a refill
     for block in model.layers:
         fully_shard(block)
 

@@ -79,8 +79,9 @@ def guard_round(model: Transformer, enc: Encoder, plan: Plan, rounds: Rounds, ru
         return rounds, report
     data = plan.train_data(model, dist=run.dist, preserved=preserved,
                            retain_first=[guard.pairs[i] for i in flipped])
-    settings = train_settings(s, steps=min(left, GUARD_STEPS), lr_scale=plan.lr_scale,
-                              retain_keep=[guard.need[i] for i in flipped])
+    # the forgotten facts' columns must move to put a neighbour back: none is held
+    settings = replace(train_settings(s, steps=min(left, GUARD_STEPS), lr_scale=plan.lr_scale,
+                                      retain_keep=[guard.need[i] for i in flipped]), hold_done=False)
     if s.mode == "suppress":  # the last recall round's threshold
         settings = replace(settings, stop_prob=s.stop_prob * ROUND_FACTOR ** rounds.rounds)
     params = lora.trainable_parameters(model)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels.frozen_linear import frozen_linear
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma3_text")
 # transformers writes config.json as the difference from its class defaults; these are Gemma3TextConfig's.
 GEMMA3_DEFAULTS = {"head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6,
@@ -274,16 +276,25 @@ class KVCache:
         self.v = [v.index_select(0, rows) for v in self.v]
 
 
+class Linear(nn.Linear):
+    """A frozen projection. With `pack` (Transformer.pack_weights), its bf16 product on a CPU reads oneDNN's
+    prepacked copy of the weight (lune_fast.kernels.frozen_linear): the same product, less time per call."""
+    pack = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return frozen_linear(x, self.weight, self.bias, self.pack)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         h, hd = cfg.hidden_size, cfg.head_dim
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
         self.window, self.scale = cfg.windows[layer], cfg.attn_scale
-        self.q_proj = nn.Linear(h, self.n_heads * hd, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(h, self.n_kv * hd, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(h, self.n_kv * hd, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, h, bias=False)
+        self.q_proj = Linear(h, self.n_heads * hd, bias=cfg.attention_bias)
+        self.k_proj = Linear(h, self.n_kv * hd, bias=cfg.attention_bias)
+        self.v_proj = Linear(h, self.n_kv * hd, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.n_heads * hd, h, bias=False)
         if cfg.qk_norm:
             self.q_norm, self.k_norm = rms_norm(cfg, hd), rms_norm(cfg, hd)
 
@@ -316,9 +327,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         h, m, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = nn.Linear(h, m, bias=b)
-        self.up_proj = nn.Linear(h, m, bias=b)
-        self.down_proj = nn.Linear(m, h, bias=b)
+        self.gate_proj = Linear(h, m, bias=b)
+        self.up_proj = Linear(h, m, bias=b)
+        self.down_proj = Linear(m, h, bias=b)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def project_gate_up(self, x):
@@ -363,12 +374,13 @@ class Transformer(nn.Module):
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
             self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
             self.norm = rms_norm(cfg)
-            self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # dtype first, still on meta: memory is allocated once, in the final dtype, and only touched by the
         # weight copy (no float32 copy of a bf16 model is ever resident)
         self.to(dtype)
         self.to_empty(device=device)
         self.requires_grad_(False)
+        self.packs = False  # pack_weights
         self.register_buffer("inv_freq", rope_inv_freq(cfg).to(device), persistent=False)
         self.register_buffer("inv_freq_local", rope_inv_freq(cfg, local=True).to(device)
                              if cfg.local_rope_theta is not None else None, persistent=False)
@@ -409,7 +421,17 @@ class Transformer(nn.Module):
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.head_weight)
+        return frozen_linear(h, self.head_weight, None, self.packs)
+
+    def pack_weights(self, on: bool = True) -> None:
+        """Frozen bf16 products on a CPU from prepacked weights (on), or plain F.linear (off: a sharded model,
+        whose parameters are refilled in place by FSDP). The copies cost the weights' memory once more."""
+        self.packs = on
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.pack = on
+            if not on and hasattr(getattr(m, "weight", None), "_lune_packed"):
+                del m.weight._lune_packed
 
     # -- whole forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

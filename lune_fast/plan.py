@@ -111,22 +111,28 @@ class Plan:
     lr_scale: float = 1.0  # keyed: the factor on settings.lr for this model (lune_fast.keyed.step_scale)
 
     def train_data(self, model: Transformer, pairs: list[Pair] | None = None, dist: Dist | None = None,
-                   preserved=None, retain_first: list[Pair] = ()) -> TrainData:
-        """Packed micro-batches of this process's share of `pairs` (default: all of the plan's) and the retain
-        batch (`retain_first`, then the plan's retain pairs), after the up-front memory check."""
+                   preserved=None, retain_first: list[Pair] = (), owners: list[int] | None = None) -> TrainData:
+        """Packed micro-batches of this process's share of `pairs` (default: all of the plan's; `owners`: the
+        fact of each) and the retain batch (`retain_first`, then the plan's retain pairs), after the up-front
+        memory check. A keyed adapter's data also says which column of B each sequence trains (its fact's)."""
         s = self.settings
-        batches = [make_batch(g, self.pad_id, pack=PACK_TOKENS)
-                   for g in micro_batches(self.pairs if pairs is None else pairs, s.max_batch_tokens, dist)]
+        if pairs is None:
+            pairs, owners = self.pairs, self.owners
+        # (prompt, answer, owner): grouped as the pairs are
+        groups = micro_batches([(*p, i) for p, i in zip(pairs, owners or [-1] * len(pairs))], s.max_batch_tokens, dist)
+        batches = [make_batch([(p, a) for p, a, _ in g], self.pad_id, pack=PACK_TOKENS) for g in groups]
+        columns = [[i for *_, i in g] for g in groups] if s.adapter == "keyed" and owners is not None else None
         kept = list(retain_first) + self.retain_pairs
         retain = make_batch(kept, self.pad_id, pack=PACK_TOKENS) if kept else None
         layers_run = model.config.num_hidden_layers - min(self.layout.layers)
         tokens = max((b.input_ids.numel() for b in batches), default=0) + (retain.input_ids.numel() if retain else 0)
         check_memory(model.config, tokens, layers_run, model.dtype, model.device)
-        return TrainData(batches, retain, preserved)
+        return TrainData(batches, retain, preserved, columns)
 
 
 def micro_batches(pairs: list[Pair], max_tokens: int, dist: Dist | None = None) -> list[list[Pair]]:
-    """This process's share of the pairs (every world-th), in groups of at most max_tokens. Under FSDP every
+    """This process's share of the pairs (every world-th), in groups of at most max_tokens (items may carry
+    more after the prompt and the answer: they are grouped alike). Under FSDP every
     rank gets the same number of groups: the sharded blocks all-gather in every forward, so a rank with one
     forward more than the others would wait for them forever."""
     groups = split_by_tokens(shard(pairs, dist), max_tokens)

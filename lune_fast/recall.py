@@ -88,8 +88,9 @@ def recall_rounds(model: Transformer, enc: Encoder, plan: Plan, outcome: TrainOu
         routes = [r for r in found if r is not None]
         if not routes:
             break
-        again = [p for p, i in zip(plan.pairs, plan.owners) if s.adapter == "plain" or found[i] is not None]
-        data = plan.train_data(model, again + routes, run.dist, preserved)
+        again = [(p, i) for p, i in zip(plan.pairs, plan.owners) if s.adapter == "plain" or found[i] is not None]
+        owners = [i for _, i in again] + [i for i, r in enumerate(found) if r is not None]
+        data = plan.train_data(model, [p for p, _ in again] + routes, run.dist, preserved, owners=owners)
         # a target can still come out while its probability is under the stop threshold (nothing else is more
         # likely): each round asks for a quarter of the last round's threshold, so that it trains at all
         stop = s.stop_prob * ROUND_FACTOR ** (rounds + 1)

@@ -52,6 +52,13 @@ class TrainSettings:
     # the run stops only once the first len(retain_keep) retain pairs are kept too, pair i with its answer ahead
     # of every other token by retain_keep[i] nats (answer_margins): the neighbour guard's round (lune_fast.guard)
     retain_keep: tuple[float, ...] = ()
+    # keyed adapters (TrainData.columns): a fact whose answers are all past the threshold keeps its column of B
+    # as it is in that step; AdamW's momentum would carry it on for ~1/(1 - beta1) = 10 more steps' worth
+    hold_done: bool = False
+    # with hold_done, an answer stops training (and its column is held) only once it is this factor past the
+    # threshold (suppress: below stop_prob × margin; replace: 1 - replace_prob below 1 by margin): a fact held
+    # right at the threshold is pushed back over it by the others' steps and trains again, step after step
+    hold_margin: float = 1.0
 
 
 @dataclass
@@ -94,6 +101,7 @@ class TrainData:
     batches: list[Batch]
     retain: Batch | None = None
     preserved: object = None
+    columns: list[list[int]] | None = None  # per batch, per sequence: the column of B it trains alone (keyed)
 
 
 @dataclass
@@ -191,6 +199,8 @@ def train(model: Transformer, data: TrainData, settings: TrainSettings, run: Run
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
+                if settings.hold_done and data.columns is not None:
+                    _hold_columns(params, last_good, _active_columns(work, weights, data.columns, params, dist))
                 copy_into(params, last_good)
                 step += 1
                 outcome.losses.append(loss.item())
@@ -231,8 +241,8 @@ def _forward(model, work: list[_Part], L0: int, settings: TrainSettings, train_a
     for part in work:
         tok = target_logprobs(_hidden_at_answers(model, part, L0), model.head_weight, part.batch.targets)
         p = _mean_token_prob(tok, part.batch)
-        w = (~_done(p, settings)).float() if settings.per_example_stop and not train_all \
-            else torch.ones_like(p)
+        w = (~_done(p, settings, settings.hold_margin if settings.hold_done else 1.0)).float() \
+            if settings.per_example_stop and not train_all else torch.ones_like(p)
         losses.append(forget_loss("replace" if settings.replace else settings.objective, tok, part.batch.seq,
                                   part.batch.n_seq, part.ref_tok, weights=w, beta=settings.beta, reduction="sum"))
         probs.append(p)
@@ -240,8 +250,25 @@ def _forward(model, work: list[_Part], L0: int, settings: TrainSettings, train_a
     return losses, (torch.cat(probs) if probs else torch.zeros(0)), weights
 
 
-def _done(probs: torch.Tensor, settings: TrainSettings) -> torch.Tensor:
-    return probs > settings.replace_prob if settings.replace else probs < settings.stop_prob
+def _active_columns(work: list[_Part], weights: list[torch.Tensor], columns: list[list[int]], params, dist
+                    ) -> torch.Tensor:
+    """bool [rank]: the columns of B that some sequence this step trained (on any rank) owns."""
+    active = torch.zeros(params[0].shape[1], device=params[0].device)
+    for part, w in zip(work, weights):
+        own = torch.tensor([columns[part.source][i] for i in part.origin], device=active.device)
+        active.index_add_(0, own, w.to(active.device))
+    return (active if dist is None else dist.sum_(active)) > 0
+
+
+@torch.no_grad()
+def _hold_columns(params: list[torch.Tensor], before: list[torch.Tensor], active: torch.Tensor) -> None:
+    """Put back the columns of B that no sequence trained this step (params: a keyed adapter's B's [out, rank])."""
+    for p, b in zip(params, before):
+        p[:, ~active] = b[:, ~active]
+
+
+def _done(probs: torch.Tensor, settings: TrainSettings, margin: float = 1.0) -> torch.Tensor:
+    return probs > 1 - (1 - settings.replace_prob) * margin if settings.replace else probs < settings.stop_prob * margin
 
 
 def _all_done(probs, settings, dist, device) -> bool:

@@ -12,7 +12,7 @@ def test_every_trainer_setting_comes_from_the_run_settings():
     values = {"objective": "ul", "lr": 0.123, "steps": 17, "beta": 0.7, "stop_prob": 0.011, "replace_prob": 0.77,
               "grad_clip": 2.5, "weight_decay": 0.05, "warmup_steps": 3, "schedule": "cosine", "seed": 9,
               "per_example_stop": True, "retain_weight": 4.0, "retain_loss": "kl", "preserve_weight": 0.3,
-              "checkpoint_every": 5}
+              "checkpoint_every": 5, "hold_done": True, "hold_margin": 0.3}
     ts = train_settings(Settings(mode="replace", **values))
     names = {f.name for f in fields(TrainSettings)}
     # a new trainer setting must be added here and to train_settings
@@ -71,3 +71,28 @@ def test_robust_to_names_its_types_and_needs_the_recall_rounds():
     with pytest.raises(SettingsError, match="recall rounds"):
         Settings(robust_to="q4_1", mode="replace").resolved().check()
     Settings(robust_to="q4_1").resolved().check()
+
+
+@pytest.mark.parametrize("adapter", ["keyed", "plain"])
+def test_keyed_data_names_each_sequence_s_column(tiny_llama, adapter):
+    """A keyed request's batches say which column of B (which fact) each sequence trains, across micro-batches
+    and for pairs given with their owners (the recall rounds'); plain adapters have no columns."""
+    from lune_fast import lora
+    from lune_fast.plan import Plan
+    from lune_fast.weights import load_model
+
+    model = load_model(tiny_llama)
+    pairs = [([3 + i] * (5 + 3 * i), [7, 8]) for i in range(6)]
+    owners = [0, 0, 1, 2, 2, 3]
+    s = Settings(adapter=adapter, max_batch_tokens=30).resolved()
+    plan = Plan(s, [], pairs, owners, [], lora.LoraSettings(rank=4, targets=("down",), layers=(1,)), 0, [])
+    data = plan.train_data(model)
+    assert len(data.batches) > 1
+    if adapter == "plain":
+        assert data.columns is None
+        return
+    # a batch's sequences are its pairs, in order: their prompts say which pair each is
+    got = [(b.pairs[j][0][0] - 3, col) for b, cols in zip(data.batches, data.columns) for j, col in enumerate(cols)]
+    assert got == [(i, owners[i]) for i in range(6)]
+    again = plan.train_data(model, pairs[4:], owners=[9, 8])
+    assert [c for cols in again.columns for c in cols] == [9, 8]

@@ -151,3 +151,40 @@ def test_per_example_stop_drops_finished_examples(tiny_llama):
         outs.append(lora.adapter_state(m))
     for k in outs[0]:
         assert torch.allclose(outs[0][k], outs[1][k], atol=1e-6), k
+
+
+@pytest.mark.parametrize("margin", [1.0, 0.5])
+def test_hold_done_keeps_a_finished_fact_s_column(tiny_llama, margin):
+    """Keyed (A fixed, one column of B per fact): once a fact's answers are past the threshold (by the margin),
+    its column stays as it is, step after step, while the other fact's column trains; without hold_done
+    AdamW's momentum (and the other fact's gradient through A) moves it too."""
+    ls = lora.LoraSettings(rank=2, alpha=2, targets=("down",), layers=(1, 2))
+    base = load_model(tiny_llama)
+    prompts = [[3, 17, 42, 9], [5, 6], [5, 6, 8]]
+    with torch.no_grad():
+        nxt = [base(torch.tensor([p]))[0, -1] for p in prompts]
+    # fact 0 (column 0): its least likely token; fact 1 (sequences 1 and 2, column 1): their most likely ones
+    pairs = [(prompts[0], [int(nxt[0].argmin())])] + [(p, [int(n.argmax())]) for p, n in zip(prompts[1:], nxt[1:])]
+    probs = trainer._final_probs(base, [trainer._precompute(base, make_batch(pairs), 1)], 1)
+    first, rest = float(probs[0]), float(probs[1:].min())
+    assert first / margin < rest
+    stop = (first / margin + rest) / 2  # fact 0 starts past the threshold by the margin, fact 1 above it
+    columns = {}
+    for hold in (True, False):
+        model = load_model(tiny_llama)
+        adapters = lora.attach(model, ls, seed=0)
+        for a in adapters.values():
+            a.lora_A.requires_grad_(False)
+        seen = []
+        settings = TrainSettings(objective="npo_tok", lr=1e-2, steps=4, stop_prob=stop, per_example_stop=True,
+                                 hold_done=hold, hold_margin=margin)
+        train(model, TrainData([make_batch(pairs)], columns=[[0, 1, 1]]), settings,
+              RunOptions(progress=False, on_step=lambda s: seen.append(
+                  [a.lora_B.detach().clone() for a in adapters.values()])))
+        columns[hold] = seen
+    assert len(columns[True]) >= 2
+    for step in columns[True]:
+        for b in step:
+            assert torch.equal(b[:, 0], torch.zeros_like(b[:, 0]))  # never moved from B = 0
+    assert any(b[:, 1].abs().max() > 0 for b in columns[True][-1])
+    assert any(b[:, 0].abs().max() > 0 for b in columns[False][-1])

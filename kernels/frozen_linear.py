@@ -1,0 +1,86 @@
+"""The frozen projections' product y = x Wᵀ (+ b): on a CPU in bf16, from oneDNN's prepacked copy of W.
+
+torch's bf16 `F.linear` on a CPU hands W to oneDNN in its plain [out, in] layout, and oneDNN reorders it into
+its blocked layout on every call. For the short inputs unlearning runs — one token a step when decoding, a few
+dozen when training one fact — that reorder is most of the time (a 1536×576 weight: 92 µs a call at 1 row,
+48 µs prepacked; 139 µs vs 106 µs at 64 rows; Intel Xeon AMX, 2 cores, RESULTS.md section 11). Here each
+frozen weight is reordered once, kept beside the weight (the weight itself stays as it is: merges, exports and
+keyed adapters read it), and packed again whenever the weight changed in place (its version counter moved) or
+was replaced (another storage).
+
+`frozen_linear(x, w, b, pack=True)` is the one dispatch point; `reference` is plain torch. The backward of
+the packed product (training reads the gradient of x through every frozen layer) is the one F.linear's
+autograd computes, dy·W, so only the forward differs. Where oneDNN cannot pack bf16 (no AVX512-BW/VL/DQ or
+AVX-NE-CONVERT: e.g. ONEDNN_MAX_CPU_ISA=AVX2), other dtypes, other devices, and weights that train, it is
+F.linear.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# oneDNN picks its blocked layout for an expected number of rows; one layout serves every row count (the
+# product it gives is F.linear's, bit for bit, at 1-1024 rows on an AMX Xeon; tests bound it against float64)
+ROWS_HINT = 128
+_supported: dict[str, bool] = {}
+
+
+def packing_supported() -> bool:
+    """Can oneDNN prepack a bf16 weight on this CPU (as this process's ISA limits allow)?"""
+    if "bf16" not in _supported:
+        try:
+            probe = torch.ones(16, 16, dtype=torch.bfloat16)
+            packed = torch.ops.mkldnn._reorder_linear_weight(probe, ROWS_HINT)
+            out = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 16, dtype=torch.bfloat16), packed, None, "none",
+                                                     [], "")
+            _supported["bf16"] = bool((out == 16).all())
+        except (RuntimeError, AttributeError):
+            _supported["bf16"] = False
+    return _supported["bf16"]
+
+
+def _packable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
+            and not w.requires_grad and type(w.data) is torch.Tensor and w.dim() == 2 and packing_supported())
+
+
+def packed_weight(w: torch.Tensor) -> torch.Tensor:
+    """oneDNN's blocked copy of `w`, made once and kept on the tensor until `w` changes."""
+    key = (w.data_ptr(), w._version, tuple(w.shape), tuple(w.stride()))
+    kept = getattr(w, "_lune_packed", None)
+    if kept is None or kept[0] != key:
+        kept = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), ROWS_HINT))
+        w._lune_packed = kept
+    return kept[1]
+
+
+def _packed_product(x: torch.Tensor, packed: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+
+
+class _PackedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, packed, b):
+        ctx.save_for_backward(w)
+        return _packed_product(x, packed, b)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (w,) = ctx.saved_tensors
+        return dy @ w, None, None, None
+
+
+def frozen_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, pack: bool = True
+                  ) -> torch.Tensor:
+    """x Wᵀ (+ b) for a frozen W; with `pack`, from W's prepacked copy where that is supported."""
+    if not (pack and _packable(x, w)) or (b is not None and b.requires_grad):
+        return F.linear(x, w, b)
+    packed = packed_weight(w)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _PackedLinear.apply(x, w, packed, b)
+    return _packed_product(x, packed, b)
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain torch: the oracle."""
+    return F.linear(x, w, b)

@@ -1,0 +1,76 @@
+"""The frozen projections' product: oneDNN's prepacked weights (kernels/frozen_linear.py) against torch's bf16
+F.linear, in the same process, on one model's shapes, at the row counts unlearning runs.
+
+    lune-fast bench frozen-linear [--shapes default] [--rows 1,8,64,256] [--repeats 7] [--json OUT]
+
+Each call reads a different copy of the weight, cycled over more than 64 MiB of copies, so that the weight
+comes from memory as it does in a forward of the whole model (a weight read twice in a row sits in the cache).
+Floor: at a few rows the product is bound by reading the weight (out × in × 2 bytes); GB/s is that size over
+the time, to set against the machine's memory bandwidth; at many rows, by the FLOPs (2 × rows × out × in).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from .harness import machine, markdown_table, median_seconds, write_json
+from .lora import model_shapes, projections
+
+POOL_BYTES = 64 * 2**20
+
+
+def _cycled(fn, copies: list):
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(copies)
+        fn(copies[state["i"]])
+    return call
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lune-fast bench frozen-linear", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="default")
+    ap.add_argument("--rows", default="1,8,64,256")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+    from ..kernels.frozen_linear import packed_weight, packing_supported
+
+    if not packing_supported():
+        print("oneDNN cannot prepack bf16 weights on this CPU (or under this ISA limit): nothing to compare")
+        return 0
+    cfg = model_shapes(a.shapes)
+    shapes = {**projections(cfg), "head": (cfg["hidden_size"], cfg["vocab_size"])}
+    g = torch.Generator().manual_seed(0)
+    rows_out = []
+    for name, (in_f, out_f) in shapes.items():
+        n_copies = max(2, POOL_BYTES // (in_f * out_f * 2))
+        weights = [torch.randn(out_f, in_f, generator=g).bfloat16() for _ in range(n_copies)]
+        packed = [packed_weight(w) for w in weights]
+        for rows in (int(r) for r in a.rows.split(",")):
+            x = torch.randn(rows, in_f, generator=g).bfloat16()
+            plain = _cycled(lambda w: torch.nn.functional.linear(x, w), weights)
+            pre = _cycled(lambda p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""), packed)
+            # alternate the two, rounds of repeats, so that drifting load hits both alike
+            t = {"plain": [], "packed": []}
+            for _ in range(a.rounds):
+                t["plain"].append(median_seconds(plain, a.repeats, 2))
+                t["packed"].append(median_seconds(pre, a.repeats, 2))
+            tp, tk = statistics.median(t["plain"]), statistics.median(t["packed"])
+            rows_out.append({"proj": name, "out x in": f"{out_f}x{in_f}", "rows": rows,
+                             "F.linear_us": round(1e6 * tp, 1), "packed_us": round(1e6 * tk, 1),
+                             "speedup": round(tp / tk, 2), "packed_GB/s": round(out_f * in_f * 2 / tk / 1e9, 1),
+                             "packed_GFLOP/s": round(2 * rows * out_f * in_f / tk / 1e9, 1)})
+        del weights, packed
+    info = machine()
+    print(info)
+    print(f"{a.shapes} shapes, bf16, weights cycled over {POOL_BYTES >> 20} MiB of copies")
+    print(markdown_table(rows_out))
+    if a.json:
+        write_json(a.json, {"machine": info, "rows": rows_out})
+    return 0

@@ -1,0 +1,91 @@
+"""The frozen projections' packed product (lune_fast.kernels.frozen_linear) against a float64 reference: the
+same error as torch's own bf16 product, the weight's changes seen, the gradient of x, the fallbacks."""
+import pytest
+import torch
+
+from conftest import rel_err
+from lune_fast.kernels.frozen_linear import frozen_linear, packing_supported, reference
+
+numerics = pytest.mark.numerics
+needs_packing = pytest.mark.skipif(not packing_supported(),
+                                   reason="oneDNN cannot prepack bf16 weights on this CPU (or under this ISA limit)")
+
+
+def _bf16(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).bfloat16()
+
+
+@numerics
+@needs_packing
+@pytest.mark.parametrize("out_f,in_f", [(1536, 576), (576, 1536), (192, 576), (4099, 64)])
+@pytest.mark.parametrize("rows", [1, 3, 64, 257])
+def test_packed_product_is_as_exact_as_torch_bf16(out_f, in_f, rows):
+    w, x, b = _bf16(out_f, in_f, seed=1), _bf16(rows, in_f, seed=2), _bf16(out_f, seed=3)
+    exact = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    ours, torch_bf16 = frozen_linear(x, w, b), reference(x, w, b)
+    assert ours.dtype == torch.bfloat16 and ours.shape == (rows, out_f) and torch.isfinite(ours).all()
+    # bf16 output rounding is 2^-8 relative; torch's own product is the yardstick of the accumulation
+    assert rel_err(ours, exact) <= 2 * rel_err(torch_bf16, exact) + 2 ** -8
+
+
+@needs_packing
+def test_leading_dims_and_strided_input():
+    w = _bf16(96, 64)
+    x = _bf16(5, 64, 7, seed=4).transpose(1, 2)  # [5, 7, 64], not contiguous
+    exact = x.double() @ w.double().t()
+    assert frozen_linear(x, w).shape == (5, 7, 96)
+    assert rel_err(frozen_linear(x, w), exact) <= 2 * rel_err(reference(x, w), exact) + 2 ** -8
+
+
+@needs_packing
+def test_a_changed_weight_is_packed_again():
+    w = torch.nn.Parameter(_bf16(128, 64), requires_grad=False)
+    x = _bf16(4, 64, seed=5)
+    before = frozen_linear(x, w)
+    with torch.no_grad():
+        w.mul_(-2)  # in place: the version counter moves
+    assert torch.allclose(frozen_linear(x, w).float(), -2 * before.float(), rtol=2 ** -7, atol=1e-2)
+    w.data = _bf16(128, 64, seed=6)  # another storage
+    assert rel_err(frozen_linear(x, w), reference(x, w)) <= 2 ** -7
+
+
+@needs_packing
+def test_gradient_of_x_is_torch_linear_s():
+    w = _bf16(300, 64)
+    x1 = _bf16(9, 64, seed=7).requires_grad_()
+    x2 = x1.detach().clone().requires_grad_()
+    g = _bf16(9, 300, seed=8)
+    frozen_linear(x1, w).backward(g)
+    reference(x2, w).backward(g)
+    assert torch.equal(x1.grad, x2.grad)
+
+
+def test_what_is_not_packed_is_torch_linear():
+    x32, w32 = torch.randn(3, 16), torch.randn(8, 16)
+    assert torch.equal(frozen_linear(x32, w32), reference(x32, w32))  # float32
+    w_trains = torch.nn.Parameter(_bf16(8, 16))
+    x = _bf16(3, 16, seed=9)
+    assert torch.equal(frozen_linear(x, w_trains), reference(x, w_trains))  # a weight that trains
+    assert torch.equal(frozen_linear(x, w_trains.detach(), pack=False), reference(x, w_trains.detach()))
+    assert not hasattr(w_trains, "_lune_packed")
+
+
+@numerics
+@needs_packing
+def test_model_logits_packed_and_not(tmp_path):
+    """A whole bf16 model: packed and plain products stay within bf16's reach of the float32 logits."""
+    from conftest import make_tiny_hf
+    from lune_fast.weights import load_model
+
+    folder = tmp_path / "m"
+    make_tiny_hf("llama", folder)
+    ids = torch.randint(3, 200, (2, 11), generator=torch.Generator().manual_seed(0))
+    exact = load_model(folder, dtype=torch.float32)(ids)
+    model = load_model(folder, dtype=torch.bfloat16)
+    model.pack_weights(True)
+    packed = model(ids)
+    assert any(hasattr(m.weight, "_lune_packed") for m in model.modules() if hasattr(m, "pack"))
+    model.pack_weights(False)
+    plain = model(ids)
+    assert not any(hasattr(m.weight, "_lune_packed") for m in model.modules() if hasattr(m, "pack"))
+    assert rel_err(packed, exact) <= 2 * rel_err(plain, exact) + 2 ** -7
