@@ -41,6 +41,13 @@ class Fact:
     indirect: list[str] = field(default_factory=list)
 
 
+def listed_neighbors(facts: list[Fact], forgotten: list[Fact] | tuple = ()) -> list[tuple[Fact, str, str]]:
+    """(fact, prompt, answer) of every neighbour the facts list, in order and with repeats, leaving out those that
+    are forget prompts of `facts` or `forgotten` themselves (a request may list another of its facts)."""
+    forget = {f.prompt for f in [*facts, *forgotten]}
+    return [(f, p, t) for f in facts for p, t in f.neighbors if p not in forget]
+
+
 @dataclass
 class ReadResult:
     facts: list[Fact]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .distributed import Dist, shard, unshard
-from .data import Batch, Encoder, Fact, make_batch
+from .data import Batch, Encoder, Fact, listed_neighbors, make_batch
 from .losses import per_sequence, target_logprobs
 from .generate import generate
 from .model import Transformer
@@ -54,7 +54,6 @@ class Probe:
 
 def build_probes(facts: list[Fact]) -> list[Probe]:
     probes = [Probe("forget", f.prompt, f.target, f.chat, f.replacement) for f in facts]
-    forget_prompts = {f.prompt for f in facts}
     seen = set()
     for f in facts:
         for p in f.paraphrases:
@@ -62,10 +61,8 @@ def build_probes(facts: list[Fact]) -> list[Probe]:
     for f in facts:
         for p in f.indirect:
             probes.append(Probe("indirect", p, f.target, f.chat, f.replacement))
-    for f in facts:
-        for p, t in f.neighbors:
-            if p in forget_prompts or p in seen:  # a neighbour that is itself forgotten is not a neighbour
-                continue
+    for f, p, t in listed_neighbors(facts):
+        if p not in seen:
             seen.add(p)
             probes.append(Probe("neighbor", p, t, f.chat))
     return probes

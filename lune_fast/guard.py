@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import lora
-from .data import Encoder, Fact, make_batch
+from .data import Encoder, Fact, listed_neighbors, make_batch
 from .model import Transformer
 from .plan import Pair, Plan
 from .recall import ROUND_FACTOR, Rounds
@@ -54,9 +54,7 @@ class Guard:
         """The listed neighbours of `facts` and of a lifelong state's `earlier` facts that the model answers as it
         is (call it before training: the base model with the state's ranks acting), leaving out neighbours
         that are forget prompts themselves (a request may list another of its facts as a neighbour)."""
-        forget = {f.prompt for f in [*facts, *earlier]}
-        listed = list(dict.fromkeys((p, t, f.chat) for f in [*facts, *earlier] for p, t in f.neighbors
-                                    if p not in forget))
+        listed = list(dict.fromkeys((p, t, f.chat) for f, p, t in listed_neighbors([*facts, *earlier])))
         pairs = [enc.pair(p, t, chat) for p, t, chat in listed]
         keep = [(x, p, min(MAX_LEAD, m / 2)) for x, (p, _, _), m in zip(pairs, listed, leads(model, pairs, enc.pad_id))
                 if m > 0]

@@ -17,7 +17,7 @@ import torch
 
 from . import lora
 from .assets import asset
-from .data import Encoder, Fact, make_batch, read_lines
+from .data import Encoder, Fact, listed_neighbors, make_batch, read_lines
 from .model import Transformer
 from .preserve import Preserved, combine, group_moments
 from .subjects import content_positions, other_subject_prompts, subject_last_token, subject_text
@@ -125,10 +125,9 @@ def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settin
     prompts = [enc.prompt_ids(p, f.chat) for f, ps in zip(facts, other_subject_prompts(facts, n_prompts, seed))
                for p in ps]
     groups = [group_moments(model, settings, prompts, enc.pad_id)]
-    forget = {f.prompt for f in [*facts, *earlier]}
     # the earlier facts' first: a state's next request starts with the same ones, and their sums are kept
-    listed = [[enc.prompt_ids(p, f.chat) for f in group for p, _ in f.neighbors if p not in forget]
-              for group in (earlier, facts)] if neighbors else [[], []]
+    listed = [[enc.prompt_ids(p, f.chat) for f, p, _ in listed_neighbors(group, other)]
+              for group, other in ((earlier, facts), (facts, earlier))] if neighbors else [[], []]
     if listed[0] or listed[1]:
         groups.append(group_moments(model, settings, listed[0] + listed[1], enc.pad_id,
                                     cache=text_cache.setdefault("earlier neighbours", {}),

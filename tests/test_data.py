@@ -122,3 +122,17 @@ def test_packed_batch_matches_padded_log_probs(tmp_path):
         order = torch.argsort(b.seq * 1000 + torch.arange(len(b.seq)), stable=True)
         out.append((tok[order], part.ref_tok[order]))
     assert torch.allclose(out[0][0], out[1][0], atol=1e-5) and torch.allclose(out[0][1], out[1][1], atol=1e-5)
+
+
+def test_listed_neighbours_leave_out_forget_prompts_and_keep_repeats():
+    """One rule for the three readers of listed neighbours (evaluation, preserved inputs, the guard): a neighbour
+    that is a forget prompt of the request or of the `forgotten` facts is not a neighbour; repeats stay (the
+    callers that count each prompt once dedupe)."""
+    from lune_fast.data import Fact, listed_neighbors
+
+    a = Fact("A is", "1", neighbors=[("B is", "2"), ("N is", "3"), ("N is", "3")])
+    b = Fact("B is", "2", neighbors=[("A is", "1"), ("C is", "4"), ("M is", "5")])
+    c = Fact("C is", "4")
+    got = [(f.prompt, p, t) for f, p, t in listed_neighbors([a, b], forgotten=[c])]
+    assert got == [("A is", "N is", "3"), ("A is", "N is", "3"), ("B is", "M is", "5")]
+    assert [p for _, p, _ in listed_neighbors([b])] == ["A is", "C is", "M is"]  # A is not forgotten here
