@@ -3,8 +3,9 @@ F.linear, in the same process, on one model's shapes, at the row counts unlearni
 
     lune-fast bench frozen-linear [--shapes default] [--rows 1,8,64,256] [--repeats 7] [--json OUT]
 
-Each call reads a different copy of the weight, cycled over more than 64 MiB of copies, so that the weight
-comes from memory as it does in a forward of the whole model (a weight read twice in a row sits in the cache).
+Each call reads a different copy of the weight, cycled over 512 MiB of copies (more than any last-level cache),
+so that the weight comes from memory as it does in a forward of the whole model (a weight read twice in a row
+sits in the cache); each variant is warmed up over the whole pool first (oneDNN builds its primitives then).
 Floor: at a few rows the product is bound by reading the weight (out × in × 2 bytes); GB/s is that size over
 the time, to set against the machine's memory bandwidth; at many rows, by the FLOPs (2 × rows × out × in).
 """
@@ -18,7 +19,7 @@ import torch
 from .harness import machine, markdown_table, median_seconds, write_json
 from .lora import model_shapes, projections
 
-POOL_BYTES = 64 * 2**20
+POOL_BYTES = 512 * 2**20
 
 
 def _cycled(fn, copies: list):
@@ -59,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             # alternate the two, rounds of repeats, so that drifting load hits both alike
             t = {"plain": [], "packed": []}
             for _ in range(a.rounds):
-                t["plain"].append(median_seconds(plain, a.repeats, 2))
-                t["packed"].append(median_seconds(pre, a.repeats, 2))
+                t["plain"].append(median_seconds(plain, a.repeats, len(weights)))
+                t["packed"].append(median_seconds(pre, a.repeats, len(weights)))
             tp, tk = statistics.median(t["plain"]), statistics.median(t["packed"])
             rows_out.append({"proj": name, "out x in": f"{out_f}x{in_f}", "rows": rows,
                              "F.linear_us": round(1e6 * tp, 1), "packed_us": round(1e6 * tk, 1),
