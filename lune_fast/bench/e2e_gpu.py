@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from .harness import machine, markdown_table, write_json
+from .harness import report
 from .lora import measure_rates, model_shapes
 
 
@@ -192,11 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                              "memory_vs_this": (lune["peak_gib"] / r["peak_gib"]) if (r.get("peak_gib") and
                                                                                       lune.get("peak_gib")) else None,
                              "error": r.get("error")})
-    info = machine()
-    print(info)
-    print(f"measured bf16 matmul: {peak_flops / 1e12:.0f} TFLOP/s; {a.tokens} tokens per step; "
-          f"speedup_vs_this = variant step time / lune_fast step time; memory_vs_this = lune_fast peak / variant peak")
-    print(markdown_table(rows))
-    if a.json:
-        write_json(a.json, {"machine": info, "peak_flops": peak_flops, "rows": rows})
+    report(f"measured bf16 matmul: {peak_flops / 1e12:.0f} TFLOP/s; {a.tokens} tokens per step; speedup_vs_this = "
+           f"variant step time / lune_fast step time; memory_vs_this = lune_fast peak / variant peak", rows, a.json,
+           peak_flops=peak_flops)
     return 0

@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-from .harness import machine, markdown_table, median_seconds, write_json
+from .harness import median_seconds, report
 from ..weights import load_model, resolve_model_dir
 
 
@@ -40,10 +40,6 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"dtype": str(dtype).replace("torch.", ""), "transformers_ms": 1e3 * t_h,
                      "lune_fast_ms": 1e3 * t_o, "ratio (hf/ours)": t_h / t_o})
         ours = hf = None  # free both before the next dtype loads
-    info = machine()
-    print(info)
-    print(f"forward, batch {a.batch} x {a.seq} tokens, full logits, median of {a.repeats} (x3 alternating)")
-    print(markdown_table(rows))
-    if a.json:
-        write_json(a.json, {"machine": info, "rows": rows})
+    report(f"forward, batch {a.batch} x {a.seq} tokens, full logits, median of {a.repeats} (x3 alternating)", rows,
+           a.json)
     return 0

@@ -16,7 +16,7 @@ import statistics
 
 import torch
 
-from .harness import machine, markdown_table, median_seconds, write_json
+from .harness import median_seconds, report
 from .lora import model_shapes, projections
 
 POOL_BYTES = 512 * 2**20
@@ -68,10 +68,5 @@ def main(argv: list[str] | None = None) -> int:
                              "speedup": round(tp / tk, 2), "packed_GB/s": round(out_f * in_f * 2 / tk / 1e9, 1),
                              "packed_GFLOP/s": round(2 * rows * out_f * in_f / tk / 1e9, 1)})
         del weights, packed
-    info = machine()
-    print(info)
-    print(f"{a.shapes} shapes, bf16, weights cycled over {POOL_BYTES >> 20} MiB of copies")
-    print(markdown_table(rows_out))
-    if a.json:
-        write_json(a.json, {"machine": info, "rows": rows_out})
+    report(f"{a.shapes} shapes, bf16, weights cycled over {POOL_BYTES >> 20} MiB of copies", rows_out, a.json)
     return 0

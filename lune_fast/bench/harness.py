@@ -71,6 +71,17 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
     atomic_write_text(Path(path), json.dumps(payload, indent=2) + "\n")
 
 
+def report(title: str, rows: list[dict], json_path: str | None = None, **extra) -> None:
+    """Print the machine, the benchmark's one-line description and its table; with json_path, write them (and
+    `extra`) there."""
+    info = machine()
+    print(info)
+    print(title)
+    print(markdown_table(rows))
+    if json_path:
+        write_json(json_path, {"machine": info, "rows": rows, **extra})
+
+
 class PeakRSS:
     """Samples this process's resident memory every few ms; .peak_mb after stop()."""
 

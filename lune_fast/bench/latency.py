@@ -15,7 +15,7 @@ import statistics
 
 import torch
 
-from .harness import machine, markdown_table, median_seconds, write_json
+from .harness import median_seconds, report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,11 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [{"variant": v, "prefill_ms": 1e3 * p, "prefill_overhead_%": 100 * (p / base_p - 1),
              "decode_ms_per_token": 1e3 * d / a.decode, "decode_overhead_%": 100 * (d / base_d - 1)}
             for v, (p, d) in med.items()]
-    info = machine()
-    print(info)
-    print(f"{a.model} {model.dtype} on {dev}; adapter r={a.rank} on {a.targets}, layers {a.layers}; "
-          f"prefill {a.prefill} tokens, decode {a.decode} tokens (batch 1)")
-    print(markdown_table(rows))
-    if a.json:
-        write_json(a.json, {"machine": info, "rows": rows, "rank": a.rank, "targets": a.targets})
+    report(f"{a.model} {model.dtype} on {dev}; adapter r={a.rank} on {a.targets}, layers {a.layers}; "
+           f"prefill {a.prefill} tokens, decode {a.decode} tokens (batch 1)", rows, a.json, rank=a.rank,
+           targets=a.targets)
     return 0
