@@ -1,0 +1,72 @@
+"""Which request of a stream loses each listed neighbour: its own fact's request, or a later one?
+
+    .venv/bin/python tools/neighbour_losses.py FACTS.jsonl --per-request 8 --requests 8 [--settings JSON] [--out F]
+
+Trains the stream into a fresh state (default settings unless --settings) and, after every request, asks every
+listed neighbour of all the stream's facts (greedy, the state on the model). A neighbour the base model answers
+is "lost" at the first check it is not answered; it is charged to its own request when that is the request that
+just landed, to a later request when its fact was already in the state, or "before its fact" otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("facts")
+    ap.add_argument("--per-request", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--settings", default="{}")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    from lune_fast.api import Unlearner
+    from lune_fast.data import listed_neighbors, read_facts
+    from lune_fast.evaluate import answers_with, greedy
+    from lune_fast.state import State
+
+    u = Unlearner("default")
+    records = [json.loads(line) for line in open(a.facts) if line.strip()][:a.per_request * a.requests]
+    facts = read_facts(records).facts
+    owner = {}  # neighbour prompt -> (its request, target)
+    for i, f in enumerate(facts):
+        for _, p, t in listed_neighbors([f], facts):
+            owner.setdefault(p, (i // a.per_request, t, f.chat))
+    prompts = list(owner)
+    enc = u.encoder
+
+    def answered() -> list[bool]:
+        said = greedy(u.model, enc, [enc.prompt_ids(p, owner[p][2]) for p in prompts], u.defaults.max_new_tokens)
+        return [answers_with(enc.decode(s), owner[p][1]) for p, s in zip(prompts, said)]
+
+    base = answered()
+    lost_at = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(a.requests):
+            chunk = records[r * a.per_request:(r + 1) * a.per_request]
+            u.forget(chunk, into=Path(tmp) / "state", progress=False, evaluate_before=False, evaluate_after=False,
+                     **json.loads(a.settings))
+            with State.open(Path(tmp) / "state").on(u.model):
+                now = answered()
+            for p, b, n in zip(prompts, base, now):
+                if b and not n and p not in lost_at:
+                    lost_at[p] = r
+            print(f"after request {r + 1}: {sum(b and not n for b, n in zip(base, now))} of {sum(base)} lost now",
+                  flush=True)
+    charge = Counter()
+    for p, r in lost_at.items():
+        own = owner[p][0]
+        charge["own request" if r == own else "a later request" if r > own else "before its fact"] += 1
+    summary = {"neighbours answered by the base model": sum(base), "ever lost": len(lost_at), **charge,
+               "lost": [{"prompt": p, "own_request": owner[p][0] + 1, "lost_after": r + 1} for p, r in lost_at.items()]}
+    print(json.dumps({k: v for k, v in summary.items() if k != "lost"}))
+    if a.out:
+        Path(a.out).write_text(json.dumps(summary, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
