@@ -2,8 +2,9 @@
 
 torch's bf16 `F.linear` on a CPU hands W to oneDNN in its plain [out, in] layout, and oneDNN reorders it into
 its blocked layout on every call. For the short inputs unlearning runs — one token a step when decoding, a few
-dozen when training one fact — that reorder is most of the time (a 1536×576 weight: 92 µs a call at 1 row,
-48 µs prepacked; 139 µs vs 106 µs at 64 rows; Intel Xeon AMX, 2 cores, RESULTS.md section 11). Here each
+dozen when training one fact — that reorder is a good part of the time (a 1536×576 weight read from memory:
+171 µs a call at 1 row, 125 µs prepacked; 229 vs 162 µs at 64 rows; Intel Xeon AMX, 2 cores, `lune-fast bench
+frozen-linear`, RESULTS.md section 11). Here each
 frozen weight is reordered once, kept beside the weight (the weight itself stays as it is: merges, exports and
 keyed adapters read it), and packed again whenever the weight changed in place (its version counter moved) or
 was replaced (another storage).
@@ -16,32 +17,30 @@ F.linear.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 # oneDNN picks its blocked layout for an expected number of rows; one layout serves every row count (the
 # product it gives is F.linear's, bit for bit, at 1-1024 rows on an AMX Xeon; tests bound it against float64)
 ROWS_HINT = 128
-_supported: dict[str, bool] = {}
 
 
+@functools.cache
 def packing_supported() -> bool:
     """Can oneDNN prepack a bf16 weight on this CPU (as this process's ISA limits allow)?"""
-    if "bf16" not in _supported:
-        try:
-            probe = torch.ones(16, 16, dtype=torch.bfloat16)
-            packed = torch.ops.mkldnn._reorder_linear_weight(probe, ROWS_HINT)
-            out = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 16, dtype=torch.bfloat16), packed, None, "none",
-                                                     [], "")
-            _supported["bf16"] = bool((out == 16).all())
-        except (RuntimeError, AttributeError):
-            _supported["bf16"] = False
-    return _supported["bf16"]
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=torch.bfloat16), ROWS_HINT)
+        return bool((_packed_product(torch.ones(2, 16, dtype=torch.bfloat16), packed, None) == 16).all())
+    except (RuntimeError, AttributeError):
+        return False
 
 
 def _packable(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
-            and not w.requires_grad and type(w.data) is torch.Tensor and w.dim() == 2 and packing_supported())
+    # x is on W's device (F.linear would refuse otherwise); the cheapest tests first: this runs on every call
+    return (x.dtype is torch.bfloat16 and w.dtype is torch.bfloat16 and not w.requires_grad and w.dim() == 2
+            and w.device.type == "cpu" and type(w.data) is torch.Tensor and packing_supported())
 
 
 def packed_weight(w: torch.Tensor) -> torch.Tensor:

@@ -131,10 +131,10 @@ class Plan:
 
 
 def micro_batches(pairs: list[Pair], max_tokens: int, dist: Dist | None = None) -> list[list[Pair]]:
-    """This process's share of the pairs (every world-th), in groups of at most max_tokens (items may carry
-    more after the prompt and the answer: they are grouped alike). Under FSDP every
-    rank gets the same number of groups: the sharded blocks all-gather in every forward, so a rank with one
-    forward more than the others would wait for them forever."""
+    """This process's share of the pairs (every world-th), in groups of at most max_tokens (items may carry more
+    after the prompt and the answer: they are grouped alike). Under FSDP every rank gets the same number of
+    groups: the sharded blocks all-gather in every forward, so a rank with one forward more than the others would
+    wait for them forever."""
     groups = split_by_tokens(shard(pairs, dist), max_tokens)
     if dist is None or not dist.fsdp:
         return groups

@@ -32,7 +32,7 @@ def main() -> None:
     u = Unlearner("default")
     records = [json.loads(line) for line in open(a.facts) if line.strip()][:a.per_request * a.requests]
     facts = read_facts(records).facts
-    owner = {}  # neighbour prompt -> (its request, target)
+    owner = {}  # neighbour prompt -> (its request, target, chat)
     for i, f in enumerate(facts):
         for _, p, t in listed_neighbors([f], facts):
             owner.setdefault(p, (i // a.per_request, t, f.chat))
