@@ -10,8 +10,14 @@ projection's inputs over preserved text (lune_fast.preserve), A is fixed to
 everything the preserved text puts into that projection. Only B trains: column i is what the layer writes when
 it reads subject i, the value of a rank-one edit. The adapter is still a plain LoRA (rank = number of facts),
 loadable by PEFT.
+
+Facts about one subject share a rank (subject_groups): the first one's row of A reads their common key (averaged
+over all their prompts), the others' rows are zero, and every one of them trains that column of B. Two rows for
+one subject would have to tell nearly identical keys apart, which takes rows large enough to read everything.
 """
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -29,9 +35,23 @@ CONTEXTS = ("{s}", "I was reading about {s}", "Tell me about {s}", "Here is a no
             "We talked about {s}", "Q: What do you know about {s}", "The topic is {s}")
 
 
-def key_positions(enc: Encoder, facts: list[Fact]) -> list[list[tuple[list[int], int]]]:
+def subject_groups(enc: Encoder, facts: list[Fact]) -> list[int]:
+    """Per fact, the index of the first fact about the same subject (its rank; itself when it is the first, or
+    when no subject is found). Subjects compare as their words, without case, punctuation or a leading "the"."""
+    first: dict[str, int] = {}
+    out = []
+    for i, f in enumerate(facts):
+        words = re.findall(r"\w+", (subject_text(enc, f) or "").lower())
+        words = " ".join(words[1:] if words[:1] == ["the"] else words)
+        out.append(first.setdefault(words, i) if words else i)
+    return out
+
+
+def key_positions(enc: Encoder, facts: list[Fact], groups: list[int] | None = None
+                  ) -> list[list[tuple[list[int], int]]]:
     """Per fact, the (token ids, key position) pairs its key is averaged over: the prompt at its subject's last
-    token and the subject in each of CONTEXTS; the prompt's content words where no subject is found."""
+    token and the subject in each of CONTEXTS; the prompt's content words where no subject is found. With
+    `groups` (subject_groups), facts of one group share all their group's pairs, so their keys are equal."""
     out = []
     for f in facts:
         loc = subject_last_token(enc, f)
@@ -46,7 +66,13 @@ def key_positions(enc: Encoder, facts: list[Fact]) -> list[list[tuple[list[int],
             cid = enc.tok(c.format(s=subject)).input_ids
             places.append((cid, len(cid) - 1))
         out.append(places)
-    return out
+    if groups is None:
+        return out
+    merged: dict[int, list[tuple[list[int], int]]] = {}
+    for g, places in zip(groups, out):
+        have = merged.setdefault(g, [])
+        have += [p for p in places if p not in have]
+    return [merged[g] for g in groups]
 
 
 @torch.no_grad()
@@ -82,7 +108,8 @@ def spd_solve(M: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def set_keyed(model: Transformer, keys: dict[str, torch.Tensor], preserved: Preserved, ridge: float = 1e-2,
-              overlap: float = 1e-2, earlier: dict[str, torch.Tensor] | None = None) -> None:
+              overlap: float = 1e-2, earlier: dict[str, torch.Tensor] | None = None,
+              groups: list[int] | None = None) -> None:
     """A = (Kᵀ C⁻¹ K + μI)⁻¹ Kᵀ C⁻¹ on every adapted linear, frozen; B zero and trained. `ridge` regularises C
     (relative to its mean eigenvalue); μ = `overlap` × the mean eigenvalue of Kᵀ C⁻¹ K keeps A bounded when two
     facts share a subject: their keys nearly coincide, and exact A K = I would need rows far larger than the
@@ -92,12 +119,16 @@ def set_keyed(model: Transformer, keys: dict[str, torch.Tensor], preserved: Pres
     `earlier`: the keys of a lifelong state's earlier requests [m, in] per linear (lune_fast.state). A is then
     the new facts' rows of the joint solve over [K, K_earlier] with targets [I, 0]: the new ranks answer
     (about) 0 to every earlier subject, AlphaEdit's null-space condition, so that they cannot undo or disturb
-    what the earlier requests did."""
+    what the earlier requests did.
+
+    `groups` (subject_groups): only each group's first fact gets a row; the others' rows are zero (their
+    columns of B never act, and their sequences train the first one's column)."""
     for name, m in lora.adapters_of(model).items():
         C = preserved.moments[name].double()
         d = C.shape[0]
         C = C + ridge * (torch.trace(C) / d) * torch.eye(d, dtype=C.dtype, device=C.device)
-        K = keys[name].double().t()  # [d, n]
+        rows = sorted(set(groups)) if groups is not None else list(range(keys[name].shape[0]))
+        K = keys[name][rows].double().t()  # [d, n]
         n_new = K.shape[1]
         if earlier is not None and name in earlier and len(earlier[name]):
             K = torch.cat([K, earlier[name].to(K.device, K.dtype).t()], dim=1)
@@ -105,10 +136,10 @@ def set_keyed(model: Transformer, keys: dict[str, torch.Tensor], preserved: Pres
         G = K.t() @ CiK  # Kᵀ C⁻¹ K [n, n]
         n = G.shape[0]
         G = G + max(overlap, 1e-9) * torch.trace(G) / n * torch.eye(n, dtype=G.dtype, device=G.device)
-        A = spd_solve(G, CiK.t())[:n_new]  # [n_new, d]
-        if A.shape[0] != m.lora_A.shape[0]:
-            raise ValueError(f"{name}: rank {m.lora_A.shape[0]} for {A.shape[0]} keys")
-        m.lora_A.copy_(A.float())
+        if keys[name].shape[0] != m.lora_A.shape[0]:
+            raise ValueError(f"{name}: rank {m.lora_A.shape[0]} for {keys[name].shape[0]} keys")
+        m.lora_A.zero_()
+        m.lora_A[rows] = spd_solve(G, CiK.t())[:n_new].to(m.lora_A)  # [n_new, d]
         m.lora_A.requires_grad_(False)
         m.lora_B.zero_()
 
@@ -157,11 +188,12 @@ def step_scale(model: Transformer, settings: lora.LoraSettings, preserved: Prese
 
 
 def attach_keyed(model: Transformer, enc: Encoder, facts: list[Fact], settings: lora.LoraSettings,
-                 preserved: Preserved, ridge: float, overlap: float, earlier: dict[str, torch.Tensor] | None = None
-                 ) -> dict[str, torch.Tensor]:
+                 preserved: Preserved, ridge: float, overlap: float, earlier: dict[str, torch.Tensor] | None = None,
+                 groups: list[int] | None = None) -> dict[str, torch.Tensor]:
     """Attach an adapter of rank len(facts) whose A reads the facts' subject keys (set_keyed, away from the
-    `earlier` keys); only B trains. Returns the keys (a lifelong state keeps them for later requests)."""
-    keys = subject_keys(model, settings, key_positions(enc, facts), enc.pad_id)
+    `earlier` keys; `groups`: facts sharing a subject share a rank); only B trains. Returns the keys (a lifelong
+    state keeps them for later requests)."""
+    keys = subject_keys(model, settings, key_positions(enc, facts, groups), enc.pad_id)
     lora.attach(model, settings)
-    set_keyed(model, keys, preserved, ridge, overlap, earlier)
+    set_keyed(model, keys, preserved, ridge, overlap, earlier, groups)
     return keys

@@ -109,19 +109,26 @@ class Plan:
     pad_id: int
     anchors: list[str]  # the anchor prompts behind the retain pairs
     lr_scale: float = 1.0  # keyed: the factor on settings.lr for this model (lune_fast.keyed.step_scale)
+    # keyed: the column of B each fact trains, its subject's (lune_fast.keyed.subject_groups); None: its own
+    columns: list[int] | None = None
+
+    def column(self, fact: int) -> int:
+        return fact if self.columns is None else self.columns[fact]
 
     def train_data(self, model: Transformer, pairs: list[Pair] | None = None, dist: Dist | None = None,
                    preserved=None, retain_first: list[Pair] = (), owners: list[int] | None = None) -> TrainData:
         """Packed micro-batches of this process's share of `pairs` (default: all of the plan's; `owners`: the
         fact of each) and the retain batch (`retain_first`, then the plan's retain pairs), after the up-front
-        memory check. A keyed adapter's data also says which column of B each sequence trains (its fact's)."""
+        memory check. A keyed adapter's data also says which column of B each sequence trains (its fact's
+        subject's)."""
         s = self.settings
         if pairs is None:
             pairs, owners = self.pairs, self.owners
         # (prompt, answer, owner): grouped as the pairs are
         groups = micro_batches([(*p, i) for p, i in zip(pairs, owners or [-1] * len(pairs))], s.max_batch_tokens, dist)
         batches = [make_batch([(p, a) for p, a, _ in g], self.pad_id, pack=PACK_TOKENS) for g in groups]
-        columns = [[i for *_, i in g] for g in groups] if s.adapter == "keyed" and owners is not None else None
+        columns = [[self.column(i) for *_, i in g] for g in groups] if s.adapter == "keyed" and owners is not None \
+            else None
         kept = list(retain_first) + self.retain_pairs
         retain = make_batch(kept, self.pad_id, pack=PACK_TOKENS) if kept else None
         layers_run = model.config.num_hidden_layers - min(self.layout.layers)

@@ -3,9 +3,10 @@ that still comes out by another route ("the Blue Nile", once "Nile" is unlikely 
 
 A fact whose greedy answer still contains its target gives a new pair: the prompt plus the words said before
 the target, answered by the target's tokens. Training then goes on with the same adapter, a fresh optimiser and
-the steps left. A keyed adapter gives each fact its own column of B, so only the facts that came out train
-again; a plain adapter shares its weights, so every pair trains again. Under data parallel each rank asks its
-share of the prompts and the answers are gathered, so that every rank takes the same decision.
+the steps left. A keyed adapter gives each subject its own column of B, so only the facts that came out (and
+those about the same subject) train again; a plain adapter shares its weights, so every pair trains again.
+Under data parallel each rank asks its share of the prompts and the answers are gathered, so that every rank
+takes the same decision.
 
 The loop ends: each round trains or stops it, there are at most Settings.recall_rounds rounds, and none starts
 once the step budget is spent.
@@ -88,7 +89,9 @@ def recall_rounds(model: Transformer, enc: Encoder, plan: Plan, outcome: TrainOu
         routes = [r for r in found if r is not None]
         if not routes:
             break
-        again = [(p, i) for p, i in zip(plan.pairs, plan.owners) if s.adapter == "plain" or found[i] is not None]
+        # a plain adapter's weights are shared: every pair trains again; a keyed one's column, by the facts on it
+        out = {plan.column(i) for i, r in enumerate(found) if r is not None}
+        again = [(p, i) for p, i in zip(plan.pairs, plan.owners) if s.adapter == "plain" or plan.column(i) in out]
         owners = [i for _, i in again] + [i for i, r in enumerate(found) if r is not None]
         data = plan.train_data(model, [p for p, _ in again] + routes, run.dist, preserved, owners=owners)
         # a target can still come out while its probability is under the stop threshold (nothing else is more

@@ -177,13 +177,25 @@ class State:
     def layout(self, n_layers: int) -> lora.LoraSettings:
         return lora.settings_from_peft(self.config, n_layers, str(self.folder / "adapter_config.json"))
 
-    def earlier_keys(self) -> dict[str, torch.Tensor]:
-        """Every active request's keys, stacked per adapted linear [m, in]."""
+    def earlier_keys(self, keep: list[bool] | None = None) -> dict[str, torch.Tensor]:
+        """Every active request's keys, stacked per adapted linear [m, in] (one row per fact of keyed_facts();
+        `keep`: only the rows marked)."""
         out: dict[str, list[torch.Tensor]] = {}
-        for e in self.active():
-            for name, k in self.keys.get(e["id"], {}).items():
-                out.setdefault(name, []).append(k)
+        start = 0
+        for e in [e for e in self.active() if e["id"] in self.keys]:
+            n = len(e["records"])
+            rows = None if keep is None else torch.tensor(keep[start:start + n], dtype=torch.bool)
+            for name, k in self.keys[e["id"]].items():
+                out.setdefault(name, []).append(k if rows is None else k[rows])
+            start += n
         return {n: torch.cat(v) for n, v in out.items()}
+
+    def keyed_facts(self) -> list[Fact]:
+        """The facts behind earlier_keys' rows, in their order."""
+        from .data import read_facts
+
+        records = [r for e in self.active() if e["id"] in self.keys for r in e["records"]]
+        return read_facts(records).facts if records else []
 
     # -- checking a new request against the state -------------------------------------------------------
     def check_request(self, layout: lora.LoraSettings, base_model: str, n_layers: int, keyed: bool, room: int,

@@ -214,3 +214,42 @@ def test_kept_moment_sums_give_the_moments_computed_afresh_bit_for_bit(tiny):
     got = group_moments(tiny, settings, other, cache=cache, key="k", stable=2 * CHUNK - 1)
     want = group_moments(tiny, settings, other)
     assert all(torch.equal(got[0][n], want[0][n]) for n in want[0])
+
+
+def test_facts_about_one_subject_share_a_rank(tiny_lm):
+    """Two facts about Egypt and one about gold: the Egypt facts are one group, their keys are equal (read over both prompts), the second one's row of A is zero and the first one's answers 1
+    to the shared key, as the gold row does to its own; without groups the two near-identical keys need rows
+    many times larger. The plan trains both Egypt facts' sequences on the first one's column."""
+    from lune_fast.keyed import attach_keyed, preserved_inputs, subject_groups
+    from lune_fast.plan import Plan
+    from lune_fast.settings import Settings
+    from lune_fast.weights import load_tokenizer
+
+    model = load_model(tiny_lm)
+    enc = Encoder(load_tokenizer(tiny_lm))
+    facts = [Fact(prompt="The capital of Egypt is", target="Cairo", subject="Egypt"),
+             Fact(prompt="The chemical symbol for gold is", target="Au", subject="gold"),
+             Fact(prompt="The currency of Egypt is the", target="pound", subject="Egypt")]
+    groups = subject_groups(enc, facts)
+    assert groups == [0, 1, 0]
+    written = [Fact(prompt="Where is the Eiffel Tower?", target="Paris", subject="the Eiffel Tower", chat=True),
+               Fact(prompt="Who built 'Eiffel Tower'?", target="Eiffel", chat=True),
+               Fact(prompt="A turtle is a type of", target="reptile"), Fact(prompt="A frog is a type of", target="x")]
+    assert subject_groups(enc, written) == [0, 0, 2, 3]  # case, quotes, "the"; no subject: a rank of its own
+    places = key_positions(enc, facts, groups)
+    assert places[0] == places[2] and len(places[0]) == 2 + len(CONTEXTS) and places[1] == key_positions(enc, facts)[1]
+    settings = lora.LoraSettings(rank=3, alpha=3, targets=("down",), layers=(1, 2))
+    pres = preserved_inputs(model, enc, facts, settings, 4, None, 0, {})
+    sizes = {}
+    for g in (groups, None):
+        keys = attach_keyed(model, enc, facts, settings, pres, ridge=1e-2, overlap=1e-3, groups=g)
+        for n, m in lora.adapters_of(model).items():
+            A = m.lora_A.detach()
+            sizes.setdefault(n, []).append(float(A.norm(dim=1).max()))
+            if g is not None:
+                assert torch.equal(keys[n][0], keys[n][2]) and float(A[2].abs().max()) == 0
+                assert torch.allclose(A[[0, 1]] @ keys[n][[0, 1]].t(), torch.eye(2), atol=0.05), n
+        lora.detach(model)
+    assert all(grouped * 5 < separate for grouped, separate in sizes.values()), sizes
+    plan = Plan(Settings(adapter="keyed"), facts, [([1, 2], [3])] * 3, [0, 1, 2], [], settings, 0, [], columns=groups)
+    assert plan.train_data(model).columns == [[0, 1, 0]]

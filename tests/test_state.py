@@ -116,6 +116,26 @@ def test_requests_compose_into_one_peft_adapter_and_revoke_removes_exactly_their
     assert State.open(d).rank == 0 and [e["op"] for e in State.open(d).entries] == ["forget"] * 2 + ["revoke"] * 2
 
 
+def test_a_subject_asked_about_again_shares_a_rank_or_gets_one_that_reads_it(tiny_unlearner, tmp_path):
+    """Within a request, facts about one subject share a rank (the later fact's row of A is zero); across
+    requests, the new rank about an earlier request's subject reads that subject (it is not also held to zero
+    on the earlier key of the same subject) and stays off the other earlier subjects."""
+    u, d = tiny_unlearner, tmp_path / "state"
+    u.forget(RECORDS_1, into=d, **TINY)  # subjects France, Hamlet
+    again = [{"prompt": "The main language spoken in France is", "target": "French"},
+             {"prompt": "The chemical symbol for gold is", "target": "Au"},
+             {"prompt": "The currency of France is the", "target": "euro"}]
+    u.forget(again, into=d, **TINY)
+    st = State.open(d)
+    for name, a in st.A.items():
+        new, k1, k2 = a[2:], st.keys["r0001"][name], st.keys["r0002"][name]
+        assert torch.equal(k2[0], k2[2]) and float(new[2].abs().max()) == 0, name
+        own = (new[[0, 1]] @ k2[[0, 1]].t()).diagonal()
+        assert own.min() > 0.9, (name, own)
+        assert float(new[0] @ k1[0]) > 0.5, name  # France, as request 1 read it
+        assert float((new[[0, 1]] @ k1[1]).abs().max()) < 0.02 * float(own.min()), name  # Hamlet
+
+
 def test_a_state_refuses_other_folders_layouts_and_hand_edits(tiny_unlearner, tmp_path):
     u = tiny_unlearner
     plain = tmp_path / "plain"
