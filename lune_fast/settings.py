@@ -110,8 +110,8 @@ class Settings:
     def resolved(self, sharded: bool = False, chat: bool = False) -> "Settings":
         """Every None filled with the measured default of the mode and adapter kind. The adapter kind itself is
         keyed, except under FSDP (keyed adapters read whole matrices) and for requests of chat questions only
-        (TOFU-like: long templates around a question, no neighbours; plain LoRA damages the retain text less
-        there, RESULTS.md section 9)."""
+        (TOFU-like: long templates around a question, no neighbours; plain LoRA forgets them in a quarter of the
+        steps there, keyed costs less retain perplexity: RESULTS.md section 9)."""
         adapter = self.adapter or ("plain" if sharded or chat else "keyed")
         defaults = MODE_DEFAULTS.get((self.mode, adapter), {})
         return replace(self, adapter=adapter, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
