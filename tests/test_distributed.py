@@ -60,6 +60,25 @@ def test_two_ranks_match_one_process(tiny_lm, facts_file, tmp_path, mode):
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
+def test_holding_finished_columns_under_data_parallel_matches_one_process(tiny_lm, facts_file, tmp_path):
+    """--hold-done on two ranks: the columns some rank trained are gathered, so both ranks hold the same ones
+    and the adapter is one process's. A stop threshold between the facts' probabilities makes some facts
+    finish while others train (without --hold-done the adapter differs: the holding ran)."""
+    from lune_fast.cli import main
+
+    torch.set_num_threads(1)
+    hold = ["--hold-done", "--hold-margin", "1", "--stop-prob", "1e-5"]
+    assert main(_args(tiny_lm, facts_file, tmp_path / "free", "--stop-prob", "1e-5")) == 0
+    assert main(_args(tiny_lm, facts_file, tmp_path / "one", *hold)) == 0
+    proc = _torchrun(_args(tiny_lm, facts_file, tmp_path / "two", *hold))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    free, one, two = (_adapter(tmp_path / d) for d in ("free", "one", "two"))
+    for k in one:
+        assert rel_err(two[k], one[k]) <= 1e-4, k
+    assert max(rel_err(one[k], free[k]) for k in one if "lora_B" in k) > 1e-2
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
 def test_recall_rounds_run_under_data_parallel(tiny_lm, facts_file, tmp_path):
     """Each rank asks its share of the prompts again, the answers are gathered, and every rank trains the same
     continuation: the adapter equals one process's (greedy answers stubbed: a random model says no facts)."""
