@@ -112,9 +112,10 @@ def set_keyed(model: Transformer, keys: dict[str, torch.Tensor], preserved: Pres
               groups: list[int] | None = None) -> None:
     """A = (Kᵀ C⁻¹ K + μI)⁻¹ Kᵀ C⁻¹ on every adapted linear, frozen; B zero and trained. `ridge` regularises C
     (relative to its mean eigenvalue); μ = `overlap` × the mean eigenvalue of Kᵀ C⁻¹ K keeps A bounded when two
-    facts share a subject: their keys nearly coincide, and exact A K = I would need rows far larger than the
-    others that fire on everything; with μ both rows read the shared subject at about half strength and distinct
-    keys still get A K ≈ I (RESULTS.md section 2, "The key overlap ridge").
+    keys nearly coincide (facts about one subject named differently; named alike, they share a row: `groups`):
+    exact A K = I would need rows far larger than the others that fire on everything; with μ both rows read the
+    shared subject at about half strength and distinct keys still get A K ≈ I (RESULTS.md section 2, "The key
+    overlap ridge").
 
     `earlier`: the keys of a lifelong state's earlier requests [m, in] per linear (lune_fast.state). A is then
     the new facts' rows of the joint solve over [K, K_earlier] with targets [I, 0]: the new ranks answer
