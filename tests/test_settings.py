@@ -41,6 +41,18 @@ def test_default_adapter_is_keyed_but_plain_under_fsdp_and_for_chat_questions():
     assert Settings(adapter="keyed").resolved(chat=True).adapter == "keyed"  # asked for: kept
 
 
+def test_a_small_keyed_suppress_request_takes_the_larger_step():
+    from lune_fast.settings import SMALL_REQUEST, SMALL_REQUEST_LR
+
+    big = MODE_DEFAULTS[("suppress", "keyed")]["lr"]
+    assert Settings().resolved(n_facts=1).lr == SMALL_REQUEST_LR != big
+    assert Settings().resolved(n_facts=SMALL_REQUEST).lr == SMALL_REQUEST_LR
+    assert Settings().resolved(n_facts=SMALL_REQUEST + 1).lr == big == Settings().resolved().lr
+    assert Settings(lr=0.5).resolved(n_facts=1).lr == 0.5  # asked for: kept
+    for mode, adapter in (("replace", "keyed"), ("suppress", "plain")):
+        assert Settings(mode=mode, adapter=adapter).resolved(n_facts=1).lr == MODE_DEFAULTS[(mode, adapter)]["lr"]
+
+
 @pytest.mark.parametrize("bad,match", [({"mode": "erase"}, "mode must be"), ({"objective": "kl"}, "objective"),
                                        ({"schedule": "linear"}, "schedule"), ({"prompt_variants": 9}, "0-3"),
                                        ({"recall_rounds": -1}, "recall_rounds")])
