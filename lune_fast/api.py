@@ -270,9 +270,16 @@ class Unlearner:
             if s.adapter == "keyed" or s.preserve_weight > 0 else None
         keys = None
         if s.adapter == "keyed":
-            job.columns = subject_groups(self.encoder, job.facts)
+            # facts about one subject share a rank; a state's earlier keys of this request's subjects are not held
+            # off: the new rank has to read its subject, and one fitted to read it and not read it at once would
+            # be large enough to read everything
+            before = st.earlier_facts(keyed=True) if st is not None else []
+            groups = subject_groups(self.encoder, job.facts + before)
+            n = len(job.facts)
+            job.columns = groups[:n]
+            others = st.earlier_keys([g >= n for g in groups[n:]]) if st is not None else None
             keys = attach_keyed(self.model, self.encoder, job.facts, job.layout, preserved, s.key_ridge,
-                                s.key_overlap, self._other_subjects_keys(st, job.facts), job.columns)
+                                s.key_overlap, others, job.columns)
             if scale_lr:  # the default step, for this model's output scale (training and the recall rounds)
                 job.lr_scale = step_scale(self.model, job.layout, preserved)
         elif not self.fsdp:
@@ -290,16 +297,6 @@ class Unlearner:
             return rounds, keys, None
         rounds, report = guard_round(self.model, self.encoder, job, rounds, run, preserved, guard)
         return rounds, keys, report
-
-    def _other_subjects_keys(self, st: lifelong.State | None, facts) -> dict | None:
-        """A state's earlier keys the new ranks must not read: those of other subjects. An earlier fact about a
-        subject of this request is left out: the new rank has to read that subject, and a rank fitted to read
-        it and not read it at once would be large enough to read everything."""
-        if st is None:
-            return None
-        earlier = st.keyed_facts()
-        groups = subject_groups(self.encoder, list(facts) + earlier)
-        return st.earlier_keys([g >= len(facts) for g in groups[len(facts):]])
 
     def _result(self, job: plan.Plan, skipped: list[str], before, after, rounds: recall.Rounds,
                 state: dict, cost: dict) -> ForgetResult:

@@ -156,15 +156,16 @@ class State:
     def facts(self) -> int:
         return sum(len(e["records"]) for e in self.active())
 
-    def records(self) -> list[dict]:
-        """The records of the active requests."""
-        return [r for e in self.active() for r in e["records"]]
+    def records(self, keyed: bool = False) -> list[dict]:
+        """The records of the active requests (keyed: of those with keys, in earlier_keys' row order)."""
+        return [r for e in self.active() if not keyed or e["id"] in self.keys for r in e["records"]]
 
-    def earlier_facts(self) -> list[Fact]:
-        """The active requests' facts (their neighbours are inputs a new request must leave alone)."""
+    def earlier_facts(self, keyed: bool = False) -> list[Fact]:
+        """The active requests' facts (their neighbours are inputs a new request must leave alone; keyed: those
+        behind earlier_keys' rows)."""
         from .data import read_facts
 
-        records = self.records()
+        records = self.records(keyed)
         return read_facts(records).facts if records else []
 
     def entry(self, request_id: str) -> dict:
@@ -178,8 +179,8 @@ class State:
         return lora.settings_from_peft(self.config, n_layers, str(self.folder / "adapter_config.json"))
 
     def earlier_keys(self, keep: list[bool] | None = None) -> dict[str, torch.Tensor]:
-        """Every active request's keys, stacked per adapted linear [m, in] (one row per fact of keyed_facts();
-        `keep`: only the rows marked)."""
+        """Every active request's keys, stacked per adapted linear [m, in] (one row per fact of
+        earlier_facts(keyed=True); `keep`: only the rows marked)."""
         out: dict[str, list[torch.Tensor]] = {}
         start = 0
         for e in [e for e in self.active() if e["id"] in self.keys]:
@@ -189,13 +190,6 @@ class State:
                 out.setdefault(name, []).append(k if rows is None else k[rows])
             start += n
         return {n: torch.cat(v) for n, v in out.items()}
-
-    def keyed_facts(self) -> list[Fact]:
-        """The facts behind earlier_keys' rows, in their order."""
-        from .data import read_facts
-
-        records = [r for e in self.active() if e["id"] in self.keys for r in e["records"]]
-        return read_facts(records).facts if records else []
 
     # -- checking a new request against the state -------------------------------------------------------
     def check_request(self, layout: lora.LoraSettings, base_model: str, n_layers: int, keyed: bool, room: int,
