@@ -85,8 +85,11 @@ class Settings:
     hold_done: bool = False
     hold_margin: float = 0.25
     # suppress: after training, ask each prompt again (greedy) and train on any answer that still comes out by
-    # another route ("the Blue Nile"), at most this many times; 0 = trust the probability criterion alone
-    recall_rounds: int = 2
+    # another route ("the Blue Nile"), at most this many times; 0 = trust the probability criterion alone. A
+    # round runs only when the last check found a route, so a bound of 4 costs nothing where 2 suffice (facts-dev:
+    # the same result) and lets chat answers, which find new routes round after round ("located in Agra, India"),
+    # finish (TOFU world facts: one of 47 still said after 2 rounds, none after 4; RESULTS.md section 9)
+    recall_rounds: int = 4
     # suppress: the recall rounds ask the model as its GGUF export at this type would answer (adapter folded
     # in, every weight rounded: lune_fast.export.quantized), so that the forgetting survives the quantization
     robust_to: str | None = None
