@@ -165,12 +165,13 @@ class Unlearner:
                          dist=self.dist)  # sharded optimiser state: checkpoints are a data-parallel feature
         # 2. the adapter, training (a diverged run keeps its last good adapter), the recall rounds; evaluate
         t_train = time.perf_counter()
+        hold_off, leave_off = self._subjects(job, st)
         # a state's ranks in other layer windows act too, folded into the frozen weights until the request ends
-        with st.folded_outside(self.model, job.layout) if st is not None else nullcontext() as folded:
+        with st.folded_outside(self.model, job.layout, leave_off) if st is not None else nullcontext() as folded:
             try:
                 rounds, keys, guarded = self._train(job, run, st,
                                                     scale_lr=replace(self.defaults, **overrides).lr is None,
-                                                    folded=folded)
+                                                    folded=folded, hold_off=hold_off, leave_off=leave_off)
                 train_seconds = time.perf_counter() - t_train
                 after = evaluate(self.model, self.encoder, job.facts, texts, s.mode == "replace", s.max_new_tokens,
                                  progress, self.dist) if evaluate_after else None
@@ -254,14 +255,33 @@ class Unlearner:
         return plan.Plan(s, facts, pairs, owners, plan.retain_pairs(self.encoder, anchors, retain), layout,
                          self.encoder.pad_id, [a.prompt for a in anchors])
 
+    def _subjects(self, job: plan.Plan, st: lifelong.State | None) -> tuple[list[bool] | None, frozenset]:
+        """Keyed: facts about one subject share a rank (job.columns). In a state, per earlier keyed fact whether
+        the new ranks are held off its key (those of other subjects: the new rank has to read its own subject, and
+        one fitted to read it and not read it at once would be large enough to read everything), and the earlier
+        facts about this request's subjects, whose ranks are left off while it trains: a rank trained beside them
+        could lean on them, and revoking them would then leave their facts still suppressed."""
+        if job.settings.adapter != "keyed":
+            return None, frozenset()
+        before = st.earlier_facts(keyed=True) if st is not None else []
+        groups = subject_groups(self.encoder, job.facts + before)
+        n = len(job.facts)
+        job.columns = groups[:n]
+        if st is None:
+            return None, frozenset()
+        hold_off = [g >= n for g in groups[n:]]
+        return hold_off, frozenset(i for i, held in zip(st.keyed_fact_ids(), hold_off) if not held)
+
     def _train(self, job: plan.Plan, run: RunOptions, st: lifelong.State | None = None, scale_lr: bool = True,
-               folded=None) -> tuple[recall.Rounds, dict | None, dict | None]:
+               folded=None, hold_off: list[bool] | None = None, leave_off: frozenset = frozenset()
+               ) -> tuple[recall.Rounds, dict | None, dict | None]:
         """Attach the adapter (keyed: its A from the preserved inputs, away from a state's earlier keys; under
         FSDP it is on already) beside a state's earlier ranks, train, in suppress mode check again and continue
         (the recall rounds), and with the neighbour guard put back listed neighbours that flipped. scale_lr: the
         lr is the default one, to be scaled to this model (a given lr is used as it is); folded: what a state
-        folded into the frozen weights (State.folded_outside), part of the preserved text's cache key. Returns
-        the rounds, the keyed adapter's keys and the guard's report (None without the guard)."""
+        folded into the frozen weights (State.folded_outside), part of the preserved text's cache key; hold_off
+        and leave_off: _subjects'. Returns the rounds, the keyed adapter's keys and the guard's report (None
+        without the guard)."""
         s = job.settings
         earlier = st.earlier_facts() if st is not None else []
         preserved = preserved_inputs(self.model, self.encoder, job.facts, job.layout, s.preserve_prompts,
@@ -270,14 +290,7 @@ class Unlearner:
             if s.adapter == "keyed" or s.preserve_weight > 0 else None
         keys = None
         if s.adapter == "keyed":
-            # facts about one subject share a rank; a state's earlier keys of this request's subjects are not held
-            # off: the new rank has to read its subject, and one fitted to read it and not read it at once would
-            # be large enough to read everything
-            before = st.earlier_facts(keyed=True) if st is not None else []
-            groups = subject_groups(self.encoder, job.facts + before)
-            n = len(job.facts)
-            job.columns = groups[:n]
-            others = st.earlier_keys([g >= n for g in groups[n:]]) if st is not None else None
+            others = st.earlier_keys(hold_off) if st is not None else None
             keys = attach_keyed(self.model, self.encoder, job.facts, job.layout, preserved, s.key_ridge,
                                 s.key_overlap, others, job.columns)
             if scale_lr:  # the default step, for this model's output scale (training and the recall rounds)
@@ -285,7 +298,7 @@ class Unlearner:
         elif not self.fsdp:
             lora.attach(self.model, job.layout, seed=s.seed, backend=self.backend)
         if st is not None:
-            st.attach_earlier(self.model)
+            st.attach_earlier(self.model, leave_off)
         # B is zero yet: the model answers as the base model with the state's ranks acting
         guard = Guard.of(self.model, self.encoder, job.facts, earlier) if s.neighbor_guard and not self.fsdp else None
         data = job.train_data(self.model, dist=self.dist, preserved=preserved)

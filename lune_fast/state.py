@@ -168,6 +168,29 @@ class State:
         records = self.records(keyed)
         return read_facts(records).facts if records else []
 
+    def keyed_fact_ids(self) -> list[tuple[str, int]]:
+        """(request id, index in its records) of each fact of earlier_facts(keyed=True), in that order."""
+        return [(e["id"], j) for e in self.active() if e["id"] in self.keys for j in range(len(e["records"]))]
+
+    def _acting(self, name: str, off: frozenset) -> torch.Tensor | None:
+        """bool [rank of `name`]: its rows that act, all but those of the keyed facts in `off` (request id,
+        index); None when none is left off. A keyed request's row j is its fact j's."""
+        if not off:
+            return None
+        keep, pos = torch.ones(self.A[name].shape[0], dtype=torch.bool), 0
+        for e in self.active():
+            if not holds(e, name):
+                continue
+            if e["id"] in self.keys:
+                for j in range(e["rank"]):
+                    keep[pos + j] = (e["id"], j) not in off
+            pos += e["rank"]
+        return keep
+
+    def _ranks(self, name: str, off: frozenset) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = self._acting(name, off)
+        return (self.A[name], self.B[name]) if keep is None else (self.A[name][keep], self.B[name][:, keep])
+
     def entry(self, request_id: str) -> dict:
         for e in self.entries:
             if e["op"] == "forget" and e["id"] == request_id:
@@ -223,30 +246,35 @@ class State:
         finally:
             lora.detach(model)
 
-    def attach_earlier(self, model) -> None:
-        """Give each adapted linear of `model` the state's ranks there as fixed earlier ranks."""
+    def attach_earlier(self, model, off: frozenset = frozenset()) -> None:
+        """Give each adapted linear of `model` the state's ranks there as fixed earlier ranks, but those of the
+        keyed facts in `off` (keyed_fact_ids' pairs)."""
         for name, m in lora.adapters_of(model).items():
             if name in self.A and self.A[name].shape[0]:
-                m.set_earlier(self.A[name], self.B[name])
+                a, b = self._ranks(name, off)
+                if a.shape[0]:
+                    m.set_earlier(a, b)
 
     @contextmanager
-    def folded_outside(self, model, layout: lora.LoraSettings):
-        """The state's ranks on projections `layout` does not adapt (other layer windows) folded into the frozen
-        weights for the block, so that a request is trained and checked with the whole state acting; the
-        weights are put back exactly (a copy) on the way out. Yields what was folded, (folder, request ids),
-        or None: anything cached about the model's activations inside the block must be keyed by it."""
+    def folded_outside(self, model, layout: lora.LoraSettings, off: frozenset = frozenset()):
+        """The state's ranks on projections `layout` does not adapt (other layer windows), but those of the
+        keyed facts in `off`, folded into the frozen weights for the block, so that a request is trained and
+        checked with the state acting; the weights are put back exactly (a copy) on the way out. Yields what was
+        folded, (folder, request ids, `off`), or None: anything cached about the model's activations inside the
+        block must be keyed by it."""
         inside = set(layout.modules(model.config.num_hidden_layers))
         saved = {}
         folded = [e["id"] for e in self.active() if any(holds(e, n) for n in self.A if n not in inside)]
         try:
             with torch.no_grad():
-                for name, a in self.A.items():
+                for name in self.A:
+                    a, b = self._ranks(name, off)
                     if name in inside or not a.shape[0]:
                         continue
                     w = lora.frozen_linear(model, name).weight
                     saved[name] = w.clone()
-                    w.copy_((w.float() + self.B[name].to(w.device) @ a.to(w.device)).to(w.dtype))
-            yield (str(self.folder.resolve()), tuple(folded)) if folded else None
+                    w.copy_((w.float() + b.to(w.device) @ a.to(w.device)).to(w.dtype))
+            yield (str(self.folder.resolve()), tuple(folded), tuple(sorted(off))) if folded else None
         finally:
             with torch.no_grad():
                 for name, w in saved.items():

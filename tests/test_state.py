@@ -116,16 +116,27 @@ def test_requests_compose_into_one_peft_adapter_and_revoke_removes_exactly_their
     assert State.open(d).rank == 0 and [e["op"] for e in State.open(d).entries] == ["forget"] * 2 + ["revoke"] * 2
 
 
-def test_a_subject_asked_about_again_shares_a_rank_or_gets_one_that_reads_it(tiny_unlearner, tmp_path):
+def test_a_subject_asked_about_again_shares_a_rank_or_gets_one_that_reads_it(tiny_unlearner, tmp_path,
+                                                                               monkeypatch):
     """Within a request, facts about one subject share a rank (the later fact's row of A is zero); across
     requests, the new rank about an earlier request's subject reads that subject (it is not also held to zero
-    on the earlier key of the same subject) and stays off the other earlier subjects."""
+    on the earlier key of the same subject) and stays off the other earlier subjects; and it trains with the
+    earlier rank of that subject left off (the others act)."""
     u, d = tiny_unlearner, tmp_path / "state"
     u.forget(RECORDS_1, into=d, **TINY)  # subjects France, Hamlet
+    first = State.open(d)
     again = [{"prompt": "The main language spoken in France is", "target": "French"},
              {"prompt": "The chemical symbol for gold is", "target": "Au"},
              {"prompt": "The currency of France is the", "target": "euro"}]
+    acting = {}
+    real = lora.LoRALinear.set_earlier
+    monkeypatch.setattr(lora.LoRALinear, "set_earlier",
+                        lambda m, A, B: acting.setdefault(id(m), A.clone()) is None or real(m, A, B))
     u.forget(again, into=d, **TINY)
+    monkeypatch.undo()
+    assert len(acting) == len(first.A)
+    for a in acting.values():  # request 1's Hamlet row only
+        assert a.shape[0] == 1 and any(torch.equal(a[0], A[1]) for A in first.A.values())
     st = State.open(d)
     for name, a in st.A.items():
         new, k1, k2 = a[2:], st.keys["r0001"][name], st.keys["r0002"][name]
@@ -320,6 +331,27 @@ def test_on_the_default_model_a_revoked_request_comes_back_and_the_others_stay_f
     assert line["after"]["revoked"]["forget_recall"] >= 0.75
     assert line["after"]["remaining"]["forget_recall"] <= 0.25
     assert json.loads((d / LEDGER).read_text().splitlines()[-1])["after"] == line["after"]
+
+
+def test_on_the_default_model_revoking_a_request_brings_its_facts_back_when_a_later_one_shares_their_subjects(
+        tmp_path):
+    """Request 1 forgets Japan's and Italy's capitals, request 2 their languages and Japan's currency: request 2's
+    ranks read the same subjects. Revoking request 1 brings both capitals back and keeps request 2's facts gone
+    (measured: 2/2 back, 0/3; when request 2 trained beside request 1's ranks, Italy's capital stayed gone)."""
+    from lune_fast.api import Unlearner, asset
+
+    records = {r["prompt"]: r for r in map(json.loads, asset("facts.jsonl").read_text().splitlines())}
+    first = [records["The capital city of Japan is"], records["The capital city of Italy is"]]
+    second = [records[p] for p in ("The official language of Japan is", "The currency of Japan is the",
+                                   "The official language of Italy is")]
+    u, d = Unlearner("default"), tmp_path / "state"
+    u.forget(first, into=d, progress=False, evaluate_before=False, evaluate_after=False)
+    u.forget(second, into=d, progress=False, evaluate_before=False, evaluate_after=False)
+    both = u._state_metrics(State.open(d), first + second, u.retain_texts(), False)
+    assert both["forget_recall"] == 0
+    line = u.revoke(d, "r0001")
+    assert line["after"]["revoked"]["forget_recall"] == 1
+    assert line["after"]["remaining"]["forget_recall"] == 0
 
 
 def test_a_full_window_sends_requests_up_the_depth_and_peft_loads_the_mixed_ranks(tmp_path_factory, default_dir,
