@@ -18,6 +18,16 @@ FACTS = [{"prompt": p, "target": t} for p, t in [
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as each torchrun rank has, for this test only (later tests keep the suite's count:
+    bf16 sums, and so some outcomes, differ with the thread count)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _args(tiny_lm, facts, out, *extra):  # noqa: D103 (the same run for one and for two processes)
     return ["unlearn", "--forget", str(facts), "--model", str(tiny_lm), "--out", str(out), "--layers", "1-3",
             "--steps", "4", "--stop-prob", "1e-12", "--lr", "1e-2", "--dtype", "float32", "--quiet",
@@ -39,10 +49,9 @@ def _torchrun(args, env_extra=None, timeout=300, script=None):
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_ranks_match_one_process(tiny_lm, facts_file, tmp_path, mode):
+def test_two_ranks_match_one_process(tiny_lm, facts_file, tmp_path, mode, one_thread):
     from lune_fast.cli import main
 
-    torch.set_num_threads(1)
     plain = ["--adapter", "plain"] if mode == "fsdp" else []  # FSDP trains plain LoRA; DDP the keyed default
     assert main(_args(tiny_lm, facts_file, tmp_path / "one", *plain)) == 0
     extra = ["--fsdp", *plain] if mode == "fsdp" else []
@@ -60,13 +69,13 @@ def test_two_ranks_match_one_process(tiny_lm, facts_file, tmp_path, mode):
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
-def test_holding_finished_columns_under_data_parallel_matches_one_process(tiny_lm, facts_file, tmp_path):
+def test_holding_finished_columns_under_data_parallel_matches_one_process(tiny_lm, facts_file, tmp_path,
+                                                                         one_thread):
     """--hold-done on two ranks: the columns some rank trained are gathered, so both ranks hold the same ones
     and the adapter is one process's. A stop threshold between the facts' probabilities makes some facts
     finish while others train (without --hold-done the adapter differs: the holding ran)."""
     from lune_fast.cli import main
 
-    torch.set_num_threads(1)
     hold = ["--hold-done", "--hold-margin", "1", "--stop-prob", "1e-5"]
     assert main(_args(tiny_lm, facts_file, tmp_path / "free", "--stop-prob", "1e-5")) == 0
     assert main(_args(tiny_lm, facts_file, tmp_path / "one", *hold)) == 0

@@ -333,24 +333,28 @@ def test_on_the_default_model_a_revoked_request_comes_back_and_the_others_stay_f
     assert json.loads((d / LEDGER).read_text().splitlines()[-1])["after"] == line["after"]
 
 
-def test_on_the_default_model_revoking_a_request_brings_its_facts_back_when_a_later_one_shares_their_subjects(
+def test_on_the_default_model_revoking_a_request_gives_the_state_without_it_when_a_later_one_shares_subjects(
         tmp_path):
     """Request 1 forgets Japan's and Italy's capitals, request 2 their languages and Japan's currency: request 2's
-    ranks read the same subjects. Revoking request 1 brings both capitals back and keeps request 2's facts gone
-    (measured: 2/2 back, 0/3; when request 2 trained beside request 1's ranks, Italy's capital stayed gone)."""
+    ranks read the same subjects. After revoking request 1 its facts answer as they do with request 2 alone on a
+    fresh state, and request 2's stay gone. Measured on 2 threads: both capitals back, as with request 2 alone;
+    when request 2 trained beside request 1's ranks, Italy's stayed gone (0.5 against 1.0). On 1 thread request 2
+    alone already costs Tokyo (bf16 sums in another order), and the revoked state agrees with that too."""
     from lune_fast.api import Unlearner, asset
 
     records = {r["prompt"]: r for r in map(json.loads, asset("facts.jsonl").read_text().splitlines())}
     first = [records["The capital city of Japan is"], records["The capital city of Italy is"]]
     second = [records[p] for p in ("The official language of Japan is", "The currency of Japan is the",
                                    "The official language of Italy is")]
-    u, d = Unlearner("default"), tmp_path / "state"
-    u.forget(first, into=d, progress=False, evaluate_before=False, evaluate_after=False)
-    u.forget(second, into=d, progress=False, evaluate_before=False, evaluate_after=False)
-    both = u._state_metrics(State.open(d), first + second, u.retain_texts(), False)
-    assert both["forget_recall"] == 0
+    u, d, alone = Unlearner("default"), tmp_path / "state", tmp_path / "alone"
+    quiet = dict(progress=False, evaluate_before=False, evaluate_after=False)
+    u.forget(first, into=d, **quiet)
+    u.forget(second, into=d, **quiet)
+    assert u._state_metrics(State.open(d), first + second, u.retain_texts(), False)["forget_recall"] == 0
     line = u.revoke(d, "r0001")
-    assert line["after"]["revoked"]["forget_recall"] == 1
+    u.forget(second, into=alone, **quiet)
+    without = u._state_metrics(State.open(alone), first, u.retain_texts(), False)
+    assert line["after"]["revoked"]["forget_recall"] == without["forget_recall"] >= 0.5
     assert line["after"]["remaining"]["forget_recall"] == 0
 
 
