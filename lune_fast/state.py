@@ -177,15 +177,21 @@ class State:
         index); None when none is left off. A keyed request's row j is its fact j's."""
         if not off:
             return None
-        keep, pos = torch.ones(self.A[name].shape[0], dtype=torch.bool), 0
-        for e in self.active():
-            if not holds(e, name):
-                continue
+        keep = torch.ones(self.A[name].shape[0], dtype=torch.bool)
+        for e, start in self._starts(name):
             if e["id"] in self.keys:
                 for j in range(e["rank"]):
-                    keep[pos + j] = (e["id"], j) not in off
-            pos += e["rank"]
+                    keep[start + j] = (e["id"], j) not in off
         return keep
+
+    def _starts(self, name: str) -> list[tuple[dict, int]]:
+        """The active requests with ranks on projection `name`, each with its first row there."""
+        out, pos = [], 0
+        for e in self.active():
+            if holds(e, name):
+                out.append((e, pos))
+                pos += e["rank"]
+        return out
 
     def _ranks(self, name: str, off: frozenset) -> tuple[torch.Tensor, torch.Tensor]:
         keep = self._acting(name, off)
@@ -250,10 +256,9 @@ class State:
         """Give each adapted linear of `model` the state's ranks there as fixed earlier ranks, but those of the
         keyed facts in `off` (keyed_fact_ids' pairs)."""
         for name, m in lora.adapters_of(model).items():
-            if name in self.A and self.A[name].shape[0]:
-                a, b = self._ranks(name, off)
-                if a.shape[0]:
-                    m.set_earlier(a, b)
+            a, b = self._ranks(name, off) if name in self.A else (None, None)
+            if a is not None and a.shape[0]:
+                m.set_earlier(a, b)
 
     @contextmanager
     def folded_outside(self, model, layout: lora.LoraSettings, off: frozenset = frozenset()):
@@ -267,9 +272,9 @@ class State:
         folded = [e["id"] for e in self.active() if any(holds(e, n) for n in self.A if n not in inside)]
         try:
             with torch.no_grad():
-                for name in self.A:
+                for name in [n for n in self.A if n not in inside]:
                     a, b = self._ranks(name, off)
-                    if name in inside or not a.shape[0]:
+                    if not a.shape[0]:
                         continue
                     w = lora.frozen_linear(model, name).weight
                     saved[name] = w.clone()
@@ -305,10 +310,8 @@ class State:
         if target not in self.active():
             raise StateError(f"{self.folder}: request {request_id!r} was revoked already")
         A, B = dict(self.A), dict(self.B)
-        before = self.active()
-        before = before[:before.index(target)]
         for name in [n for n in self.A if holds(target, n)]:
-            offset = sum(e["rank"] for e in before if holds(e, name))
+            offset = next(start for e, start in self._starts(name) if e is target)
             end = offset + target["rank"]
             A[name] = torch.cat([self.A[name][:offset], self.A[name][end:]])
             B[name] = torch.cat([self.B[name][:, :offset], self.B[name][:, end:]], dim=1)
