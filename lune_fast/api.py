@@ -152,7 +152,7 @@ class Unlearner:
     def _forget(self, records, mode, retain, evaluate_before, evaluate_after, retain_texts, progress,
                 checkpoint_dir, resume, st: lifelong.State | None, overrides: dict) -> ForgetResult:
         read = read_facts(records)
-        s = self._settings(mode, overrides, chat=all(f.chat for f in read.facts), n_facts=len(read.facts))
+        s = self._settings(mode, overrides, chat=all(f.chat for f in read.facts))
         texts = self.retain_texts(retain_texts)
         t0 = time.perf_counter()
         # 1. the plan: what to train (refusing what cannot fit before any work), where the adapter goes
@@ -345,12 +345,12 @@ class Unlearner:
         distributed.fully_shard_blocks(self.model)
         self._sharded = True
 
-    def _settings(self, mode: str | None, overrides: dict, chat: bool = False, n_facts: int | None = None) -> Settings:
+    def _settings(self, mode: str | None, overrides: dict, chat: bool = False) -> Settings:
         s = replace(self.defaults, **({"mode": mode} if mode else {}), **overrides)
         if self.fsdp and (s.adapter == "keyed" or s.preserve_weight > 0):
             raise SettingsError("keyed adapters and --preserve-weight are not supported under FSDP (they read whole "
                                 "adapter matrices); use --adapter plain without --preserve-weight")
-        s = s.resolved(sharded=self.fsdp, chat=chat, n_facts=n_facts)
+        s = s.resolved(sharded=self.fsdp, chat=chat)
         if self.fsdp and s.layers.startswith("auto"):
             raise SettingsError("--layers auto traces the unsharded model; give the layers explicitly under FSDP")
         s.check()

@@ -32,11 +32,12 @@ class LineStop:
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 24,
              eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, return_logprobs: bool = False,
-             stop: LineStop | None = None):
+             stop: LineStop | None = None, temperature: float = 0.0, generator: torch.Generator | None = None):
     """Greedy decoding for a batch of token-id prompts (left padded, KV cache). Returns the new tokens of
     each prompt, cut after the first end-of-sequence token (or, with `stop`, after the end of the first
     non-empty line), and with return_logprobs each chosen token's log-probability. A row that has finished
-    leaves the batch, so the rest decode at the smaller batch."""
+    leaves the batch, so the rest decode at the smaller batch. temperature > 0 samples each token from the
+    softmax of logits / temperature instead (with `generator`: the same draws for the same logits)."""
     if not prompts:
         return ([], []) if return_logprobs else []
     cfg, dev = model.config, model.device
@@ -65,10 +66,13 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     next_pos = positions[:, -1:] + 1
     for t in range(max_new_tokens):
         logits = model.logits(model.norm(h[:, -1])).float()
-        tok = logits.argmax(-1)
+        if temperature > 0:
+            tok = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(1)
+        else:
+            tok = logits.argmax(-1)
         out[rows, t] = tok
         if return_logprobs:
-            scores[rows, t] = logits.max(-1).values - torch.logsumexp(logits, -1)
+            scores[rows, t] = logits.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
         finished = torch.isin(tok, eos_t)
         if stop is not None:
             finished |= stop.closing[tok] | (stop.newline[tok] & started)

@@ -13,6 +13,7 @@ import torch
 
 from .export import QUANTS
 from .losses import OBJECTIVES
+from .optim import OPTIMIZERS
 from .trainer import TrainSettings
 
 
@@ -33,24 +34,21 @@ class SettingsError(ValueError):
 # NPO per token forgets as well as NPO per sequence and keeps the retain text far better on every set tried;
 # replace mode trains towards the replacement (supervised).
 MODE_DEFAULTS = {
-    ("suppress", "keyed"): {"objective": "npo_tok", "targets": "down", "layers": "10%-30%", "lr": 3e-2, "anchors": 0,
+    ("suppress", "keyed"): {"objective": "npo_tok", "targets": "down", "layers": "10%-30%", "lr": 2.0, "optimizer": "column", "anchors": 0,
                             "prompt_variants": 1, "key_overlap": 1e-3, "stop_prob": 0.01},
-    ("replace", "keyed"): {"objective": "replace", "targets": "down", "layers": "10%-30%", "lr": 2e-2, "anchors": 0,
+    ("replace", "keyed"): {"objective": "replace", "targets": "down", "layers": "10%-30%", "lr": 2e-2, "optimizer": "adamw", "anchors": 0,
                            "prompt_variants": 2, "key_overlap": 1e-2, "stop_prob": 0.05},
     ("suppress", "plain"): {"objective": "npo_tok", "targets": "gate,up,down", "layers": "27%-67%", "lr": 1e-3,
-                            "anchors": 0, "prompt_variants": 0, "stop_prob": 0.05},
+                            "optimizer": "adamw", "anchors": 0, "prompt_variants": 0, "stop_prob": 0.05},
     # all seven projections with two anchors per fact keep the most neighbours of the plain settings
-    ("replace", "plain"): {"objective": "replace", "targets": "all", "layers": "27%-67%", "lr": 1e-3, "anchors": 2,
+    ("replace", "plain"): {"objective": "replace", "targets": "all", "layers": "27%-67%", "lr": 1e-3, "optimizer": "adamw", "anchors": 2,
                            "prompt_variants": 0, "stop_prob": 0.05},
 }
 
 
-# A keyed suppress request of at most SMALL_REQUEST facts takes the larger step SMALL_REQUEST_LR: one column
-# trains, and the step that costs 32 facts at once their bystanders (0.92 -> 0.83) forgets one fact in 7 steps
-# instead of 10 with fewer paraphrases left (0.18 against 0.23). Requests of eight in a long stream lose more
-# retain perplexity and neighbours with it (facts-dev, RESULTS.md section 11, "A larger step for small requests").
-SMALL_REQUEST = 1
-SMALL_REQUEST_LR = 5e-2
+# The AdamW step of keyed suppress, for a run that asks for --optimizer adamw without an lr (the default column
+# step's lr is a length in output units, ~40x AdamW's per-coordinate one)
+KEYED_ADAMW_LR = 3e-2
 
 
 @dataclass
@@ -69,6 +67,8 @@ class Settings:
     rslora: bool = False
     steps: int = 60
     lr: float | None = None  # None: the mode's default, for keyed adapters scaled per model (keyed.step_scale)
+    # adamw | column (keyed adapters only: each fact's column of B steps lr along its own gradient, lune_fast.optim)
+    optimizer: str | None = None
     beta: float | None = None
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -118,16 +118,15 @@ class Settings:
     checkpoint_every: int = 0
     max_batch_tokens: int = 4096  # per micro-batch; larger forget sets accumulate gradients over several
 
-    def resolved(self, sharded: bool = False, chat: bool = False, n_facts: int | None = None) -> "Settings":
+    def resolved(self, sharded: bool = False, chat: bool = False) -> "Settings":
         """Every None filled with the measured default of the mode and adapter kind. The adapter kind itself is
         keyed, except under FSDP (keyed adapters read whole matrices) and for requests of chat questions only
         (TOFU-like: long templates around a question, no neighbours; plain LoRA forgets them in a quarter of the
-        steps there, keyed costs less retain perplexity: RESULTS.md section 9). `n_facts`: the request's size (a
-        keyed suppress request of up to SMALL_REQUEST facts takes SMALL_REQUEST_LR)."""
+        steps there, keyed costs less retain perplexity: RESULTS.md section 9)."""
         adapter = self.adapter or ("plain" if sharded or chat else "keyed")
         defaults = MODE_DEFAULTS.get((self.mode, adapter), {})
-        if (self.mode, adapter) == ("suppress", "keyed") and n_facts is not None and n_facts <= SMALL_REQUEST:
-            defaults = {**defaults, "lr": SMALL_REQUEST_LR}
+        if defaults.get("optimizer") == "column" and self.optimizer == "adamw":
+            defaults = {**defaults, "lr": KEYED_ADAMW_LR}
         return replace(self, adapter=adapter, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def check(self) -> None:
@@ -139,6 +138,11 @@ class Settings:
             raise SettingsError(f"negatives must be gold, self or both, got {self.negatives!r}")
         if self.adapter not in ("keyed", "plain"):
             raise SettingsError(f"adapter must be keyed or plain, got {self.adapter!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise SettingsError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.optimizer == "column" and self.adapter != "keyed":
+            raise SettingsError("optimizer column steps a keyed adapter's columns (one per fact); use adamw with "
+                                "--adapter plain")
         if self.rank <= 0 or self.steps < 0 or self.lr <= 0:
             raise SettingsError("rank and lr must be positive and steps non-negative")
         if self.prompt_variants < 0 or self.prompt_variants > len(PREFIXES):
@@ -163,7 +167,7 @@ def train_settings(s: Settings, steps: int | None = None, lr_scale: float = 1.0,
     lr_scale: the model's factor on a keyed step (lune_fast.keyed.step_scale); steps and retain_keep: a
     continuation's budget and the neighbour guard's stop (lune_fast.guard)."""
     return TrainSettings(
-        objective=s.objective, replace=s.mode == "replace", lr=s.lr * lr_scale,
+        objective=s.objective, replace=s.mode == "replace", lr=s.lr * lr_scale, optimizer=s.optimizer,
         steps=s.steps if steps is None else steps,
         beta=s.beta, stop_prob=s.stop_prob, replace_prob=s.replace_prob, grad_clip=s.grad_clip,
         weight_decay=s.weight_decay, warmup_steps=s.warmup_steps, schedule=s.schedule, seed=s.seed,

@@ -1,4 +1,4 @@
-"""The thin trainer: precompute once, then steps of adapter-only AdamW until the forget criterion holds.
+"""The thin trainer: precompute once, then steps of adapter-only AdamW (or column steps) until the forget criterion holds.
 
     1. the caller attaches the adapters (lune_fast.lora.attach: A random, B zero, so the adapted model starts as
        the base; or lune_fast.keyed: A fixed, only B trains) and, under FSDP, shards the blocks;
@@ -28,6 +28,7 @@ from .data import Batch
 from .distributed import Dist, reshard_blocks
 from .losses import forget_loss, per_sequence, retain_kl, retain_nll, target_logprobs
 from .model import AttnMask, Transformer
+from .optim import make_optimizer
 
 
 @dataclass
@@ -35,6 +36,7 @@ class TrainSettings:
     objective: str = "npo"
     replace: bool = False  # replace mode: train towards the answers, stop when they are likely
     lr: float = 1e-3
+    optimizer: str = "adamw"  # adamw | column (lune_fast.optim)
     steps: int = 60
     beta: float | None = None
     stop_prob: float = 0.05  # suppress: every answer's mean token probability below this
@@ -145,7 +147,7 @@ def train(model: Transformer, data: TrainData, settings: TrainSettings, run: Run
     preserved = data.preserved if settings.preserve_weight > 0 else None
     step_terms = _StepTerms(model, params, settings, dist, retain, preserved, L0)
 
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    opt = make_optimizer(settings.optimizer, params, settings.lr, settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(settings))
     start, work_spec = 0, None
     if run.resume and run.checkpoint_dir is not None and (run.checkpoint_dir / "state.json").exists():

@@ -139,3 +139,27 @@ def test_stopping_at_the_first_line_keeps_what_recall_reads(default_model, token
     for s, f in zip(short, full):
         assert f[:len(s)] == s
         assert first_line(enc.decode(s)) == first_line(enc.decode(f))
+
+
+def test_sampled_decoding_repeats_with_its_generator_and_scores_the_tokens_it_drew(tiny_llama):
+    """generate(temperature=T, generator=g): the same draws for the same seed, other draws for another, and each
+    returned log-prob is the model's log-softmax of the token drawn (read off a separate forward)."""
+    import torch
+
+    from lune_fast.generate import generate
+    from lune_fast.weights import load_model
+
+    model = load_model(tiny_llama)
+    prompts = [[3, 17, 42], [5, 6, 7, 8]]
+
+    def draw(seed):
+        return generate(model, prompts, 6, eos_token_id=[], temperature=1.5, return_logprobs=True,
+                        generator=torch.Generator().manual_seed(seed))
+
+    (a, lp), (b, _), (c, _) = draw(0), draw(0), draw(1)
+    assert a == b and a != c
+    assert a != generate(model, prompts, 6, eos_token_id=[])  # not the greedy answer (a random model is flat)
+    for p, toks, scores in zip(prompts, a, lp):
+        logits = model(torch.tensor([p + toks]))[0, len(p) - 1:-1].float()
+        want = torch.log_softmax(logits, -1).gather(1, torch.tensor(toks)[:, None]).squeeze(1)
+        assert torch.allclose(torch.tensor(scores), want, atol=1e-4)

@@ -12,7 +12,7 @@ def test_every_trainer_setting_comes_from_the_run_settings():
     values = {"objective": "ul", "lr": 0.123, "steps": 17, "beta": 0.7, "stop_prob": 0.011, "replace_prob": 0.77,
               "grad_clip": 2.5, "weight_decay": 0.05, "warmup_steps": 3, "schedule": "cosine", "seed": 9,
               "per_example_stop": True, "retain_weight": 4.0, "retain_loss": "kl", "preserve_weight": 0.3,
-              "checkpoint_every": 5, "hold_done": True, "hold_margin": 0.3}
+              "checkpoint_every": 5, "hold_done": True, "hold_margin": 0.3, "optimizer": "column"}
     ts = train_settings(Settings(mode="replace", **values))
     names = {f.name for f in fields(TrainSettings)}
     # a new trainer setting must be added here and to train_settings
@@ -41,21 +41,21 @@ def test_default_adapter_is_keyed_but_plain_under_fsdp_and_for_chat_questions():
     assert Settings(adapter="keyed").resolved(chat=True).adapter == "keyed"  # asked for: kept
 
 
-def test_a_small_keyed_suppress_request_takes_the_larger_step():
-    from lune_fast.settings import SMALL_REQUEST, SMALL_REQUEST_LR
+def test_keyed_suppress_takes_column_steps_and_asking_for_adamw_gives_its_own_step():
+    from lune_fast.settings import KEYED_ADAMW_LR
 
-    big = MODE_DEFAULTS[("suppress", "keyed")]["lr"]
-    assert Settings().resolved(n_facts=1).lr == SMALL_REQUEST_LR != big
-    assert Settings().resolved(n_facts=SMALL_REQUEST).lr == SMALL_REQUEST_LR
-    assert Settings().resolved(n_facts=SMALL_REQUEST + 1).lr == big == Settings().resolved().lr
-    assert Settings(lr=0.5).resolved(n_facts=1).lr == 0.5  # asked for: kept
-    for mode, adapter in (("replace", "keyed"), ("suppress", "plain")):
-        assert Settings(mode=mode, adapter=adapter).resolved(n_facts=1).lr == MODE_DEFAULTS[(mode, adapter)]["lr"]
+    s = Settings().resolved()
+    assert (s.optimizer, s.lr) == ("column", MODE_DEFAULTS[("suppress", "keyed")]["lr"])
+    assert (Settings(optimizer="adamw").resolved().lr, Settings(optimizer="adamw", lr=0.5).resolved().lr) == \
+        (KEYED_ADAMW_LR, 0.5)  # an lr asked for is kept
+    for mode, adapter in (("replace", "keyed"), ("suppress", "plain"), ("replace", "plain")):
+        assert Settings(mode=mode, adapter=adapter).resolved().optimizer == "adamw"
 
 
 @pytest.mark.parametrize("bad,match", [({"mode": "erase"}, "mode must be"), ({"objective": "kl"}, "objective"),
                                        ({"schedule": "linear"}, "schedule"), ({"prompt_variants": 9}, "0-3"),
-                                       ({"recall_rounds": -1}, "recall_rounds")])
+                                       ({"recall_rounds": -1}, "recall_rounds"), ({"optimizer": "sgd"}, "optimizer"),
+                                       ({"optimizer": "column", "adapter": "plain"}, "keyed adapter")])
 def test_bad_values_are_refused(bad, match):
     with pytest.raises(SettingsError, match=match):
         Settings(**bad).resolved().check()
