@@ -76,8 +76,9 @@ def test_holding_finished_columns_under_data_parallel_matches_one_process(tiny_l
     finish while others train (without --hold-done the adapter differs: the holding ran)."""
     from lune_fast.cli import main
 
-    hold = ["--hold-done", "--hold-margin", "1", "--stop-prob", "1e-5"]
-    assert main(_args(tiny_lm, facts_file, tmp_path / "free", "--stop-prob", "1e-5")) == 0
+    # AdamW: holding is for its momentum (column steps have none, and finish every fact of this model at once)
+    hold = ["--hold-done", "--hold-margin", "1", "--stop-prob", "1e-5", "--optimizer", "adamw"]
+    assert main(_args(tiny_lm, facts_file, tmp_path / "free", "--stop-prob", "1e-5", "--optimizer", "adamw")) == 0
     assert main(_args(tiny_lm, facts_file, tmp_path / "one", *hold)) == 0
     proc = _torchrun(_args(tiny_lm, facts_file, tmp_path / "two", *hold))
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -93,8 +94,8 @@ def test_recall_rounds_run_under_data_parallel(tiny_lm, facts_file, tmp_path):
     continuation: the adapter equals one process's (greedy answers stubbed: a random model says no facts)."""
     script = Path(__file__).parent / "scripts" / "recall_stub.py"
     args = [str(facts_file), "unlearn", "--forget", str(facts_file), "--model", str(tiny_lm), "--layers", "1-3",
-            "--steps", "12", "--stop-prob", "2e-5", "--lr", "1e-2", "--dtype", "float32", "--quiet", "--no-eval",
-            "--recall-rounds", "1"]
+            "--steps", "12", "--stop-prob", "2e-5", "--lr", "1e-2", "--optimizer", "adamw", "--dtype", "float32",
+            "--quiet", "--no-eval", "--recall-rounds", "1"]
     one = subprocess.run([sys.executable, str(script), *args, "--out", str(tmp_path / "one")], capture_output=True,
                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert one.returncode == 0, one.stderr[-4000:]
