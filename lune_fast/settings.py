@@ -32,7 +32,9 @@ class SettingsError(ValueError):
 # the depth (27%-67% = layers 8-20 of SmolLM2's 30), so that they carry to other models: causal tracing puts
 # Gemma 3 270M's facts at the same early share (RESULTS.md section 12).
 # NPO per token forgets as well as NPO per sequence and keeps the retain text far better on every set tried;
-# replace mode trains towards the replacement (supervised).
+# replace mode trains towards the replacement (supervised). Keyed suppress takes column steps (lune_fast.optim): on
+# facts-dev they keep more neighbours and retain text than AdamW at a third to half of the steps (RESULTS.md
+# section 11, "Column steps"); replace mode and plain adapters keep AdamW, not yet measured with them.
 MODE_DEFAULTS = {
     ("suppress", "keyed"): {"objective": "npo_tok", "targets": "down", "layers": "10%-30%", "lr": 2.0, "optimizer": "column", "anchors": 0,
                             "prompt_variants": 1, "key_overlap": 1e-3, "stop_prob": 0.01},
