@@ -38,6 +38,7 @@ def _defaults(key: str) -> str:
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     from .export import QUANTS
     from .losses import OBJECTIVES
+    from .optim import OPTIMIZERS
     from .settings import KEYED_ADAMW_LR, Settings
 
     d = Settings()
@@ -63,7 +64,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         f"model where the adapted "
                         f"projections' outputs are far from rms 1 (Gemma 3 270M: x0.2; report.json config.lr_scale); "
                         f"a given --lr is used as it is")
-    p.add_argument("--optimizer", default=None, choices=["adamw", "column"],
+    p.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
                    help=f"default: {_defaults('optimizer')}; column: each fact's column of B steps lr along its own "
                         f"gradient (keyed adapters only)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)

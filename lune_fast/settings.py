@@ -36,15 +36,17 @@ class SettingsError(ValueError):
 # facts-dev they keep more neighbours and retain text than AdamW at a third to half of the steps (RESULTS.md
 # section 11, "Column steps"); replace mode and plain adapters keep AdamW, not yet measured with them.
 MODE_DEFAULTS = {
-    ("suppress", "keyed"): {"objective": "npo_tok", "targets": "down", "layers": "10%-30%", "lr": 2.0, "optimizer": "column", "anchors": 0,
-                            "prompt_variants": 1, "key_overlap": 1e-3, "stop_prob": 0.01},
-    ("replace", "keyed"): {"objective": "replace", "targets": "down", "layers": "10%-30%", "lr": 2e-2, "optimizer": "adamw", "anchors": 0,
-                           "prompt_variants": 2, "key_overlap": 1e-2, "stop_prob": 0.05},
+    ("suppress", "keyed"): {"objective": "npo_tok", "targets": "down", "layers": "10%-30%", "lr": 2.0,
+                            "optimizer": "column", "anchors": 0, "prompt_variants": 1, "key_overlap": 1e-3,
+                            "stop_prob": 0.01},
+    ("replace", "keyed"): {"objective": "replace", "targets": "down", "layers": "10%-30%", "lr": 2e-2,
+                           "optimizer": "adamw", "anchors": 0, "prompt_variants": 2, "key_overlap": 1e-2,
+                           "stop_prob": 0.05},
     ("suppress", "plain"): {"objective": "npo_tok", "targets": "gate,up,down", "layers": "27%-67%", "lr": 1e-3,
                             "optimizer": "adamw", "anchors": 0, "prompt_variants": 0, "stop_prob": 0.05},
     # all seven projections with two anchors per fact keep the most neighbours of the plain settings
-    ("replace", "plain"): {"objective": "replace", "targets": "all", "layers": "27%-67%", "lr": 1e-3, "optimizer": "adamw", "anchors": 2,
-                           "prompt_variants": 0, "stop_prob": 0.05},
+    ("replace", "plain"): {"objective": "replace", "targets": "all", "layers": "27%-67%", "lr": 1e-3,
+                           "optimizer": "adamw", "anchors": 2, "prompt_variants": 0, "stop_prob": 0.05},
 }
 
 

@@ -1,4 +1,4 @@
-"""The thin trainer: precompute once, then steps of adapter-only AdamW (or column steps) until the forget criterion holds.
+"""The thin trainer: precompute once, then adapter-only optimiser steps until the forget criterion holds.
 
     1. the caller attaches the adapters (lune_fast.lora.attach: A random, B zero, so the adapted model starts as
        the base; or lune_fast.keyed: A fixed, only B trains) and, under FSDP, shards the blocks;
