@@ -47,10 +47,17 @@ def machine() -> dict:
     return info
 
 
-def _commit() -> str:
+def _commit(where: Path = Path(__file__).parent) -> str:
+    """The checkout's HEAD, with "-dirty" when tracked files differ from it (the figures are then not that
+    commit's)."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=where, timeout=5)
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+        head = git("rev-parse", "--short", "HEAD").stdout.strip()
+        if not head:
+            return "unknown"
+        return head + ("-dirty" if git("diff", "--quiet", "HEAD").returncode == 1 else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
