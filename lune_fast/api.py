@@ -31,7 +31,7 @@ from .evaluate import evaluate, metrics_table, report_markdown
 from .guard import Guard, guard_round
 from .io import atomic_output_dir
 from .keyed import attach_keyed, preserved_inputs, step_scale, subject_groups
-from .settings import Settings, SettingsError, resolve_dtype, train_settings
+from .settings import KEYED_ADAMW_LR, Settings, SettingsError, resolve_dtype, train_settings
 from .trainer import RunOptions, train_keeping_last_good
 from .weights import load_model, load_tokenizer, resolve_model_dir
 
@@ -169,9 +169,10 @@ class Unlearner:
         # a state's ranks in other layer windows act too, folded into the frozen weights until the request ends
         with st.folded_outside(self.model, job.layout, leave_off) if st is not None else nullcontext() as folded:
             try:
-                rounds, keys, guarded = self._train(job, run, st,
-                                                    scale_lr=replace(self.defaults, **overrides).lr is None,
-                                                    folded=folded, hold_off=hold_off, leave_off=leave_off)
+                asked = replace(self.defaults, **overrides)
+                rounds, keys, guarded = self._train(job, run, st, scale_lr=asked.lr is None,
+                                                    own_optimizer=asked.optimizer is None, folded=folded,
+                                                    hold_off=hold_off, leave_off=leave_off)
                 train_seconds = time.perf_counter() - t_train
                 after = evaluate(self.model, self.encoder, job.facts, texts, s.mode == "replace", s.max_new_tokens,
                                  progress, self.dist) if evaluate_after else None
@@ -273,12 +274,13 @@ class Unlearner:
         return hold_off, frozenset(i for i, held in zip(st.keyed_fact_ids(), hold_off) if not held)
 
     def _train(self, job: plan.Plan, run: RunOptions, st: lifelong.State | None = None, scale_lr: bool = True,
-               folded=None, hold_off: list[bool] | None = None, leave_off: frozenset = frozenset()
-               ) -> tuple[recall.Rounds, dict | None, dict | None]:
+               own_optimizer: bool = False, folded=None, hold_off: list[bool] | None = None,
+               leave_off: frozenset = frozenset()) -> tuple[recall.Rounds, dict | None, dict | None]:
         """Attach the adapter (keyed: its A from the preserved inputs, away from a state's earlier keys; under
         FSDP it is on already) beside a state's earlier ranks, train, in suppress mode check again and continue
         (the recall rounds), and with the neighbour guard put back listed neighbours that flipped. scale_lr: the
-        lr is the default one, to be scaled to this model (a given lr is used as it is); folded: what a state
+        lr is the default one, to be scaled to this model (a given lr is used as it is); own_optimizer: so is the
+        optimiser (column steps give way to AdamW where the step is scaled); folded: what a state
         folded into the frozen weights (State.folded_outside), part of the preserved text's cache key; hold_off
         and leave_off: _subjects'. Returns the rounds, the keyed adapter's keys and the guard's report (None
         without the guard)."""
@@ -295,6 +297,8 @@ class Unlearner:
                                 s.key_overlap, others, job.columns)
             if scale_lr:  # the default step, for this model's output scale (training and the recall rounds)
                 job.lr_scale = step_scale(self.model, job.layout, preserved)
+                if job.lr_scale != 1.0 and own_optimizer and s.optimizer == "column":
+                    job.settings = s = replace(s, optimizer="adamw", lr=KEYED_ADAMW_LR)
         elif not self.fsdp:
             lora.attach(self.model, job.layout, seed=s.seed, backend=self.backend)
         if st is not None:

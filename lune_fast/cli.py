@@ -59,8 +59,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         f"{_defaults('layers')}")
     p.add_argument("--steps", type=int, default=d.steps, help="maximum optimiser steps")
     p.add_argument("--lr", type=float, default=None,
-                   help=f"default: {_defaults('lr')} (keyed with --optimizer adamw: "
-                        f"{', '.join(f'{m} {v}' for m, v in KEYED_ADAMW_LR.items())}); "
+                   help=f"default: {_defaults('lr')} (keyed suppress with --optimizer adamw: {KEYED_ADAMW_LR}); "
                         f"with column steps it is the length of each fact's step; the keyed default is scaled per "
                         f"model where the adapted "
                         f"projections' outputs are far from rms 1 (Gemma 3 270M: x0.2; report.json config.lr_scale); "

@@ -32,15 +32,18 @@ class SettingsError(ValueError):
 # the depth (27%-67% = layers 8-20 of SmolLM2's 30), so that they carry to other models: causal tracing puts
 # Gemma 3 270M's facts at the same early share (RESULTS.md section 12).
 # NPO per token forgets as well as NPO per sequence and keeps the retain text far better on every set tried;
-# replace mode trains towards the replacement (supervised). Keyed adapters take column steps (lune_fast.optim): on
-# facts-dev they keep more neighbours and retain text than AdamW at a third to half of the steps, in suppress and
-# in replace mode (RESULTS.md section 11, "Column steps"); plain adapters keep AdamW.
+# replace mode trains towards the replacement (supervised). Keyed suppress takes column steps (lune_fast.optim): on
+# facts-dev they keep more neighbours and retain text than AdamW at a third to half of the steps (RESULTS.md
+# section 11, "Column steps"); replace mode and plain adapters keep AdamW (replace: column steps could not settle on
+# CounterFact's counterfactual answers). A model whose keyed step is scaled (keyed.step_scale; Gemma 3) also gets
+# AdamW when the request leaves the optimiser to the default: there column steps cost neighbours and perplexity
+# (RESULTS.md section 12).
 MODE_DEFAULTS = {
     ("suppress", "keyed"): {"objective": "npo_tok", "targets": "down", "layers": "10%-30%", "lr": 2.0,
                             "optimizer": "column", "anchors": 0, "prompt_variants": 1, "key_overlap": 1e-3,
                             "stop_prob": 0.01},
-    ("replace", "keyed"): {"objective": "replace", "targets": "down", "layers": "10%-30%", "lr": 2.0,
-                           "optimizer": "column", "anchors": 0, "prompt_variants": 2, "key_overlap": 1e-2,
+    ("replace", "keyed"): {"objective": "replace", "targets": "down", "layers": "10%-30%", "lr": 2e-2,
+                           "optimizer": "adamw", "anchors": 0, "prompt_variants": 2, "key_overlap": 1e-2,
                            "stop_prob": 0.05},
     ("suppress", "plain"): {"objective": "npo_tok", "targets": "gate,up,down", "layers": "27%-67%", "lr": 1e-3,
                             "optimizer": "adamw", "anchors": 0, "prompt_variants": 0, "stop_prob": 0.05},
@@ -50,9 +53,9 @@ MODE_DEFAULTS = {
 }
 
 
-# The AdamW step of keyed adapters per mode, for a run that asks for --optimizer adamw without an lr (the default
-# column step's lr is a length in output units, ~40x AdamW's per-coordinate one)
-KEYED_ADAMW_LR = {"suppress": 3e-2, "replace": 2e-2}
+# The AdamW step of keyed suppress, for a run that asks for --optimizer adamw without an lr (the default column
+# step's lr is a length in output units, ~40x AdamW's per-coordinate one)
+KEYED_ADAMW_LR = 3e-2
 
 
 @dataclass
@@ -130,7 +133,7 @@ class Settings:
         adapter = self.adapter or ("plain" if sharded or chat else "keyed")
         defaults = MODE_DEFAULTS.get((self.mode, adapter), {})
         if defaults.get("optimizer") == "column" and self.optimizer == "adamw":
-            defaults = {**defaults, "lr": KEYED_ADAMW_LR[self.mode]}
+            defaults = {**defaults, "lr": KEYED_ADAMW_LR}
         return replace(self, adapter=adapter, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def check(self) -> None:

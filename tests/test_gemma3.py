@@ -117,6 +117,8 @@ def test_unlearned_adapter_loads_in_peft_on_transformers_gemma3(gemma_dir, hf_ge
     facts = [{"prompt": PROMPTS[0], "target": "Paris"}, {"prompt": PROMPTS[2], "target": "Au"}]
     result = u.forget(facts, evaluate_before=False, progress=False)
     assert result.after["forget_recall"] == 0.0
+    # Gemma's keyed layers write values far from rms 1: the step is scaled and AdamW takes over from column steps
+    assert result.config["lr_scale"] < 0.5 and result.config["optimizer"] == "adamw"
     result.save(tmp_path / "out")
     peft_model = PeftModel.from_pretrained(hf_gemma, str(tmp_path / "out")).eval()
     try:

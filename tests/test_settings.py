@@ -41,15 +41,15 @@ def test_default_adapter_is_keyed_but_plain_under_fsdp_and_for_chat_questions():
     assert Settings(adapter="keyed").resolved(chat=True).adapter == "keyed"  # asked for: kept
 
 
-@pytest.mark.parametrize("mode", ["suppress", "replace"])
-def test_keyed_adapters_take_column_steps_and_asking_for_adamw_gives_its_own_step(mode):
+def test_keyed_suppress_takes_column_steps_and_asking_for_adamw_gives_its_own_step():
     from lune_fast.settings import KEYED_ADAMW_LR
 
-    s = Settings(mode=mode).resolved()
-    assert (s.optimizer, s.lr) == ("column", MODE_DEFAULTS[(mode, "keyed")]["lr"])
-    assert (Settings(mode=mode, optimizer="adamw").resolved().lr,
-            Settings(mode=mode, optimizer="adamw", lr=0.5).resolved().lr) == (KEYED_ADAMW_LR[mode], 0.5)
-    assert Settings(mode=mode, adapter="plain").resolved().optimizer == "adamw"
+    s = Settings().resolved()
+    assert (s.optimizer, s.lr) == ("column", MODE_DEFAULTS[("suppress", "keyed")]["lr"])
+    assert (Settings(optimizer="adamw").resolved().lr, Settings(optimizer="adamw", lr=0.5).resolved().lr) == \
+        (KEYED_ADAMW_LR, 0.5)  # an lr asked for is kept
+    for mode, adapter in (("replace", "keyed"), ("suppress", "plain"), ("replace", "plain")):
+        assert Settings(mode=mode, adapter=adapter).resolved().optimizer == "adamw"
 
 
 @pytest.mark.parametrize("bad,match", [({"mode": "erase"}, "mode must be"), ({"objective": "kl"}, "objective"),

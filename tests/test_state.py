@@ -21,6 +21,9 @@ RECORDS_1 = [{"prompt": "The capital of France is", "target": "Paris"},
 RECORDS_2 = [{"prompt": "The largest planet is", "target": "Jupiter"},
              {"prompt": "The chemical symbol for gold is", "target": "Au"},
              {"prompt": "The inventor of the telephone was", "target": "Alexander Graham Bell"}]
+# the default-model tests measure forgetting: their records without paraphrases and neighbours, and one line of
+# retain text, keep the evaluations to the forget prompts (a few seconds instead of minutes on 2 cores)
+RETAIN = ["The river ran past the old mill, and the children walked along its bank to school every morning."]
 # a random model gives every answer ~1/vocab: a tiny stop threshold makes each request train its 3 steps
 TINY = dict(progress=False, evaluate_before=False, evaluate_after=False, steps=3, layers="1-2", recall_rounds=0,
             stop_prob=1e-12)
@@ -31,6 +34,10 @@ def tiny_unlearner(tiny_lm):
     from lune_fast.api import Unlearner
 
     return Unlearner(str(tiny_lm), dtype="float32")
+
+
+def _bare(path: Path) -> list[dict]:
+    return [{k: r[k] for k in ("prompt", "target")} for r in map(json.loads, path.read_text().splitlines())]
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -319,15 +326,15 @@ def test_on_the_default_model_a_revoked_request_comes_back_and_the_others_stay_f
     (0/8), after the revoke the first request's facts answer again 4/4 and the second's stay gone 0/4)."""
     from lune_fast.api import Unlearner, asset
 
-    records = [json.loads(x) for x in asset("facts.jsonl").read_text().splitlines()]
+    records = _bare(asset("facts.jsonl"))
     first, second = records[::12][:4], records[5::12][:4]
     u, d = Unlearner("default"), tmp_path / "state"
     u.forget(first, into=d, progress=False, evaluate_before=False, evaluate_after=False)
-    r2 = u.forget(second, into=d, progress=False, evaluate_before=False)
+    r2 = u.forget(second, into=d, progress=False, evaluate_before=False, retain_texts=RETAIN)
     assert r2.after["forget_recall"] <= 0.25
-    both = u._state_metrics(State.open(d), first + second, u.retain_texts(), False)
+    both = u._state_metrics(State.open(d), first + second, RETAIN, False)
     assert both["forget_recall"] <= 0.25  # the first request's facts stayed forgotten through the second
-    line = u.revoke(d, "r0001")
+    line = u.revoke(d, "r0001", retain_texts=RETAIN)
     assert line["after"]["revoked"]["forget_recall"] >= 0.75
     assert line["after"]["remaining"]["forget_recall"] <= 0.25
     assert json.loads((d / LEDGER).read_text().splitlines()[-1])["after"] == line["after"]
@@ -342,7 +349,7 @@ def test_on_the_default_model_revoking_a_request_gives_the_state_without_it_when
     alone already costs Tokyo (bf16 sums in another order), and the revoked state agrees with that too."""
     from lune_fast.api import Unlearner, asset
 
-    records = {r["prompt"]: r for r in map(json.loads, asset("facts.jsonl").read_text().splitlines())}
+    records = {r["prompt"]: r for r in _bare(asset("facts.jsonl"))}
     first = [records["The capital city of Japan is"], records["The capital city of Italy is"]]
     second = [records[p] for p in ("The official language of Japan is", "The currency of Japan is the",
                                    "The official language of Italy is")]
@@ -350,10 +357,10 @@ def test_on_the_default_model_revoking_a_request_gives_the_state_without_it_when
     quiet = dict(progress=False, evaluate_before=False, evaluate_after=False)
     u.forget(first, into=d, **quiet)
     u.forget(second, into=d, **quiet)
-    assert u._state_metrics(State.open(d), first + second, u.retain_texts(), False)["forget_recall"] == 0
-    line = u.revoke(d, "r0001")
+    assert u._state_metrics(State.open(d), first + second, RETAIN, False)["forget_recall"] == 0
+    line = u.revoke(d, "r0001", retain_texts=RETAIN)
     u.forget(second, into=alone, **quiet)
-    without = u._state_metrics(State.open(alone), first, u.retain_texts(), False)
+    without = u._state_metrics(State.open(alone), first, RETAIN, False)
     assert line["after"]["revoked"]["forget_recall"] == without["forget_recall"] >= 0.5
     assert line["after"]["remaining"]["forget_recall"] == 0
 
