@@ -65,8 +65,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         f"projections' outputs are far from rms 1 (Gemma 3 270M: x0.2; report.json config.lr_scale); "
                         f"a given --lr is used as it is")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
-                   help=f"default: {_defaults('optimizer')}; column: each fact's column of B steps lr along its own "
-                        f"gradient (keyed adapters only)")
+                   help=f"default: {_defaults('optimizer')}, and adamw where the keyed step is scaled (Gemma 3); "
+                        f"column: each fact's column of B steps lr along its own gradient (keyed adapters only)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--schedule", default=d.schedule, choices=["constant", "cosine"])
