@@ -19,7 +19,13 @@ OPTIMIZERS = ("adamw", "column")
 
 
 class ColumnSteps(torch.optim.Optimizer):
-    """b ← (1 − lr·wd) b − lr · g / |g| per column of each 2-D parameter (a column with no gradient stays)."""
+    """b ← (1 − lr·wd) b − lr · g / |g| per column of each 2-D parameter (a column with no gradient stays).
+
+    settle (an experiment, tools/column_settle.py; not a run setting yet): each column's length is kept, halved
+    when its gradient reverses direction and grown ×1.2 back up to lr while it keeps it, so that a column can
+    settle where it must bring an answer precisely over a threshold (RESULTS.md section 11)."""
+    settle = False
+    SHRINK, GROW = 0.5, 1.2
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0):
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
@@ -33,7 +39,19 @@ class ColumnSteps(torch.optim.Optimizer):
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 norms = p.grad.norm(dim=0, keepdim=True)
-                p.sub_(group["lr"] * p.grad / torch.where(norms > 0, norms, torch.ones_like(norms)))
+                u = p.grad / torch.where(norms > 0, norms, torch.ones_like(norms))
+                p.sub_(group["lr"] * (self._length(p, u) * u if self.settle else u))
+
+    def _length(self, p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Each column's share of lr this step [1, columns], from the cosine of its direction with the last one's."""
+        state = self.state[p]
+        f = torch.ones_like(u[:1])
+        if "u" in state:
+            cos = (u * state["u"]).sum(0, keepdim=True)
+            f = torch.where(cos < 0, state["f"] * self.SHRINK,
+                            torch.where(cos > 0, (state["f"] * self.GROW).clamp(max=1.0), state["f"]))
+        state["u"], state["f"] = u, f
+        return f
 
 
 def make_optimizer(name: str, params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.Optimizer:

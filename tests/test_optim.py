@@ -24,3 +24,18 @@ def test_weight_decay_shrinks_before_the_step():
     b.grad = torch.zeros(3, 2, dtype=torch.float64)
     ColumnSteps([b], lr=0.5, weight_decay=0.1).step()
     assert torch.allclose(b.detach(), torch.full((3, 2), 2.0 * (1 - 0.05), dtype=torch.float64))
+
+
+def test_a_settling_column_halves_its_step_when_its_gradient_reverses_and_grows_back_while_it_keeps_it(
+        monkeypatch):
+    monkeypatch.setattr(ColumnSteps, "settle", True)
+    b = torch.zeros(3, 2, dtype=torch.float64, requires_grad=True)
+    opt = ColumnSteps([b], lr=1.0)
+    lengths = []
+    for sign in (1, -1, -1, -1, 1):  # column 0's gradient flips; column 1's keeps its direction
+        before = b.detach().clone()
+        b.grad = torch.tensor([[sign, 1.0], [0.0, 2.0], [0.0, 0.0]], dtype=torch.float64)
+        opt.step()
+        lengths.append((b.detach() - before).norm(dim=0).tolist())
+    assert [round(x[0], 6) for x in lengths] == [1.0, 0.5, 0.6, 0.72, 0.36]
+    assert all(abs(x[1] - 1.0) < 1e-12 for x in lengths)  # never reversed: always the whole lr
