@@ -41,7 +41,7 @@ def main() -> None:
     texts = seeds()
     ids = [u.tokenizer(t)["input_ids"] for t in texts]
     eos, pad = u.model.config.eos_token_id, u.encoder.pad_id
-    rows = [(t, g) for t, g in zip(texts, generate(u.model, ids, a.new_tokens, eos_token_id=eos, pad_token_id=pad))]
+    rows = list(zip(texts, generate(u.model, ids, a.new_tokens, eos_token_id=eos, pad_token_id=pad)))
     draws = torch.Generator().manual_seed(a.seed)
     for _ in tqdm(range(a.samples), desc="samples", disable=not a.samples):
         gens = generate(u.model, ids, a.new_tokens, eos_token_id=eos, pad_token_id=pad, temperature=a.temperature,
