@@ -31,6 +31,7 @@ from .evaluate import evaluate, metrics_table, report_markdown
 from .guard import Guard, guard_round
 from .io import atomic_output_dir
 from .keyed import attach_keyed, preserved_inputs, step_scale, subject_groups
+from .optim import COLUMN_STEPS
 from .settings import Settings, SettingsError, resolve_dtype, train_settings
 from .trainer import RunOptions, train_keeping_last_good
 from .weights import load_model, load_tokenizer, resolve_model_dir
@@ -297,7 +298,7 @@ class Unlearner:
                                 s.key_overlap, others, job.columns)
             if scale_lr:  # the default step, for this model's output scale (training and the recall rounds)
                 job.lr_scale = step_scale(self.model, job.layout, preserved)
-                if job.lr_scale != 1.0 and own_optimizer and s.optimizer == "column":  # as if AdamW were asked for
+                if job.lr_scale != 1.0 and own_optimizer and s.optimizer in COLUMN_STEPS:  # as if AdamW were asked for
                     job.settings = s = replace(s, optimizer="adamw", lr=None).resolved()
         elif not self.fsdp:
             lora.attach(self.model, job.layout, seed=s.seed, backend=self.backend)

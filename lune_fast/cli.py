@@ -39,7 +39,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     from .export import QUANTS
     from .losses import OBJECTIVES
     from .optim import OPTIMIZERS
-    from .settings import KEYED_ADAMW_LR, Settings
+    from .settings import KEYED_LR, Settings
 
     d = Settings()
     p.add_argument("--mode", default=d.mode, choices=["suppress", "replace"])
@@ -59,14 +59,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         f"{_defaults('layers')}")
     p.add_argument("--steps", type=int, default=d.steps, help="maximum optimiser steps")
     p.add_argument("--lr", type=float, default=None,
-                   help=f"default: {_defaults('lr')} (keyed suppress with --optimizer adamw: {KEYED_ADAMW_LR}); "
+                   help=f"default: {_defaults('lr')} (keyed with another --optimizer: {KEYED_LR}); "
                         f"with column steps it is the length of each fact's step; the keyed default is scaled per "
                         f"model where the adapted "
                         f"projections' outputs are far from rms 1 (Gemma 3 270M: x0.2; report.json config.lr_scale); "
                         f"a given --lr is used as it is")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
                    help=f"default: {_defaults('optimizer')}, and adamw where the keyed step is scaled (Gemma 3); "
-                        f"column: each fact's column of B steps lr along its own gradient (keyed adapters only)")
+                        f"column: each fact's column of B steps lr along its own gradient (keyed adapters only); settle: "
+                        f"column steps whose length per column halves when its gradient reverses")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--schedule", default=d.schedule, choices=["constant", "cosine"])

@@ -10,25 +10,30 @@ all out_features directions, most of them useless. A column step moves b_i by lr
 so b_i stays in the span of the directions that lower its answer. On facts-dev, 8 requests of 8 into one state,
 it took 68 steps instead of 143 and halved the mean KL divergence from the base model on the listed neighbours
 (RESULTS.md section 11, "Column steps").
+
+A plain column step has one length whatever the gradient, so it swings around an answer it must bring precisely
+over a threshold (replace mode on CounterFact: the 60-step cap). "settle" keeps a length per column, halved when
+the column's gradient reverses and grown back towards lr while it keeps its direction (section 11, "A settling
+column step").
 """
 from __future__ import annotations
 
 import torch
 
-OPTIMIZERS = ("adamw", "column")
+OPTIMIZERS = ("adamw", "column", "settle")
+COLUMN_STEPS = ("column", "settle")  # the optimisers that step a keyed adapter's columns
 
 
 class ColumnSteps(torch.optim.Optimizer):
     """b ← (1 − lr·wd) b − lr · g / |g| per column of each 2-D parameter (a column with no gradient stays).
 
-    settle (an experiment, tools/column_settle.py; not a run setting yet): each column's length is kept, halved
-    when its gradient reverses direction and grown ×1.2 back up to lr while it keeps it, so that a column can
-    settle where it must bring an answer precisely over a threshold (RESULTS.md section 11)."""
-    settle = False
+    settle: each column's length is kept, halved when its gradient reverses direction and grown ×1.2 back up to
+    lr while it keeps it."""
     SHRINK, GROW = 0.5, 1.2
 
-    def __init__(self, params, lr: float, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, settle: bool = False):
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        self.settle = settle
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -55,6 +60,6 @@ class ColumnSteps(torch.optim.Optimizer):
 
 
 def make_optimizer(name: str, params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "column":
-        return ColumnSteps(params, lr, weight_decay)
+    if name in COLUMN_STEPS:
+        return ColumnSteps(params, lr, weight_decay, settle=name == "settle")
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

@@ -13,7 +13,7 @@ import torch
 
 from .export import QUANTS
 from .losses import OBJECTIVES
-from .optim import OPTIMIZERS
+from .optim import COLUMN_STEPS, OPTIMIZERS
 from .trainer import TrainSettings
 
 
@@ -34,16 +34,18 @@ class SettingsError(ValueError):
 # NPO per token forgets as well as NPO per sequence and keeps the retain text far better on every set tried;
 # replace mode trains towards the replacement (supervised). Keyed suppress takes column steps (lune_fast.optim): on
 # facts-dev they keep more neighbours and retain text than AdamW at a third to half of the steps (RESULTS.md
-# section 11, "Column steps"); replace mode and plain adapters keep AdamW (replace: column steps could not settle on
-# CounterFact's counterfactual answers). A model whose keyed step is scaled (keyed.step_scale; Gemma 3) also gets
+# section 11, "Column steps"). Keyed replace takes settling column steps (a column's step halves when its gradient
+# reverses): plain ones swing around a counterfactual answer they must bring precisely over replace_prob
+# (CounterFact: the step cap), AdamW's damage adds up along a stream (section 11, "A settling column step").
+# Plain adapters keep AdamW. A model whose keyed step is scaled (keyed.step_scale; Gemma 3) also gets
 # AdamW when the request leaves the optimiser to the default: there column steps cost neighbours and perplexity
 # (RESULTS.md section 12).
 MODE_DEFAULTS = {
     ("suppress", "keyed"): {"objective": "npo_tok", "targets": "down", "layers": "10%-30%", "lr": 2.0,
                             "optimizer": "column", "anchors": 0, "prompt_variants": 1, "key_overlap": 1e-3,
                             "stop_prob": 0.01},
-    ("replace", "keyed"): {"objective": "replace", "targets": "down", "layers": "10%-30%", "lr": 2e-2,
-                           "optimizer": "adamw", "anchors": 0, "prompt_variants": 2, "key_overlap": 1e-2,
+    ("replace", "keyed"): {"objective": "replace", "targets": "down", "layers": "10%-30%", "lr": 2.0,
+                           "optimizer": "settle", "anchors": 0, "prompt_variants": 2, "key_overlap": 1e-2,
                            "stop_prob": 0.05},
     ("suppress", "plain"): {"objective": "npo_tok", "targets": "gate,up,down", "layers": "27%-67%", "lr": 1e-3,
                             "optimizer": "adamw", "anchors": 0, "prompt_variants": 0, "stop_prob": 0.05},
@@ -53,9 +55,11 @@ MODE_DEFAULTS = {
 }
 
 
-# The AdamW step of keyed suppress, for a run that asks for --optimizer adamw without an lr (the default column
-# step's lr is a length in output units, ~40x AdamW's per-coordinate one)
-KEYED_ADAMW_LR = 3e-2
+# The keyed step of each optimiser per mode (each mode's default optimiser's entry is its MODE_DEFAULTS lr), for a run
+# that asks for an optimiser without an lr: a column step's lr is a length in output units, ~40x AdamW's
+# per-coordinate one
+KEYED_LR = {"adamw": {"suppress": 3e-2, "replace": 2e-2}, "column": {"suppress": 2.0, "replace": 2.0},
+            "settle": {"suppress": 2.0, "replace": 2.0}}
 
 
 @dataclass
@@ -132,8 +136,8 @@ class Settings:
         steps there, keyed costs less retain perplexity: RESULTS.md section 9)."""
         adapter = self.adapter or ("plain" if sharded or chat else "keyed")
         defaults = MODE_DEFAULTS.get((self.mode, adapter), {})
-        if defaults.get("optimizer") == "column" and self.optimizer == "adamw":
-            defaults = {**defaults, "lr": KEYED_ADAMW_LR}
+        if adapter == "keyed" and self.optimizer in KEYED_LR:
+            defaults = {**defaults, "lr": KEYED_LR[self.optimizer][self.mode]}
         return replace(self, adapter=adapter, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def check(self) -> None:
@@ -147,9 +151,9 @@ class Settings:
             raise SettingsError(f"adapter must be keyed or plain, got {self.adapter!r}")
         if self.optimizer not in OPTIMIZERS:
             raise SettingsError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.optimizer == "column" and self.adapter != "keyed":
-            raise SettingsError("optimizer column steps a keyed adapter's columns (one per fact); use adamw with "
-                                "--adapter plain")
+        if self.optimizer in COLUMN_STEPS and self.adapter != "keyed":
+            raise SettingsError(f"optimizer {self.optimizer} steps a keyed adapter's columns (one per fact); use "
+                                f"adamw with --adapter plain")
         if self.rank <= 0 or self.steps < 0 or self.lr <= 0:
             raise SettingsError("rank and lr must be positive and steps non-negative")
         if self.prompt_variants < 0 or self.prompt_variants > len(PREFIXES):

@@ -164,6 +164,10 @@ def train(model: Transformer, data: TrainData, settings: TrainSettings, run: Run
     # With per-example stopping, each step runs only the answers still to be forgotten (`work`); finished ones
     # leave the batch, and everything is checked again before the run may stop.
     shrinking = settings.per_example_stop and not (dist is not None and dist.fsdp)  # FSDP: same forwards on all ranks
+    # Several micro-batches: each one's backward runs right after its forward, so that a step holds one
+    # micro-batch's activations (what limits.check_memory counts), not the whole forget set's. Sharded blocks
+    # gather their weights per forward and scatter gradients per backward: FSDP keeps one backward a step.
+    stream = len(parts) > 1 and not (dist is not None and dist.fsdp)
     work = parts if work_spec is None else _rebuild(model, parts, work_spec, L0)
     # Every iteration ends the run or takes one optimizer step, so the loop runs at most settings.steps times.
     # The stop decision is read from one set of probabilities: the step's own forward when it covered the whole
@@ -176,7 +180,7 @@ def train(model: Transformer, data: TrainData, settings: TrainSettings, run: Run
             while step < settings.steps:
                 t_step = time.perf_counter()
                 # 3. forward the micro-batches; the stop check reads the same log-probs
-                losses, probs, weights = _forward(model, work, L0, settings)
+                losses, probs, weights = _forward(model, work, L0, settings, backward=stream)
                 # 4. stop on the criterion (every rank alike), before any update of this step
                 if _all_done(probs, settings, dist, model.device) and step_terms.retain_kept():
                     whole = work is parts
@@ -188,12 +192,14 @@ def train(model: Transformer, data: TrainData, settings: TrainSettings, run: Run
                         outcome.stopped = "criterion"
                         break
                     work = _still_to_do(model, parts, probs, settings, L0)
-                    losses, _, weights = _forward(model, work, L0, settings, train_all=True)
-                loss = step_terms.loss(losses, weights)
+                    opt.zero_grad(set_to_none=True)
+                    losses, _, weights = _forward(model, work, L0, settings, train_all=True, backward=stream)
+                loss = step_terms.loss(losses, weights, streamed=stream)
                 if not _finite(loss, dist, model.device):
                     copy_into(last_good, params)
                     raise TrainingDiverged(step + 1, settings.lr)  # 1-based: the step that failed
-                loss.backward()
+                if loss.requires_grad:  # streamed with no retain or preservation term: the gradients are in
+                    loss.backward()
                 if dist is not None:
                     dist.reduce_grads(params)
                 if settings.grad_clip > 0:
@@ -226,6 +232,7 @@ def train(model: Transformer, data: TrainData, settings: TrainSettings, run: Run
             if outcome.stopped != "criterion":
                 probs = _final_probs(model, parts, L0)
         finally:
+            opt.zero_grad(set_to_none=True)  # a streamed last step's, or a failed one's
             if bar is not None:
                 bar.close()
     outcome.final_mean_prob = [float(x) for x in probs]
@@ -235,18 +242,24 @@ def train(model: Transformer, data: TrainData, settings: TrainSettings, run: Run
     return outcome
 
 
-def _forward(model, work: list[_Part], L0: int, settings: TrainSettings, train_all: bool = False):
+def _forward(model, work: list[_Part], L0: int, settings: TrainSettings, train_all: bool = False,
+             backward: bool = False):
     """Per micro-batch: the objective summed over its sequences (weight 0 for an answer already past the
     threshold, with per-example stopping, unless train_all), the sequences' mean token probabilities, and those
-    weights."""
+    weights. backward: each micro-batch's sum is backpropagated at once (and returned detached), so its
+    activations are freed before the next one's forward; _StepTerms.loss divides the gradients."""
     losses, probs, weights = [], [], []
     for part in work:
         tok = target_logprobs(_hidden_at_answers(model, part, L0), model.head_weight, part.batch.targets)
         p = _mean_token_prob(tok, part.batch)
         w = (~_done(p, settings, settings.hold_margin if settings.hold_done else 1.0)).float() \
             if settings.per_example_stop and not train_all else torch.ones_like(p)
-        losses.append(forget_loss("replace" if settings.replace else settings.objective, tok, part.batch.seq,
-                                  part.batch.n_seq, part.ref_tok, weights=w, beta=settings.beta, reduction="sum"))
+        loss = forget_loss("replace" if settings.replace else settings.objective, tok, part.batch.seq,
+                           part.batch.n_seq, part.ref_tok, weights=w, beta=settings.beta, reduction="sum")
+        if backward:
+            loss.backward()
+            loss = loss.detach()
+        losses.append(loss)
         probs.append(p)
         weights.append(w)
     return losses, (torch.cat(probs) if probs else torch.zeros(0)), weights
@@ -314,14 +327,20 @@ class _StepTerms:
     preserved: object
     L0: int
 
-    def loss(self, losses: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
+    def loss(self, losses: list[torch.Tensor], weights: list[torch.Tensor], streamed: bool = False) -> torch.Tensor:
         """The mean objective over the sequences still being trained, of every micro-batch and rank, plus the
-        retain and key-preservation terms."""
+        retain and key-preservation terms. streamed: the micro-batches' sums were backpropagated already (their
+        gradients are divided here by the same count)."""
         model, s, dist = self.model, self.settings, self.dist
         active = torch.stack([w.sum() for w in weights]).sum() if weights else torch.zeros((), device=model.device)
         active = active if dist is None else dist.sum_(active.clone())
         if losses:
             loss = torch.stack(losses).sum() / active.clamp_min(1)
+            if streamed:
+                with torch.no_grad():
+                    for p in self.params:
+                        if p.grad is not None:
+                            p.grad.div_(active.clamp_min(1))
         else:  # this rank has nothing left to train: a zero loss keeps it in step with the others
             loss = sum(p.sum() for p in self.params) * 0.0
         share = 1.0 if dist is None else 1.0 / dist.world  # every rank holds the whole retain set (and moments)

@@ -26,11 +26,9 @@ def test_weight_decay_shrinks_before_the_step():
     assert torch.allclose(b.detach(), torch.full((3, 2), 2.0 * (1 - 0.05), dtype=torch.float64))
 
 
-def test_a_settling_column_halves_its_step_when_its_gradient_reverses_and_grows_back_while_it_keeps_it(
-        monkeypatch):
-    monkeypatch.setattr(ColumnSteps, "settle", True)
+def test_a_settling_column_halves_its_step_when_its_gradient_reverses_and_grows_back_while_it_keeps_it():
     b = torch.zeros(3, 2, dtype=torch.float64, requires_grad=True)
-    opt = ColumnSteps([b], lr=1.0)
+    opt = ColumnSteps([b], lr=1.0, settle=True)
     lengths = []
     for sign in (1, -1, -1, -1, 1):  # column 0's gradient flips; column 1's keeps its direction
         before = b.detach().clone()

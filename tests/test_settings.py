@@ -41,21 +41,28 @@ def test_default_adapter_is_keyed_but_plain_under_fsdp_and_for_chat_questions():
     assert Settings(adapter="keyed").resolved(chat=True).adapter == "keyed"  # asked for: kept
 
 
-def test_keyed_suppress_takes_column_steps_and_asking_for_adamw_gives_its_own_step():
-    from lune_fast.settings import KEYED_ADAMW_LR
+def test_keyed_adapters_take_column_steps_and_asking_for_another_optimiser_gives_its_own_step():
+    from lune_fast.settings import KEYED_LR
 
     s = Settings().resolved()
     assert (s.optimizer, s.lr) == ("column", MODE_DEFAULTS[("suppress", "keyed")]["lr"])
+    for mode in ("suppress", "replace"):  # each mode's default step is that optimiser's entry
+        d = MODE_DEFAULTS[(mode, "keyed")]
+        assert KEYED_LR[d["optimizer"]][mode] == d["lr"]
     assert (Settings(optimizer="adamw").resolved().lr, Settings(optimizer="adamw", lr=0.5).resolved().lr) == \
-        (KEYED_ADAMW_LR, 0.5)  # an lr asked for is kept
-    for mode, adapter in (("replace", "keyed"), ("suppress", "plain"), ("replace", "plain")):
+        (KEYED_LR["adamw"]["suppress"], 0.5)  # an lr asked for is kept
+    assert Settings(mode="replace").resolved().optimizer == "settle"
+    assert Settings(mode="replace", optimizer="adamw").resolved().lr == KEYED_LR["adamw"]["replace"]
+    assert Settings(mode="replace", optimizer="settle", adapter="plain").resolved().lr == 1e-3  # plain: its own
+    for mode, adapter in (("suppress", "plain"), ("replace", "plain")):
         assert Settings(mode=mode, adapter=adapter).resolved().optimizer == "adamw"
 
 
 @pytest.mark.parametrize("bad,match", [({"mode": "erase"}, "mode must be"), ({"objective": "kl"}, "objective"),
                                        ({"schedule": "linear"}, "schedule"), ({"prompt_variants": 9}, "0-3"),
                                        ({"recall_rounds": -1}, "recall_rounds"), ({"optimizer": "sgd"}, "optimizer"),
-                                       ({"optimizer": "column", "adapter": "plain"}, "keyed adapter")])
+                                       ({"optimizer": "column", "adapter": "plain"}, "keyed adapter"),
+                                       ({"optimizer": "settle", "adapter": "plain"}, "keyed adapter")])
 def test_bad_values_are_refused(bad, match):
     with pytest.raises(SettingsError, match=match):
         Settings(**bad).resolved().check()

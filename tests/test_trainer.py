@@ -188,3 +188,42 @@ def test_hold_done_keeps_a_finished_fact_s_column(tiny_llama, margin):
             assert torch.equal(b[:, 0], torch.zeros_like(b[:, 0]))  # never moved from B = 0
     assert any(b[:, 1].abs().max() > 0 for b in columns[True][-1])
     assert any(b[:, 0].abs().max() > 0 for b in columns[False][-1])
+
+
+def _saved_bytes_peak():
+    """A saved_tensors_hooks context and a dict whose "peak" is the most bytes autograd held saved at once."""
+    count = {"live": 0, "peak": 0}
+
+    class Saved:
+        def __init__(self, t):
+            self.t, self.n = t, t.numel() * t.element_size()
+            count["live"] += self.n
+            count["peak"] = max(count["peak"], count["live"])
+
+        def __del__(self):
+            count["live"] -= self.n
+
+    return torch.autograd.graph.saved_tensors_hooks(Saved, lambda s: s.t), count
+
+
+@pytest.mark.parametrize("objective", ["npo_tok", "ga"])
+def test_micro_batches_train_as_one_batch_holding_one_micro_batch_s_activations(tiny_llama, objective):
+    """A forget set split into micro-batches takes the same steps as one batch (each micro-batch's backward runs
+    after its own forward, the gradients divided by the whole set's count), with the retain term added, while
+    autograd holds one micro-batch's activations at a time, not the set's."""
+    pairs = [([3 + i, 17, 42 + i, 9], [100 + i, 7]) for i in range(8)]
+    settings = TrainSettings(lr=5e-3, steps=4, stop_prob=1e-9, objective=objective, per_example_stop=True)
+    got, peaks = {}, {}
+    for split in (1, 4):
+        model = load_model(tiny_llama)
+        lora.attach(model, LS, seed=0)
+        batches = [make_batch(pairs[i::split]) for i in range(split)]
+        hooks, count = _saved_bytes_peak()
+        with hooks:
+            out = train(model, TrainData(batches, retain=make_batch([([5, 6, 7], [8, 9])])), settings,
+                        RunOptions(progress=False))
+        assert out.steps == 4
+        got[split], peaks[split] = lora.adapter_state(model), count["peak"]
+    for k, v in got[1].items():
+        assert torch.allclose(got[4][k], v, rtol=1e-4, atol=1e-6), k
+    assert peaks[4] < 0.5 * peaks[1], peaks
