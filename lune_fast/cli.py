@@ -66,8 +66,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         f"a given --lr is used as it is")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
                    help=f"default: {_defaults('optimizer')}, and adamw where the keyed step is scaled (Gemma 3); "
-                        f"column: each fact's column of B steps lr along its own gradient (keyed adapters only); settle: "
-                        f"column steps whose length per column halves when its gradient reverses")
+                        f"column: each fact's column of B steps lr along its own gradient (keyed adapters only); "
+                        f"settle: column steps whose length per column halves when its gradient reverses")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--schedule", default=d.schedule, choices=["constant", "cosine"])
@@ -111,7 +111,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refusals", help="replace mode: file of refusal answers for records without a replacement")
     p.add_argument("--checkpoint-every", type=int, default=10)
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
-                   help="tokens per micro-batch (gradients are accumulated over micro-batches)")
+                   help="tokens per micro-batch (gradients are accumulated over micro-batches; a step holds one "
+                        "micro-batch's activations)")
     p.add_argument("--anchors", type=int, default=None,
                    help=f"retain anchors per fact: its prompt with other subjects, kept by the retain term; default: "
                         f"{_defaults('anchors')}")

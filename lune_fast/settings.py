@@ -78,7 +78,8 @@ class Settings:
     rslora: bool = False
     steps: int = 60
     lr: float | None = None  # None: the mode's default, for keyed adapters scaled per model (keyed.step_scale)
-    # adamw | column (keyed adapters only: each fact's column of B steps lr along its own gradient, lune_fast.optim)
+    # adamw | column | settle (keyed adapters only: each fact's column of B steps lr along its own gradient; settle:
+    # a column's step halves when its gradient reverses; lune_fast.optim)
     optimizer: str | None = None
     beta: float | None = None
     weight_decay: float = 0.0

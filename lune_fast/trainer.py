@@ -5,7 +5,8 @@
     2. precompute with adapters off: reference answer log-probs (NPO) and, when the first adapted layer L0 is
        above 0, the hidden states entering L0 — layers below L0 never run again;
     3. each step: layers L0.. with adapters -> final norm at answer positions only -> fused head log-prob ->
-       objective (+ retain term, + key-preservation penalty) -> backward -> clip -> AdamW on adapter parameters;
+       objective (+ retain term, + key-preservation penalty) -> backward (per micro-batch) -> clip -> optimiser
+       step on the adapter parameters;
     4. stop when every answer's mean token probability is below `stop_prob` (suppress) or above
        `replace_prob` (replace), read off the step's own forward, or at `steps`.
 
@@ -36,7 +37,7 @@ class TrainSettings:
     objective: str = "npo"
     replace: bool = False  # replace mode: train towards the answers, stop when they are likely
     lr: float = 1e-3
-    optimizer: str = "adamw"  # adamw | column (lune_fast.optim)
+    optimizer: str = "adamw"  # adamw | column | settle (lune_fast.optim)
     steps: int = 60
     beta: float | None = None
     stop_prob: float = 0.05  # suppress: every answer's mean token probability below this
