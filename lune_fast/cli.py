@@ -58,8 +58,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"e.g. 3-9, 3,5,9, 10%%-30%% (of the depth), all, or auto[:W] (causal tracing); default: "
                         f"{_defaults('layers')}")
     p.add_argument("--steps", type=int, default=d.steps, help="maximum optimiser steps")
+    keyed_steps = "; ".join(f"{o} {lr['suppress']:g} / {lr['replace']:g}" for o, lr in KEYED_LR.items())
     p.add_argument("--lr", type=float, default=None,
-                   help=f"default: {_defaults('lr')} (keyed with another --optimizer: {KEYED_LR}); "
+                   help=f"default: {_defaults('lr')} (keyed, by --optimizer, suppress / replace: {keyed_steps}); "
                         f"with column steps it is the length of each fact's step; the keyed default is scaled per "
                         f"model where the adapted "
                         f"projections' outputs are far from rms 1 (Gemma 3 270M: x0.2; report.json config.lr_scale); "
