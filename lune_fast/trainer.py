@@ -336,12 +336,13 @@ class _StepTerms:
         active = torch.stack([w.sum() for w in weights]).sum() if weights else torch.zeros((), device=model.device)
         active = active if dist is None else dist.sum_(active.clone())
         if losses:
-            loss = torch.stack(losses).sum() / active.clamp_min(1)
+            count = active.clamp_min(1)
+            loss = torch.stack(losses).sum() / count
             if streamed:
                 with torch.no_grad():
                     for p in self.params:
                         if p.grad is not None:
-                            p.grad.div_(active.clamp_min(1))
+                            p.grad.div_(count)
         else:  # this rank has nothing left to train: a zero loss keeps it in step with the others
             loss = sum(p.sum() for p in self.params) * 0.0
         share = 1.0 if dist is None else 1.0 / dist.world  # every rank holds the whole retain set (and moments)
