@@ -26,12 +26,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _defaults(key: str) -> str:
-    """'v1 (keyed suppress), v2 (keyed replace), ...': a setting's measured defaults, read from MODE_DEFAULTS."""
-    from .settings import MODE_DEFAULTS
+    """'v1 (keyed suppress), v2 (keyed replace), ...': a setting's measured defaults per mode and adapter kind."""
+    from .settings import MODE_DEFAULTS, Settings
 
     by_value: dict[str, list[str]] = {}
-    for (mode, adapter), d in MODE_DEFAULTS.items():
-        by_value.setdefault(str(d[key]), []).append(f"{adapter} {mode}")
+    for mode, adapter in MODE_DEFAULTS:
+        value = getattr(Settings(mode=mode, adapter=adapter).resolved(), key)
+        by_value.setdefault(f"{value:g}" if isinstance(value, float) else str(value), []).append(f"{adapter} {mode}")
     return "; ".join(f"{v} ({', '.join(who)})" for v, who in by_value.items()).replace("%", "%%")
 
 
@@ -61,12 +62,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     keyed_steps = "; ".join(f"{o} {lr['suppress']:g} / {lr['replace']:g}" for o, lr in KEYED_LR.items())
     p.add_argument("--lr", type=float, default=None,
                    help=f"default: {_defaults('lr')} (keyed, by --optimizer, suppress / replace: {keyed_steps}); "
-                        f"with column steps it is the length of each fact's step; the keyed default is scaled per "
-                        f"model where the adapted "
-                        f"projections' outputs are far from rms 1 (Gemma 3 270M: x0.2; report.json config.lr_scale); "
+                        f"with column steps it is the length of each fact's step; the keyed default is scaled down "
+                        f"where the adapted projections' outputs are far under rms 1 (Gemma 3 270M: x0.2; "
+                        f"report.json config.lr_scale); "
                         f"a given --lr is used as it is")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
-                   help=f"default: {_defaults('optimizer')}, and adamw where the keyed step is scaled (Gemma 3); "
+                   help=f"default: {_defaults('optimizer')}, and adamw where the keyed step is scaled down (Gemma 3); "
                         f"column: each fact's column of B steps lr along its own gradient (keyed adapters only); "
                         f"settle: column steps whose length per column halves when its gradient reverses")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)

@@ -37,16 +37,14 @@ class SettingsError(ValueError):
 # section 11, "Column steps"). Keyed replace takes settling column steps (a column's step halves when its gradient
 # reverses): plain ones swing around a counterfactual answer they must bring precisely over replace_prob
 # (CounterFact: the step cap), AdamW's damage adds up along a stream (section 11, "A settling column step").
-# Plain adapters keep AdamW. A model whose keyed step is scaled (keyed.step_scale; Gemma 3) also gets
+# Plain adapters keep AdamW. A model whose keyed step is scaled down (keyed.step_scale; Gemma 3) also gets
 # AdamW when the request leaves the optimiser to the default: there column steps cost neighbours and perplexity
 # (RESULTS.md section 12).
 MODE_DEFAULTS = {
-    ("suppress", "keyed"): {"objective": "npo_tok", "targets": "down", "layers": "10%-30%", "lr": 2.0,
-                            "optimizer": "column", "anchors": 0, "prompt_variants": 1, "key_overlap": 1e-3,
-                            "stop_prob": 0.01},
-    ("replace", "keyed"): {"objective": "replace", "targets": "down", "layers": "10%-30%", "lr": 2.0,
-                           "optimizer": "settle", "anchors": 0, "prompt_variants": 2, "key_overlap": 1e-2,
-                           "stop_prob": 0.05},
+    ("suppress", "keyed"): {"objective": "npo_tok", "targets": "down", "layers": "10%-30%", "optimizer": "column",
+                            "anchors": 0, "prompt_variants": 1, "key_overlap": 1e-3, "stop_prob": 0.01},
+    ("replace", "keyed"): {"objective": "replace", "targets": "down", "layers": "10%-30%", "optimizer": "settle",
+                           "anchors": 0, "prompt_variants": 2, "key_overlap": 1e-2, "stop_prob": 0.05},
     ("suppress", "plain"): {"objective": "npo_tok", "targets": "gate,up,down", "layers": "27%-67%", "lr": 1e-3,
                             "optimizer": "adamw", "anchors": 0, "prompt_variants": 0, "stop_prob": 0.05},
     # all seven projections with two anchors per fact keep the most neighbours of the plain settings
@@ -55,9 +53,8 @@ MODE_DEFAULTS = {
 }
 
 
-# The keyed step of each optimiser per mode (each mode's default optimiser's entry is its MODE_DEFAULTS lr), for a run
-# that asks for an optimiser without an lr: a column step's lr is a length in output units, ~40x AdamW's
-# per-coordinate one
+# The keyed step of each optimiser per mode: a keyed run's lr when it gives none (its optimiser's, or the mode's
+# default optimiser's). A column step's lr is a length in output units, ~40x AdamW's per-coordinate one
 KEYED_LR = {"adamw": {"suppress": 3e-2, "replace": 2e-2}, "column": {"suppress": 2.0, "replace": 2.0},
             "settle": {"suppress": 2.0, "replace": 2.0}}
 
@@ -137,8 +134,9 @@ class Settings:
         steps there, keyed costs less retain perplexity: RESULTS.md section 9)."""
         adapter = self.adapter or ("plain" if sharded or chat else "keyed")
         defaults = MODE_DEFAULTS.get((self.mode, adapter), {})
-        if adapter == "keyed" and self.optimizer in KEYED_LR:
-            defaults = {**defaults, "lr": KEYED_LR[self.optimizer][self.mode]}
+        optimizer = self.optimizer or defaults.get("optimizer")
+        if adapter == "keyed" and optimizer in KEYED_LR:
+            defaults = {**defaults, "lr": KEYED_LR[optimizer][self.mode]}
         return replace(self, adapter=adapter, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def check(self) -> None:

@@ -153,8 +153,8 @@ def test_listed_neighbours_become_inputs_the_adapter_reads_less(tiny_lm):
 
 def test_step_scale_follows_the_adapted_projections_output_scale(tiny):
     """A keyed lr is a step for projections writing values of rms about 1: inside STEP_BAND the factor is exactly 1,
-    outside it the median output rms over the preserved inputs (tr(W C Wᵀ) / out_features, per projection), so a
-    model whose down_proj writes 10× larger values gets a 10× larger step."""
+    under it the median output rms over the preserved inputs (tr(W C Wᵀ) / out_features, per projection), so a
+    model whose down_proj writes 5× smaller values gets a 5× smaller step; larger values keep the step."""
     from lune_fast.keyed import STEP_BAND, step_scale
 
     # the last layer's down_proj: scaling it leaves its own inputs as they are
@@ -177,10 +177,10 @@ def test_step_scale_follows_the_adapted_projections_output_scale(tiny):
     assert STEP_BAND[0] <= measured() <= STEP_BAND[1] and factor() == 1.0
     with torch.no_grad():
         linears[name].weight.mul_(10.0)
-    assert factor() == pytest.approx(measured(), rel=1e-4) and factor() == pytest.approx(10.0, rel=1e-4)
+    assert measured() > 9 and factor() == 1.0
     with torch.no_grad():
         linears[name].weight.mul_(0.02)
-    assert factor() == pytest.approx(0.2, rel=1e-4)
+    assert factor() == pytest.approx(measured(), rel=1e-4) and factor() == pytest.approx(0.2, rel=1e-4)
 
 
 def test_kept_moment_sums_give_the_moments_computed_afresh_bit_for_bit(tiny):

@@ -45,15 +45,18 @@ def test_keyed_adapters_take_column_steps_and_asking_for_another_optimiser_gives
     from lune_fast.settings import KEYED_LR
 
     s = Settings().resolved()
-    assert (s.optimizer, s.lr) == ("column", MODE_DEFAULTS[("suppress", "keyed")]["lr"])
-    for mode in ("suppress", "replace"):  # each mode's default step is that optimiser's entry
-        d = MODE_DEFAULTS[(mode, "keyed")]
-        assert KEYED_LR[d["optimizer"]][mode] == d["lr"]
+    assert (s.optimizer, s.lr) == ("column", KEYED_LR["column"]["suppress"])
+    for mode in ("suppress", "replace"):  # each mode's default step is its default optimiser's entry
+        s = Settings(mode=mode).resolved()
+        assert s.lr == KEYED_LR[MODE_DEFAULTS[(mode, "keyed")]["optimizer"]][mode]
     assert (Settings(optimizer="adamw").resolved().lr, Settings(optimizer="adamw", lr=0.5).resolved().lr) == \
         (KEYED_LR["adamw"]["suppress"], 0.5)  # an lr asked for is kept
     assert Settings(mode="replace").resolved().optimizer == "settle"
     assert Settings(mode="replace", optimizer="adamw").resolved().lr == KEYED_LR["adamw"]["replace"]
-    assert Settings(mode="replace", optimizer="settle", adapter="plain").resolved().lr == 1e-3  # plain: its own
+    plain_settle = Settings(mode="replace", optimizer="settle", adapter="plain").resolved()
+    assert plain_settle.lr == 1e-3  # the plain default: no keyed step for an adapter that check() refuses
+    with pytest.raises(SettingsError, match="keyed"):
+        plain_settle.check()
     for mode, adapter in (("suppress", "plain"), ("replace", "plain")):
         assert Settings(mode=mode, adapter=adapter).resolved().optimizer == "adamw"
 

@@ -193,6 +193,25 @@ def test_the_cli_adds_lists_and_revokes(tiny_lm, tmp_path, capsys):
     assert "no such state folder" in capsys.readouterr().err
 
 
+def test_a_stream_resumes_the_state_it_finds_and_refuses_one_built_from_other_records(tiny_unlearner, tmp_path):
+    """bench stream --state: a state whose last request was revoked is measured first (a row without a time)
+    and the stream goes on after its facts; a state that does not hold the records' head is refused by name."""
+    from lune_fast.bench.stream import run
+
+    u, d = tiny_unlearner, tmp_path / "state"
+    records = RECORDS_1 + RECORDS_2
+    over = {k: v for k, v in TINY.items() if k not in ("progress", "evaluate_before", "evaluate_after")}
+    rows, seconds = run(u, records, 2, 2, 1, d, overrides=over)
+    assert [r["facts"] for r in rows] == [2, 4] and len(seconds) == 2 and rows[0]["request_s"] is not None
+    u.revoke(d, "r0002", evaluate_after=False)
+    rows, seconds = run(u, records, 2, 5, 1, d, overrides=over)  # only one record is left after the next two
+    assert (rows[0]["requests"], rows[0]["facts"], rows[0]["request_s"]) == (1, 2, None)
+    assert [(r["requests"], r["facts"]) for r in rows[1:]] == [(2, 4), (3, 5)] and len(seconds) == 2
+    assert [f.prompt for f in State.open(d).earlier_facts()] == [r["prompt"] for r in records]
+    with pytest.raises(StateError, match=r"its fact 1 is 'The capital of France is' -> 'Paris', but record 1"):
+        run(u, records[::-1], 1, 1, 1, d, overrides=over)
+
+
 # -- atomic updates -------------------------------------------------------------------------------------------
 WRITER = r"""
 import sys, torch

@@ -14,7 +14,8 @@ the whole state: forget, paraphrase (naming the subject) and indirect-paraphrase
 those the base model answered, relative to before), retain perplexity relative to before, and how many facts
 that were gone at an earlier check answer again ("returned"). Each request's wall time (the whole
 forget() call, no evaluation) gives the latency figures. Rows go to OUT.jsonl as they finish, the summary to
-OUT.json, the curves to OUT.png (with matplotlib).
+OUT.json, the curves to OUT.png (with matplotlib). --state DIR keeps the state; a state already in DIR is resumed
+(a long stream stopped part-way goes on; a stream with its last requests revoked is run again from there).
 """
 from __future__ import annotations
 
@@ -99,18 +100,44 @@ def meets(row: dict, replace: bool = False) -> bool:
     return done and kept and row["ppl_rel"] <= 1.10 and row["returned"] == 0
 
 
+def held_records(folder: Path, records: list[dict]) -> tuple[list, int]:
+    """The facts a stream's existing state folder holds and how many requests made them; they must be the head
+    of `records` (the stream resumes after them). Nothing held: ([], 0)."""
+    from ..data import read_facts
+    from ..state import LEDGER, State, StateError
+
+    if not (folder / LEDGER).exists():
+        return [], 0
+    st = State.open(folder)
+    held = st.earlier_facts()
+    head = read_facts(records[:len(held)]).facts if held else []
+    for k, (f, g) in enumerate(zip(held, head)):
+        if (f.prompt, f.target) != (g.prompt, g.target):
+            raise StateError(f"{folder}: its fact {k + 1} is {f.prompt!r} -> {f.target!r}, but record {k + 1} of "
+                             f"the stream is {g.prompt!r} -> {g.target!r}; a stream resumes only a state built "
+                             f"from the head of the same records")
+    if len(head) < len(held):
+        raise StateError(f"{folder}: holds {len(held)} facts, more than the stream's {len(records)} records")
+    return held, len(st.active())
+
+
 def run(u, records: list[dict], per_request: int, requests: int, eval_every: int, folder: Path,
         out_jsonl: Path | None = None, overrides: dict | None = None, mode: str = "suppress"
         ) -> tuple[list[dict], list[float]]:
+    """`requests` more requests of `per_request` records into the state at `folder`. A state already there
+    (a stream stopped part-way, or some requests revoked) is resumed: its facts must be the records' head; it is
+    measured first (the row of its last request, without a time), and the stream goes on after them."""
     from tqdm.auto import tqdm
 
     from ..data import read_facts
     from ..state import State
 
+    done, held_requests = held_records(folder, records)
+    records = records[len(done):]
     chunks = [records[i * per_request:(i + 1) * per_request] for i in range(requests)]
     chunks = [c for c in chunks if c]
     texts = u.retain_texts()
-    all_facts = read_facts([r for c in chunks for r in c]).facts
+    all_facts = done + read_facts([r for c in chunks for r in c]).facts
     replace = mode == "replace"
     if replace:
         base = preference_scores(u, all_facts, texts)
@@ -118,15 +145,8 @@ def run(u, records: list[dict], per_request: int, requests: int, eval_every: int
     else:
         base_hits, base_ppl = _base_answers(u, all_facts, texts)
     rows, seconds, gone_once = [], [], set()
-    done: list = []
-    for i, chunk in enumerate(tqdm(chunks, desc="requests", unit="request")):
-        t0 = time.perf_counter()
-        r = u.forget(chunk, mode=mode, into=folder, progress=False, evaluate_before=False, evaluate_after=False,
-                     **(overrides or {}))
-        seconds.append(time.perf_counter() - t0)
-        done += r.facts
-        if (i + 1) % eval_every and i + 1 != len(chunks):
-            continue
+
+    def check(n_requests: int, r=None) -> None:
         st = State.open(folder)
         if replace:  # gone: the new answer wins
             m, gone = measure_replace(u, st, done, texts, base)
@@ -134,16 +154,29 @@ def run(u, records: list[dict], per_request: int, requests: int, eval_every: int
             m, hits = measure(u, st, done, texts, base_hits, base_ppl)
             gone = [not h for h in hits]
         returned = sum(1 for f, g in zip(done, gone) if not g and f.prompt in gone_once)
-        gone_once |= {f.prompt for f, g in zip(done, gone) if g}
-        row = {"requests": i + 1, "facts": len(done), **m, "returned": returned, "rank": st.rank,
+        gone_once.update(f.prompt for f, g in zip(done, gone) if g)
+        row = {"requests": n_requests, "facts": len(done), **m, "returned": returned, "rank": st.rank,
                "windows": len({tuple(e["settings"]["layers"]) for e in st.active()}),
-               "request_s": round(seconds[-1], 3), "steps": r.cost["steps"], "stopped": r.stopped}
+               "request_s": round(seconds[-1], 3) if r is not None else None,
+               "steps": r.cost["steps"] if r is not None else None, "stopped": r.stopped if r is not None else None}
         row["meets"] = meets(row, replace)
         rows.append(row)
         tqdm.write(json.dumps(row))
         if out_jsonl is not None:
             with open(out_jsonl, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
+
+    if done:
+        tqdm.write(f"{folder}: resuming after {held_requests} requests ({len(done)} facts)")
+        check(held_requests)
+    for i, chunk in enumerate(tqdm(chunks, desc="requests", unit="request")):
+        t0 = time.perf_counter()
+        r = u.forget(chunk, mode=mode, into=folder, progress=False, evaluate_before=False, evaluate_after=False,
+                     **(overrides or {}))
+        seconds.append(time.perf_counter() - t0)
+        done = done + r.facts
+        if (i + 1) % eval_every == 0 or i + 1 == len(chunks):
+            check(held_requests + i + 1, r)
     return rows, seconds
 
 
@@ -180,7 +213,9 @@ def plot(rows: list[dict], seconds: list[float], per_request: int, path: Path, t
     axes[1].plot(x, [1 / r["ppl_rel"] for r in rows], marker="o", ms=3, color="tab:purple", label="1 / retain ppl ×")
     axes[1].axhline(0.95 if replace else 0.90, ls=":", color="gray")
     axes[1].set_ylim(min([0.5] + [1 / r["ppl_rel"] - 0.03 for r in rows]), 1.05)
-    axes[2].plot([min(per_request * (i + 1), x[-1]) for i in range(len(seconds))], seconds, marker=".", ms=3, lw=0.8,
+    start = x[0] if "request_s" in rows[0] and rows[0]["request_s"] is None else 0  # a resumed stream's first row is the state it found
+    axes[2].plot([min(start + per_request * (i + 1), x[-1]) for i in range(len(seconds))], seconds, marker=".",
+                 ms=3, lw=0.8,
                  color="tab:red", label="each request's seconds")
     axes[2].set_ylim(bottom=0)
     for ax in axes:
@@ -210,11 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="default")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--out", help="write OUT.jsonl (rows), OUT.json (summary) and OUT.png (curves)")
+    ap.add_argument("--state", help="the stream's state folder, kept (default: a temporary one); a state already "
+                                    "there is resumed: its facts must be the records' head (a stream stopped "
+                                    "part-way, or with its last requests revoked), and --requests more follow")
     a = ap.parse_args(argv)
 
     from ..api import Unlearner
     from ..assets import asset
     from ..data import _json_lines
+    from ..state import StateError
 
     sources = [Path(f) for f in a.facts.split(",")] if a.facts else [asset("validation.jsonl")]
     records = interleave([[obj for _, obj in _json_lines(f)] for f in sources])
@@ -229,9 +268,14 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         Path(f"{out}.jsonl").unlink(missing_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        rows, seconds = run(u, records, a.per_request, a.requests, a.eval_every, Path(tmp) / "state",
-                            Path(f"{out}.jsonl") if out else None, json.loads(a.settings), a.mode)
-    lat = latency(seconds)
+        folder = Path(a.state) if a.state else Path(tmp) / "state"
+        try:
+            rows, seconds = run(u, records, a.per_request, a.requests, a.eval_every, folder,
+                                Path(f"{out}.jsonl") if out else None, json.loads(a.settings), a.mode)
+        except StateError as e:
+            print(f"error: {e}")
+            return 2
+    lat = latency(seconds) if seconds else {}
     replace = a.mode == "replace"
     scores = ["efficacy", "paraphrase", "neighbourhood"] if replace else ["forget", "para", "indirect"]
     print(markdown_table(rows, ["requests", "facts"] + scores + ["neigh_rel", "ppl_rel", "returned", "rank",
