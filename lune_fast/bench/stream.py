@@ -213,7 +213,7 @@ def plot(rows: list[dict], seconds: list[float], per_request: int, path: Path, t
     axes[1].plot(x, [1 / r["ppl_rel"] for r in rows], marker="o", ms=3, color="tab:purple", label="1 / retain ppl ×")
     axes[1].axhline(0.95 if replace else 0.90, ls=":", color="gray")
     axes[1].set_ylim(min([0.5] + [1 / r["ppl_rel"] - 0.03 for r in rows]), 1.05)
-    start = x[0] if "request_s" in rows[0] and rows[0]["request_s"] is None else 0  # a resumed stream's first row is the state it found
+    start = x[0] if rows[0].get("request_s", 0) is None else 0  # a resumed stream's first row: the state it found
     axes[2].plot([min(start + per_request * (i + 1), x[-1]) for i in range(len(seconds))], seconds, marker=".",
                  ms=3, lw=0.8,
                  color="tab:red", label="each request's seconds")
