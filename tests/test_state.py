@@ -193,10 +193,11 @@ def test_the_cli_adds_lists_and_revokes(tiny_lm, tmp_path, capsys):
     assert "no such state folder" in capsys.readouterr().err
 
 
-def test_a_stream_resumes_the_state_it_finds_and_refuses_one_built_from_other_records(tiny_unlearner, tmp_path):
+def test_a_stream_resumes_the_state_it_finds_and_refuses_one_built_from_other_records(tiny_unlearner, tmp_path,
+                                                                                      capsys):
     """bench stream --state: a state whose last request was revoked is measured first (a row without a time)
     and the stream goes on after its facts; a state that does not hold the records' head is refused by name."""
-    from lune_fast.bench.stream import run
+    from lune_fast.bench.stream import main as stream_main, run
 
     u, d = tiny_unlearner, tmp_path / "state"
     records = RECORDS_1 + RECORDS_2
@@ -210,6 +211,11 @@ def test_a_stream_resumes_the_state_it_finds_and_refuses_one_built_from_other_re
     assert [f.prompt for f in State.open(d).earlier_facts()] == [r["prompt"] for r in records]
     with pytest.raises(StateError, match=r"its fact 1 is 'The capital of France is' -> 'Paris', but record 1"):
         run(u, records[::-1], 1, 1, 1, d, overrides=over)
+    # the command refuses it before loading a model (there is none at this path)
+    facts = tmp_path / "other.jsonl"
+    facts.write_text("".join(json.dumps(r) + "\n" for r in records[::-1]))
+    assert stream_main(["--facts", str(facts), "--state", str(d), "--model", str(tmp_path / "no_model")]) == 2
+    assert "but record 1 of the stream is 'The inventor of the telephone was'" in capsys.readouterr().err
 
 
 # -- atomic updates -------------------------------------------------------------------------------------------

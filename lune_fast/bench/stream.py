@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -262,19 +263,21 @@ def main(argv: list[str] | None = None) -> int:
     if need > len(records):
         print(f"{source} has {len(records)} records: {a.requests} requests of {a.per_request} take "
               f"{len(records) // a.per_request}")
+    if a.state:  # a state built from other records is refused before the model loads
+        try:
+            held_records(Path(a.state), records)
+        except StateError as e:
+            print(f"lune-fast: {e}", file=sys.stderr)
+            return 2
     u = Unlearner(a.model, dtype=a.dtype)
     out = Path(a.out) if a.out else None
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         Path(f"{out}.jsonl").unlink(missing_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(a.state) if a.state else Path(tmp) / "state"
-        try:
-            rows, seconds = run(u, records, a.per_request, a.requests, a.eval_every, folder,
-                                Path(f"{out}.jsonl") if out else None, json.loads(a.settings), a.mode)
-        except StateError as e:
-            print(f"error: {e}")
-            return 2
+        rows, seconds = run(u, records, a.per_request, a.requests, a.eval_every,
+                            Path(a.state) if a.state else Path(tmp) / "state",
+                            Path(f"{out}.jsonl") if out else None, json.loads(a.settings), a.mode)
     lat = latency(seconds) if seconds else {}
     replace = a.mode == "replace"
     scores = ["efficacy", "paraphrase", "neighbourhood"] if replace else ["forget", "para", "indirect"]
