@@ -195,7 +195,10 @@ def train(model: Transformer, data: TrainData, settings: TrainSettings, run: Run
                     work = _still_to_do(model, parts, probs, settings, L0)
                     opt.zero_grad(set_to_none=True)
                     losses, _, weights = _forward(model, work, L0, settings, train_all=True, backward=stream)
-                loss = step_terms.loss(losses, weights, streamed=stream)
+                count = step_terms.active(weights)
+                if stream:  # the micro-batches' sums were backpropagated already: their mean's gradient
+                    _divide_grads(params, count)
+                loss = step_terms.loss(losses, count)
                 if not _finite(loss, dist, model.device):
                     copy_into(last_good, params)
                     raise TrainingDiverged(step + 1, settings.lr)  # 1-based: the step that failed
@@ -328,21 +331,17 @@ class _StepTerms:
     preserved: object
     L0: int
 
-    def loss(self, losses: list[torch.Tensor], weights: list[torch.Tensor], streamed: bool = False) -> torch.Tensor:
-        """The mean objective over the sequences still being trained, of every micro-batch and rank, plus the
-        retain and key-preservation terms. streamed: the micro-batches' sums were backpropagated already (their
-        gradients are divided here by the same count)."""
+    def active(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        """How many sequences are still being trained, over every micro-batch and rank (at least 1)."""
+        active = torch.stack([w.sum() for w in weights]).sum() if weights else torch.zeros((), device=self.model.device)
+        return (active if self.dist is None else self.dist.sum_(active.clone())).clamp_min(1)
+
+    def loss(self, losses: list[torch.Tensor], count: torch.Tensor) -> torch.Tensor:
+        """The mean objective over the `count` sequences still being trained (active()), plus the retain and
+        key-preservation terms."""
         model, s, dist = self.model, self.settings, self.dist
-        active = torch.stack([w.sum() for w in weights]).sum() if weights else torch.zeros((), device=model.device)
-        active = active if dist is None else dist.sum_(active.clone())
         if losses:
-            count = active.clamp_min(1)
             loss = torch.stack(losses).sum() / count
-            if streamed:
-                with torch.no_grad():
-                    for p in self.params:
-                        if p.grad is not None:
-                            p.grad.div_(count)
         else:  # this rank has nothing left to train: a zero loss keeps it in step with the others
             loss = sum(p.sum() for p in self.params) * 0.0
         share = 1.0 if dist is None else 1.0 / dist.world  # every rank holds the whole retain set (and moments)
@@ -373,6 +372,13 @@ class _StepTerms:
         if self.settings.retain_loss == "kl":
             return retain_kl(h @ model.head_weight.t(), self.retain.ref)
         return retain_nll(target_logprobs(h, model.head_weight, self.retain.part.batch.targets))
+
+
+@torch.no_grad()
+def _divide_grads(params: list[torch.Tensor], count: torch.Tensor) -> None:
+    for p in params:
+        if p.grad is not None:
+            p.grad.div_(count)
 
 
 # A smaller batch pays for its rebuild (one forward of the remaining sequences) once this many have finished.

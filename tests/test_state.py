@@ -196,7 +196,8 @@ def test_the_cli_adds_lists_and_revokes(tiny_lm, tmp_path, capsys):
 def test_a_stream_resumes_the_state_it_finds_and_refuses_one_built_from_other_records(tiny_unlearner, tmp_path,
                                                                                       capsys):
     """bench stream --state: a state whose last request was revoked is measured first (a row without a time)
-    and the stream goes on after its facts; a state that does not hold the records' head is refused by name."""
+    and the stream goes on after its facts; one revoked in the middle, after the last held record; a state whose
+    facts are not among the records in their order is refused by name, as are earlier results under --out."""
     from lune_fast.bench.stream import main as stream_main, run
 
     u, d = tiny_unlearner, tmp_path / "state"
@@ -209,13 +210,28 @@ def test_a_stream_resumes_the_state_it_finds_and_refuses_one_built_from_other_re
     assert (rows[0]["requests"], rows[0]["facts"], rows[0]["request_s"]) == (1, 2, None)
     assert [(r["requests"], r["facts"]) for r in rows[1:]] == [(2, 4), (3, 5)] and len(seconds) == 2
     assert [f.prompt for f in State.open(d).earlier_facts()] == [r["prompt"] for r in records]
-    with pytest.raises(StateError, match=r"its fact 1 is 'The capital of France is' -> 'Paris', but record 1"):
+    with pytest.raises(StateError, match=r"its fact 2, 'The author of Hamlet is' -> 'William Shakespeare', is not "
+                                         r"among the stream's records from record 6 on \(the stream has 5 records\)"):
         run(u, records[::-1], 1, 1, 1, d, overrides=over)
+    # a request revoked in the middle: its records are passed over, the stream goes on after the last held one
+    u.revoke(d, "r0004", evaluate_after=False)  # Jupiter, Au (r0003 is the first revoke)
+    more = records + [{"prompt": "The tallest mountain is", "target": "Everest"}]
+    rows, seconds = run(u, more, 1, 3, 1, d, overrides=over)
+    assert [(r["requests"], r["facts"]) for r in rows] == [(2, 3), (3, 4)] and len(seconds) == 1
+    assert [f.target for f in State.open(d).earlier_facts()] == ["Paris", "William Shakespeare",
+                                                                "Alexander Graham Bell", "Everest"]
     # the command refuses it before loading a model (there is none at this path)
     facts = tmp_path / "other.jsonl"
-    facts.write_text("".join(json.dumps(r) + "\n" for r in records[::-1]))
-    assert stream_main(["--facts", str(facts), "--state", str(d), "--model", str(tmp_path / "no_model")]) == 2
-    assert "but record 1 of the stream is 'The inventor of the telephone was'" in capsys.readouterr().err
+    facts.write_text("".join(json.dumps(r) + "\n" for r in records[2:]))
+    no_model = ["--model", str(tmp_path / "no_model")]
+    assert stream_main(["--facts", str(facts), "--state", str(d)] + no_model) == 2
+    assert "its fact 1, 'The capital of France is' -> 'Paris', is not among the stream's records from record 1 " \
+           "on (record 1 is 'The largest planet is' -> 'Jupiter')" in capsys.readouterr().err
+    # and earlier results under --out, unless --overwrite
+    (tmp_path / "s.jsonl").write_text("{}\n")
+    assert stream_main(["--facts", str(facts), "--out", str(tmp_path / "s")] + no_model) == 2
+    assert "s.jsonl already exist(s); pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "s.jsonl").read_text() == "{}\n"
 
 
 # -- atomic updates -------------------------------------------------------------------------------------------

@@ -14,8 +14,9 @@ the whole state: forget, paraphrase (naming the subject) and indirect-paraphrase
 those the base model answered, relative to before), retain perplexity relative to before, and how many facts
 that were gone at an earlier check answer again ("returned"). Each request's wall time (the whole
 forget() call, no evaluation) gives the latency figures. Rows go to OUT.jsonl as they finish, the summary to
-OUT.json, the curves to OUT.png (with matplotlib). --state DIR keeps the state; a state already in DIR is resumed
-(a long stream stopped part-way goes on; a stream with its last requests revoked is run again from there).
+OUT.json, the curves to OUT.png (with matplotlib); results already there are kept unless --overwrite. --state DIR
+keeps the state; a state already in DIR is resumed (a long stream stopped part-way goes on; a stream with its last
+requests revoked is run again from there).
 """
 from __future__ import annotations
 
@@ -101,40 +102,54 @@ def meets(row: dict, replace: bool = False) -> bool:
     return done and kept and row["ppl_rel"] <= 1.10 and row["returned"] == 0
 
 
-def held_records(folder: Path, records: list[dict]) -> tuple[list, int]:
-    """The facts a stream's existing state folder holds and how many requests made them; they must be the head
-    of `records` (the stream resumes after them). Nothing held: ([], 0)."""
-    from ..data import read_facts
+def held_records(folder: Path, records: list[dict]) -> tuple[list, int, int]:
+    """The facts a stream's existing state folder holds, how many requests made them, and how many of `records`
+    they take up. They must be among the records in their order: records between them were skipped by a
+    request (unusable, or unknown to the model) or went with a revoked request, and are not asked again; the
+    stream resumes after the last held one. Nothing held: ([], 0, 0)."""
+    from ..data import RecordError, parse_record
     from ..state import LEDGER, State, StateError
 
     if not (folder / LEDGER).exists():
-        return [], 0
+        return [], 0, 0
     st = State.open(folder)
     held = st.earlier_facts()
-    head = read_facts(records[:len(held)]).facts if held else []
-    for k, (f, g) in enumerate(zip(held, head)):
-        if (f.prompt, f.target) != (g.prompt, g.target):
-            raise StateError(f"{folder}: its fact {k + 1} is {f.prompt!r} -> {f.target!r}, but record {k + 1} of "
-                             f"the stream is {g.prompt!r} -> {g.target!r}; a stream resumes only a state built "
-                             f"from the head of the same records")
-    if len(head) < len(held):
-        raise StateError(f"{folder}: holds {len(held)} facts, more than the stream's {len(records)} records")
-    return held, len(st.active())
+
+    def said(record: dict) -> tuple | None:
+        try:
+            f = parse_record(record, "")
+        except RecordError:
+            return None
+        return f.prompt, f.target
+
+    said_by = [said(r) for r in records]
+    pos = 0
+    for k, f in enumerate(held):
+        at = next((j for j in range(pos, len(records)) if said_by[j] == (f.prompt, f.target)), None)
+        if at is None:
+            there = f"record {pos + 1} is {said_by[pos][0]!r} -> {said_by[pos][1]!r}" \
+                if pos < len(records) and said_by[pos] else f"the stream has {len(records)} records"
+            raise StateError(f"{folder}: its fact {k + 1}, {f.prompt!r} -> {f.target!r}, is not among the stream's "
+                             f"records from record {pos + 1} on ({there}); a stream resumes only a state built "
+                             f"from the same records, in their order")
+        pos = at + 1
+    return held, len(st.active()), pos
 
 
 def run(u, records: list[dict], per_request: int, requests: int, eval_every: int, folder: Path,
         out_jsonl: Path | None = None, overrides: dict | None = None, mode: str = "suppress"
         ) -> tuple[list[dict], list[float]]:
     """`requests` more requests of `per_request` records into the state at `folder`. A state already there
-    (a stream stopped part-way, or some requests revoked) is resumed: its facts must be the records' head; it is
-    measured first (the row of its last request, without a time), and the stream goes on after them."""
+    (a stream stopped part-way, or some requests revoked) is resumed: its facts must be among the records in their
+    order (held_records); it is measured first (the row of its last request, without a time), and the stream goes
+    on after the last of them."""
     from tqdm.auto import tqdm
 
     from ..data import read_facts
     from ..state import State
 
-    done, held_requests = held_records(folder, records)
-    records = records[len(done):]
+    done, held_requests, used = held_records(folder, records)
+    records = records[used:]
     chunks = [records[i * per_request:(i + 1) * per_request] for i in range(requests)]
     chunks = [c for c in chunks if c]
     texts = u.retain_texts()
@@ -168,7 +183,8 @@ def run(u, records: list[dict], per_request: int, requests: int, eval_every: int
                 fh.write(json.dumps(row) + "\n")
 
     if done:
-        tqdm.write(f"{folder}: resuming after {held_requests} requests ({len(done)} facts)")
+        passed = f"; {used - len(done)} records before them were skipped or revoked" if used > len(done) else ""
+        tqdm.write(f"{folder}: resuming after {held_requests} requests ({len(done)} facts{passed})")
         check(held_requests)
     for i, chunk in enumerate(tqdm(chunks, desc="requests", unit="request")):
         t0 = time.perf_counter()
@@ -246,9 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="default")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--out", help="write OUT.jsonl (rows), OUT.json (summary) and OUT.png (curves)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing OUT.* (a resumed stream's rows "
+                                                             "belong in a new OUT: those of the first run stay)")
     ap.add_argument("--state", help="the stream's state folder, kept (default: a temporary one); a state already "
-                                    "there is resumed: its facts must be the records' head (a stream stopped "
-                                    "part-way, or with its last requests revoked), and --requests more follow")
+                                    "there is resumed: its facts must be among the records in their order (a "
+                                    "stream stopped part-way, or with requests revoked), and --requests more "
+                                    "follow after the last of them")
     a = ap.parse_args(argv)
 
     from ..api import Unlearner
@@ -263,14 +282,20 @@ def main(argv: list[str] | None = None) -> int:
     if need > len(records):
         print(f"{source} has {len(records)} records: {a.requests} requests of {a.per_request} take "
               f"{len(records) // a.per_request}")
-    if a.state:  # a state built from other records is refused before the model loads
+    out = Path(a.out) if a.out else None
+    # refused before the model loads: earlier results in the way, a state built from other records
+    there = [p for p in (f"{out}.jsonl", f"{out}.json", f"{out}.png") if Path(p).exists()] if out else []
+    if there and not a.overwrite:
+        print(f"lune-fast: {', '.join(there)} already exist(s); pass --overwrite to replace, or another --out",
+              file=sys.stderr)
+        return 2
+    if a.state:
         try:
             held_records(Path(a.state), records)
         except StateError as e:
             print(f"lune-fast: {e}", file=sys.stderr)
             return 2
     u = Unlearner(a.model, dtype=a.dtype)
-    out = Path(a.out) if a.out else None
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         Path(f"{out}.jsonl").unlink(missing_ok=True)
