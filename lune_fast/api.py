@@ -34,7 +34,7 @@ from .keyed import attach_keyed, preserved_inputs, step_scale, subject_groups
 from .optim import COLUMN_STEPS
 from .settings import Settings, SettingsError, resolve_dtype, train_settings
 from .trainer import RunOptions, train_keeping_last_good
-from .weights import load_model, load_tokenizer, resolve_model_dir
+from .weights import folder_identity, load_model, load_tokenizer, resolve_model_dir
 
 
 @dataclass
@@ -120,6 +120,10 @@ class Unlearner:
         self.defaults = replace(Settings(), **defaults)
         self._base_evals: dict[str, object] = {}
         self._text_moments: dict[tuple, tuple] = {}
+        # what the preserved text's moments are computed from, for keeping them on disk (one process: under
+        # torchrun each rank's model may be a shard)
+        self._origin = None if self.dist is not None else \
+            repr((folder_identity(self.model_dir), str(self.dtype), self.device.type))
         self._lock = threading.RLock()
 
     # -- the one call ----------------------------------------------------------------------------------------
@@ -289,7 +293,7 @@ class Unlearner:
         earlier = st.earlier_facts() if st is not None else []
         preserved = preserved_inputs(self.model, self.encoder, job.facts, job.layout, s.preserve_prompts,
                                      s.preserve_text, s.seed, self._text_moments, s.preserve_neighbors,
-                                     earlier, folded) \
+                                     earlier, folded, self._origin) \
             if s.adapter == "keyed" or s.preserve_weight > 0 else None
         keys = None
         if s.adapter == "keyed":

@@ -98,8 +98,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--robust-to", choices=list(QUANTS), default=None,
                    help="suppress: the recall rounds check the model as its GGUF export at this type answers, so "
                         "that the forgetting survives `lune-fast export --quant` (use with --recall-rounds >= 1)")
-    p.add_argument("--preserve-text", help="texts whose activations the adapter should leave alone (default: the "
-                                           "package's)")
+    p.add_argument("--preserve-text", help="texts whose activations the adapter should leave alone: a file, or "
+                                           "preserve_text.jsonl / preserve_text_long.jsonl, the package's short and "
+                                           "long texts (default: the long one for keyed replace, else the short)")
     p.add_argument("--preserve-neighbors", action=argparse.BooleanOptionalAction, default=d.preserve_neighbors,
                    help="keyed: the records' listed neighbours join the inputs the adapter must leave alone "
                         "(their prompts, not their answers)")

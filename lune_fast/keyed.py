@@ -17,7 +17,9 @@ one subject would have to tell nearly identical keys apart, which takes rows lar
 """
 from __future__ import annotations
 
+import hashlib
 import re
+from pathlib import Path
 
 import torch
 
@@ -25,7 +27,7 @@ from . import lora
 from .assets import asset
 from .data import Encoder, Fact, listed_neighbors, make_batch, read_lines
 from .model import Transformer
-from .preserve import Preserved, combine, group_moments
+from .preserve import Preserved, combine, group_moments, stored_moments
 from .subjects import content_positions, other_subject_prompts, subject_last_token, subject_text
 
 
@@ -145,15 +147,32 @@ def set_keyed(model: Transformer, keys: dict[str, torch.Tensor], preserved: Pres
         m.lora_B.zero_()
 
 
+# The preservation texts the package ships (Settings.preserve_text names them; a path is a user's file): the
+# default model's own continuations of tools/preserve_seeds.txt — one greedy each (~3,200 tokens), and with 15
+# sampled ones each (~60,000 tokens), replace mode's default: a 1,536-wide moment estimated from 3,200 tokens
+# misjudges its small directions, which the whitened rows lean on, and a replacement writes far more than a
+# suppression (RESULTS.md section 11, "A longer preservation text")
+PACKAGE_TEXTS = ("preserve_text.jsonl", "preserve_text_long.jsonl")
+
+
+def preserve_text_path(text: str | None) -> Path:
+    """The file a Settings.preserve_text names: None the package's short text, a PACKAGE_TEXTS name the
+    package's (unless a file of that name is here), else the path."""
+    if text is None or (text in PACKAGE_TEXTS and not Path(text).is_file()):
+        return asset(text or PACKAGE_TEXTS[0])
+    return Path(text)
+
+
 def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settings: lora.LoraSettings,
                      n_prompts: int, text: str | None, seed: int, text_cache: dict, neighbors: bool = True,
-                     earlier: list[Fact] | tuple = (), folded=None) -> Preserved:
+                     earlier: list[Fact] | tuple = (), folded=None, origin: str | None = None) -> Preserved:
     """The inputs the adapter should leave alone, in groups of equal weight: each fact's prompt template with
     `n_prompts` other subjects; the neighbours the records list (with `neighbors`: their prompts only, not their
     answers; the request says they must stay), also those of a lifelong state's `earlier` facts; and the
-    preservation text (a file, or the package's). The text's moments depend only on the model, the adapter
-    layout and what a lifelong state has `folded` into the frozen weights (State.folded_outside), so they are
-    kept in `text_cache` under those and reused."""
+    preservation text (preserve_text_path). The text's moments depend only on the model, the adapter layout and
+    what a lifelong state has `folded` into the frozen weights (State.folded_outside), so they are kept in
+    `text_cache` under those and reused; with `origin` (what the model was loaded from) and nothing folded, also
+    on disk (preserve.stored_moments)."""
     prompts = [enc.prompt_ids(p, f.chat) for f, ps in zip(facts, other_subject_prompts(facts, n_prompts, seed))
                for p in ps]
     groups = [group_moments(model, settings, prompts, enc.pad_id)]
@@ -166,8 +185,16 @@ def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settin
                                     key=(settings.targets, settings.layers, folded), stable=len(listed[0])))
     key = (settings.targets, settings.layers, text, folded)
     if key not in text_cache:
-        ids = [enc.tok(t, add_special_tokens=False)["input_ids"] for t in read_lines(text or asset("preserve_text.jsonl"))]
-        text_cache[key] = group_moments(model, settings, ids, enc.pad_id)
+        path = preserve_text_path(text)
+        lines = read_lines(path)
+
+        def compute():
+            ids = [enc.tok(t, add_special_tokens=False)["input_ids"] for t in lines]
+            return group_moments(model, settings, ids, enc.pad_id)
+
+        what = (settings.targets, settings.layers, hashlib.sha256("\n".join(lines).encode()).hexdigest())
+        text_cache[key] = stored_moments(origin, what, compute, model.device) \
+            if origin is not None and folded is None else compute()
     return combine(model, settings, groups + [text_cache[key]])
 
 

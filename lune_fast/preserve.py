@@ -15,7 +15,10 @@ section 2, "soft key preservation" rows); it stays an option.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -105,6 +108,49 @@ def group_moments(model: Transformer, settings: lora.LoraSettings, seqs: list[li
         cache[key] = acc.copy()
     _add_chunks(model, settings, seqs[len(acc.seqs):], acc, pad_id, pack)
     return {k: v / max(acc.n, 1) for k, v in acc.sums.items()}, acc.n
+
+
+# Moments over a long text take tens of seconds (the replace default's 60,000 tokens: ~45 s on 2 cores); they are
+# kept on disk, keyed by everything they are computed from, so that only a machine's first request pays.
+MOMENTS_FORMAT = 1
+
+
+def moments_store() -> Path | None:
+    """Where text moments are kept: LUNE_FAST_MOMENTS, else the cache's moments/ folder; LUNE_FAST_MOMENTS=""
+    keeps none."""
+    from .weights import cache_dir
+
+    where = os.environ.get("LUNE_FAST_MOMENTS")
+    if where == "":
+        return None
+    return Path(where) if where else cache_dir() / "moments"
+
+
+def stored_moments(origin: str, what: tuple, compute, device) -> tuple[dict[str, torch.Tensor], int]:
+    """compute() -> group_moments' (moments, tokens), read from moments_store() where a run with the same
+    `origin` (the model's weight files, dtype, device, the CPU kind), torch and `what` (layout, text content)
+    kept them, else computed and kept there (written atomically: a concurrent writer leaves one whole file)."""
+    from safetensors.torch import load_file, save_file
+
+    from .io import atomic_output_file
+
+    store = moments_store()
+    if store is None:
+        return compute()
+    name = hashlib.sha256(repr((MOMENTS_FORMAT, torch.__version__, torch.backends.cpu.get_cpu_capability(),
+                                origin, what)).encode()).hexdigest()[:32]
+    path = store / f"{name}.safetensors"
+    if path.is_file():
+        try:
+            tensors = load_file(str(path), device=str(device))
+            n = int(tensors.pop("__tokens__").item())
+            return tensors, n
+        except Exception:  # a damaged file is computed again and replaced
+            pass
+    moments, n = compute()
+    with atomic_output_file(path) as tmp:
+        save_file({**{k: v.cpu().contiguous() for k, v in moments.items()}, "__tokens__": torch.tensor(n)}, str(tmp))
+    return moments, n
 
 
 def combine(model: Transformer, settings: lora.LoraSettings, groups: list[tuple[dict[str, torch.Tensor], int]]

@@ -44,7 +44,8 @@ MODE_DEFAULTS = {
     ("suppress", "keyed"): {"objective": "npo_tok", "targets": "down", "layers": "10%-30%", "optimizer": "column",
                             "anchors": 0, "prompt_variants": 1, "key_overlap": 1e-3, "stop_prob": 0.01},
     ("replace", "keyed"): {"objective": "replace", "targets": "down", "layers": "10%-30%", "optimizer": "settle",
-                           "anchors": 0, "prompt_variants": 2, "key_overlap": 1e-2, "stop_prob": 0.05},
+                           "anchors": 0, "prompt_variants": 2, "key_overlap": 1e-2, "stop_prob": 0.05,
+                           "preserve_text": "preserve_text_long.jsonl"},
     ("suppress", "plain"): {"objective": "npo_tok", "targets": "gate,up,down", "layers": "27%-67%", "lr": 1e-3,
                             "optimizer": "adamw", "anchors": 0, "prompt_variants": 0, "stop_prob": 0.05},
     # all seven projections with two anchors per fact keep the most neighbours of the plain settings
@@ -112,7 +113,8 @@ class Settings:
     anchor_min_prob: float = 0.5
     # the preserved inputs (keyed adapters are whitened against them; preserve_weight > 0 also penalises the
     # relative change of the adapted projections' outputs on them, lune_fast.preserve): the forget prompts'
-    # templates with other subjects (`preserve_prompts` per fact) and a text file (None = the package's)
+    # templates with other subjects (`preserve_prompts` per fact) and a text: a file, or a text the package ships
+    # (lune_fast.keyed.PACKAGE_TEXTS; None = the mode's: keyed replace the long one, else the short one)
     preserve_prompts: int = 12
     preserve_neighbors: bool = True  # the records' listed neighbours are preserved inputs too (prompts, not answers)
     # after training, the listed neighbours the base model answered are checked; any the adapter flipped are

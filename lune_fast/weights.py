@@ -36,6 +36,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LUNE_FAST_CACHE", Path.home() / ".cache" / "lune_fast"))
 
 
+def folder_identity(folder: Path) -> str:
+    """The folder and each file in it as (name, size, modification time): what a model loaded from it was read
+    from, for keys of what is computed from its weights (preserve.stored_moments)."""
+    folder = Path(folder).resolve()
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    return repr((str(folder), files))
+
+
 def resolve_model_dir(model: str | os.PathLike | None) -> Path:
     """The local folder of a model name (public): 'default' (or None) is the embedded SmolLM2 model and
     'gemma3-270m' the embedded Gemma 3, each installed and converted once into the cache; anything else is a

@@ -1,5 +1,6 @@
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,11 @@ import torch
 # Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before they are imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The preserved text's moments that runs keep on disk (preserve.stored_moments) go to a folder of this test
+# session, removed at exit, not into the user's cache
+_MOMENTS = tempfile.TemporaryDirectory(prefix="lune_fast_moments_")
+os.environ.setdefault("LUNE_FAST_MOMENTS", _MOMENTS.name)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("LUNE_FAST_SHARED_DATA", REPO.parent / "shared" / "data"))

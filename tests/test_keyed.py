@@ -273,3 +273,51 @@ def test_output_energy_from_the_kept_gram_matches_the_direct_product_and_follows
         got = float((C * gram(w)).sum())
         assert abs(got - exact()) <= 1e-5 * exact()
         w.mul_(-1.5)
+
+
+def test_the_text_moments_are_kept_on_disk_and_read_back_bit_for_bit(tiny_lm, tmp_path, monkeypatch):
+    """The preserved text's moments (preserve.stored_moments): a second Unlearner-like call with the same origin
+    reads the kept file and gets exactly the moments computed afresh; another text, origin or layout computes
+    its own; a damaged file is computed again; LUNE_FAST_MOMENTS="" keeps nothing; a state's folded ranks are
+    never kept."""
+    from lune_fast.keyed import preserve_text_path, preserved_inputs
+    from lune_fast.preserve import stored_moments
+    from lune_fast.weights import folder_identity, load_tokenizer
+
+    store = tmp_path / "moments"
+    monkeypatch.setenv("LUNE_FAST_MOMENTS", str(store))
+    model = load_model(tiny_lm)
+    enc = Encoder(load_tokenizer(tiny_lm))
+    facts = [Fact(prompt="The capital of Egypt is", target="Cairo", subject="Egypt")]
+    settings = lora.LoraSettings(rank=1, alpha=1, targets=("down",), layers=(1, 2))
+    origin = repr((folder_identity(tiny_lm), "float32", "cpu"))
+    fresh = preserved_inputs(model, enc, facts, settings, 4, None, 0, {}, origin=None)
+    kept = [preserved_inputs(model, enc, facts, settings, 4, None, 0, {}, origin=origin) for _ in range(2)]
+    assert len(list(store.iterdir())) == 1
+    for p in kept:
+        assert all(torch.equal(p.moments[n], fresh.moments[n]) for n in fresh.moments) and p.tokens == fresh.tokens
+    preserved_inputs(model, enc, facts, settings, 4, "preserve_text_long.jsonl", 0, {}, origin=origin)
+    preserved_inputs(model, enc, facts, lora.LoraSettings(rank=1, alpha=1, targets=("down",), layers=(1,)), 4,
+                     None, 0, {}, origin=origin)
+    preserved_inputs(model, enc, facts, settings, 4, None, 0, {}, origin=origin + "x")
+    preserved_inputs(model, enc, facts, settings, 4, None, 0, {}, folded=("state", ("r0001",), ()), origin=origin)
+    assert len(list(store.iterdir())) == 4
+    assert preserve_text_path("preserve_text_long.jsonl").is_file()
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": torch.arange(4.0).reshape(2, 2)}, 5
+
+    before = set(store.iterdir())
+    first = stored_moments("o", ("w",), compute, "cpu")
+    (made,) = set(store.iterdir()) - before
+    made.write_bytes(b"not safetensors")
+    again = stored_moments("o", ("w",), compute, "cpu")
+    assert len(calls) == 2 and torch.equal(again[0]["x"], first[0]["x"]) and again[1] == 5
+    assert stored_moments("o", ("w",), compute, "cpu")[1] == 5 and len(calls) == 2  # the rewritten file is read
+    monkeypatch.setenv("LUNE_FAST_MOMENTS", "")
+    n = len(list(store.iterdir()))
+    stored_moments("o", ("other",), compute, "cpu")
+    assert len(calls) == 3 and len(list(store.iterdir())) == n

@@ -5,7 +5,11 @@ activations of this text: the model's own continuations give ordinary text in it
 dozen lines, as many tokens as the covariance of a 1,536-wide input needs.
 
     python tools/make_preserve_text.py                          # the default model -> the package's file
+    python tools/make_preserve_text.py --samples 15 --new-tokens 64 --out lune_fast/assets/preserve_text_long.jsonl
     python tools/make_preserve_text.py --model gemma3-270m --out FILE
+
+The second is the long text (~60,000 tokens, 864 texts; keyed replace mode's default, lune_fast.keyed.PACKAGE_TEXTS);
+sampled continuations depend on the machine's rounding, so a rerun elsewhere gives another text of the same kind.
 """
 import argparse
 import json
