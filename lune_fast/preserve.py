@@ -148,8 +148,12 @@ def stored_moments(origin: str, what: tuple, compute, device) -> tuple[dict[str,
         except Exception:  # a damaged file is computed again and replaced
             pass
     moments, n = compute()
-    with atomic_output_file(path) as tmp:
-        save_file({**{k: v.cpu().contiguous() for k, v in moments.items()}, "__tokens__": torch.tensor(n)}, str(tmp))
+    try:
+        with atomic_output_file(path) as tmp:
+            save_file({**{k: v.cpu().contiguous() for k, v in moments.items()}, "__tokens__": torch.tensor(n)},
+                      str(tmp))
+    except OSError:  # a read-only or full disk: the request goes on, only without keeping them
+        pass
     return moments, n
 
 

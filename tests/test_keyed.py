@@ -278,8 +278,8 @@ def test_output_energy_from_the_kept_gram_matches_the_direct_product_and_follows
 def test_the_text_moments_are_kept_on_disk_and_read_back_bit_for_bit(tiny_lm, tmp_path, monkeypatch):
     """The preserved text's moments (preserve.stored_moments): a second Unlearner-like call with the same origin
     reads the kept file and gets exactly the moments computed afresh; another text, origin or layout computes
-    its own; a damaged file is computed again; LUNE_FAST_MOMENTS="" keeps nothing; a state's folded ranks are
-    never kept."""
+    its own; a damaged file is computed again; LUNE_FAST_MOMENTS="" keeps nothing, nor does a store that cannot
+    be written; a state's folded ranks are never kept."""
     from lune_fast.keyed import preserve_text_path, preserved_inputs
     from lune_fast.preserve import stored_moments
     from lune_fast.weights import folder_identity, load_tokenizer
@@ -321,3 +321,6 @@ def test_the_text_moments_are_kept_on_disk_and_read_back_bit_for_bit(tiny_lm, tm
     n = len(list(store.iterdir()))
     stored_moments("o", ("other",), compute, "cpu")
     assert len(calls) == 3 and len(list(store.iterdir())) == n
+    (tmp_path / "a_file").write_text("")  # a store that cannot be made: computed, not kept, no error
+    monkeypatch.setenv("LUNE_FAST_MOMENTS", str(tmp_path / "a_file" / "moments"))
+    assert stored_moments("o", ("w",), compute, "cpu")[1] == 5 and len(calls) == 4
