@@ -25,6 +25,7 @@ import torch
 from . import lora
 from .data import make_batch
 from .model import Transformer
+from .settings import SettingsError
 
 
 @dataclass
@@ -115,9 +116,12 @@ def group_moments(model: Transformer, settings: lora.LoraSettings, seqs: list[li
 MOMENTS_FORMAT = 1
 
 
+MOMENTS_STORE_MB = 1024  # ~15 layer windows of the default model (66 MB each)
+
+
 def moments_store() -> Path | None:
     """Where text moments are kept: LUNE_FAST_MOMENTS, else the cache's moments/ folder; LUNE_FAST_MOMENTS=""
-    keeps none."""
+    keeps none. LUNE_FAST_MOMENTS_MB bounds its size (MOMENTS_STORE_MB by default)."""
     from .weights import cache_dir
 
     where = os.environ.get("LUNE_FAST_MOMENTS")
@@ -129,7 +133,8 @@ def moments_store() -> Path | None:
 def stored_moments(origin: str, what: tuple, compute, device) -> tuple[dict[str, torch.Tensor], int]:
     """compute() -> group_moments' (moments, tokens), read from moments_store() where a run with the same
     `origin` (the model's weight files, dtype, device, the CPU kind), torch and `what` (layout, text content)
-    kept them, else computed and kept there (written atomically: a concurrent writer leaves one whole file)."""
+    kept them, else computed and kept there (written atomically: a concurrent writer leaves one whole file).
+    The store keeps the most recently used files within its size bound."""
     from safetensors.torch import load_file, save_file
 
     from .io import atomic_output_file
@@ -137,6 +142,7 @@ def stored_moments(origin: str, what: tuple, compute, device) -> tuple[dict[str,
     store = moments_store()
     if store is None:
         return compute()
+    limit = store_limit()
     name = hashlib.sha256(repr((MOMENTS_FORMAT, torch.__version__, torch.backends.cpu.get_cpu_capability(),
                                 origin, what)).encode()).hexdigest()[:32]
     path = store / f"{name}.safetensors"
@@ -144,6 +150,7 @@ def stored_moments(origin: str, what: tuple, compute, device) -> tuple[dict[str,
         try:
             tensors = load_file(str(path), device=str(device))
             n = int(tensors.pop("__tokens__").item())
+            _touch(path)
             return tensors, n
         except Exception:  # a damaged file is computed again and replaced
             pass
@@ -152,9 +159,43 @@ def stored_moments(origin: str, what: tuple, compute, device) -> tuple[dict[str,
         with atomic_output_file(path) as tmp:
             save_file({**{k: v.cpu().contiguous() for k, v in moments.items()}, "__tokens__": torch.tensor(n)},
                       str(tmp))
+        prune_store(store, path, limit)
     except OSError:  # a read-only or full disk: the request goes on, only without keeping them
         pass
     return moments, n
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # a read-only store is still read
+        pass
+
+
+def store_limit() -> float:
+    """The moments store's bound in bytes (LUNE_FAST_MOMENTS_MB)."""
+    given = os.environ.get("LUNE_FAST_MOMENTS_MB")
+    try:
+        return float(given or MOMENTS_STORE_MB) * 2**20
+    except ValueError:
+        raise SettingsError(f"LUNE_FAST_MOMENTS_MB={given!r}: expected a number of megabytes") from None
+
+
+def prune_store(store: Path, keep: Path, limit: float) -> None:
+    """Remove the least recently used moment files past `limit` bytes (never `keep`, the one just written): the
+    store is a cache, each layout and text adding tens of MB."""
+    files = []
+    for f in store.glob("*.safetensors"):
+        try:
+            st = f.stat()
+        except OSError:  # removed by another process meanwhile
+            continue
+        files.append((st.st_mtime, st.st_size, f))
+    total = 0
+    for _, size, f in sorted(files, key=lambda t: t[0], reverse=True):
+        total += size
+        if total > limit and f != keep:
+            f.unlink(missing_ok=True)
 
 
 def combine(model: Transformer, settings: lora.LoraSettings, groups: list[tuple[dict[str, torch.Tensor], int]]

@@ -9,6 +9,7 @@ from lune_fast.keyed import CONTEXTS, key_positions, set_keyed, subject_keys
 from lune_fast.plan import prefixed_prompts
 from lune_fast.model import AttnMask
 from lune_fast.preserve import Preserved, combine, group_moments
+from lune_fast.settings import SettingsError
 from lune_fast.weights import load_model
 
 
@@ -324,3 +325,35 @@ def test_the_text_moments_are_kept_on_disk_and_read_back_bit_for_bit(tiny_lm, tm
     (tmp_path / "a_file").write_text("")  # a store that cannot be made: computed, not kept, no error
     monkeypatch.setenv("LUNE_FAST_MOMENTS", str(tmp_path / "a_file" / "moments"))
     assert stored_moments("o", ("w",), compute, "cpu")[1] == 5 and len(calls) == 4
+
+
+def test_the_moments_store_keeps_the_most_recently_used_within_its_bound(tmp_path, monkeypatch):
+    """LUNE_FAST_MOMENTS_MB bounds the store: writing past it removes the least recently used files (a file read
+    counts as used), never the one just written; a bound that is not a number is refused by name."""
+    import os
+
+    from lune_fast.preserve import stored_moments
+
+    store = tmp_path / "moments"
+    monkeypatch.setenv("LUNE_FAST_MOMENTS", str(store))
+    size = 2**20 // 4  # a 1 MiB float32 tensor each
+
+    def compute(v):
+        return lambda: ({"x": torch.full((size,), float(v))}, v)
+
+    for i in range(3):
+        stored_moments("o", (i,), compute(i), "cpu")
+    files = sorted(store.iterdir(), key=lambda f: f.stat().st_mtime)
+    for age, f in enumerate(files):  # distinct times, oldest first: the 1st written, then the 2nd, the 3rd
+        os.utime(f, (1e9 + age, 1e9 + age))
+    stored_moments("o", (0,), compute(0), "cpu")  # read: now the most recently used
+    monkeypatch.setenv("LUNE_FAST_MOMENTS_MB", "2.5")
+    got = stored_moments("o", (3,), compute(3), "cpu")
+    assert got[1] == 3 and len(list(store.iterdir())) == 2
+    calls = []
+    for i in (0, 3, 1):
+        stored_moments("o", (i,), lambda i=i: (calls.append(i), compute(i)())[1], "cpu")
+    assert calls == [1]  # 0 (read) and 3 (just written) were kept; 1 was removed, then computed again
+    monkeypatch.setenv("LUNE_FAST_MOMENTS_MB", "lots")
+    with pytest.raises(SettingsError, match="LUNE_FAST_MOMENTS_MB='lots'"):
+        stored_moments("o", (9,), compute(9), "cpu")
