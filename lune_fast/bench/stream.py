@@ -137,18 +137,18 @@ def held_records(folder: Path, records: list[dict]) -> tuple[list, int, int]:
 
 
 def run(u, records: list[dict], per_request: int, requests: int, eval_every: int, folder: Path,
-        out_jsonl: Path | None = None, overrides: dict | None = None, mode: str = "suppress"
-        ) -> tuple[list[dict], list[float]]:
+        out_jsonl: Path | None = None, overrides: dict | None = None, mode: str = "suppress",
+        held: tuple[list, int, int] | None = None) -> tuple[list[dict], list[float]]:
     """`requests` more requests of `per_request` records into the state at `folder`. A state already there
     (a stream stopped part-way, or some requests revoked) is resumed: its facts must be among the records in their
     order (held_records); it is measured first (the row of its last request, without a time), and the stream goes
-    on after the last of them."""
+    on after the last of them. held: held_records(folder, records) when the caller has it already."""
     from tqdm.auto import tqdm
 
     from ..data import read_facts
     from ..state import State
 
-    done, held_requests, used = held_records(folder, records)
+    done, held_requests, used = held if held is not None else held_records(folder, records)
     records = records[used:]
     chunks = [records[i * per_request:(i + 1) * per_request] for i in range(requests)]
     chunks = [c for c in chunks if c]
@@ -289,9 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lune-fast: {', '.join(there)} already exist(s); pass --overwrite to replace, or another --out",
               file=sys.stderr)
         return 2
+    held = None
     if a.state:
         try:
-            held_records(Path(a.state), records)
+            held = held_records(Path(a.state), records)
         except StateError as e:
             print(f"lune-fast: {e}", file=sys.stderr)
             return 2
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rows, seconds = run(u, records, a.per_request, a.requests, a.eval_every,
                             Path(a.state) if a.state else Path(tmp) / "state",
-                            Path(f"{out}.jsonl") if out else None, json.loads(a.settings), a.mode)
+                            Path(f"{out}.jsonl") if out else None, json.loads(a.settings), a.mode, held)
     lat = latency(seconds) if seconds else {}
     replace = a.mode == "replace"
     scores = ["efficacy", "paraphrase", "neighbourhood"] if replace else ["forget", "para", "indirect"]
