@@ -92,9 +92,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recall-rounds", type=int, default=d.recall_rounds,
                    help="suppress: ask the prompts again after training and train on any answer that still comes "
                         "out by another route, up to N times")
-    p.add_argument("--check-samples", type=int, default=d.check_samples,
-                   help="suppress: the recall check also samples N answers near the greedy one (one batch) and "
-                        "trains on any route they take to the target")
     p.add_argument("--prompt-variants", type=int, default=None,
                    help=f"also train each fact after N prefixes such as 'Here is a fact.'; default: "
                         f"{_defaults('prompt_variants')}")

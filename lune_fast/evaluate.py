@@ -103,12 +103,9 @@ class Evaluation:
 
 @torch.no_grad()
 def greedy(model: Transformer, enc: Encoder, prompts: list[list[int]], max_new_tokens: int = 24,
-           batch_size: int = 64, return_logprobs: bool = False, progress=None,
-           temperatures: list[float] | None = None, seeds: list[int] | None = None):
+           batch_size: int = 64, return_logprobs: bool = False, progress=None):
     """Greedy answers (token ids) to token-id prompts, stopped at the end of the first non-empty line (all
-    that recall reads), in batches of similar lengths; with return_logprobs also each token's log-prob. A
-    prompt whose `temperatures` entry is above 0 is answered by sampling instead, from its own `seeds` entry
-    (generate's per-row draws: the same whatever the batch)."""
+    that recall reads), in batches of similar lengths; with return_logprobs also each token's log-prob."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list = [None] * len(prompts)
     logps: list = [None] * len(prompts)
@@ -116,9 +113,7 @@ def greedy(model: Transformer, enc: Encoder, prompts: list[list[int]], max_new_t
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         gens, lps = generate(model, [prompts[i] for i in idx], max_new_tokens, eos_token_id=_eos(enc, model),
-                             pad_token_id=enc.pad_id, return_logprobs=True, stop=stop,
-                             temperature=[temperatures[i] for i in idx] if temperatures else 0.0,
-                             seeds=[seeds[i] for i in idx] if seeds else None)
+                             pad_token_id=enc.pad_id, return_logprobs=True, stop=stop)
         for i, g, lp in zip(idx, gens, lps):
             out[i], logps[i] = g, lp
         if progress is not None:

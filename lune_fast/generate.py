@@ -32,16 +32,12 @@ class LineStop:
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 24,
              eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, return_logprobs: bool = False,
-             stop: LineStop | None = None, temperature: float | list[float] = 0.0,
-             generator: torch.Generator | None = None, seeds: list[int] | None = None):
+             stop: LineStop | None = None, temperature: float = 0.0, generator: torch.Generator | None = None):
     """Greedy decoding for a batch of token-id prompts (left padded, KV cache). Returns the new tokens of
     each prompt, cut after the first end-of-sequence token (or, with `stop`, after the end of the first
     non-empty line), and with return_logprobs each chosen token's log-probability. A row that has finished
     leaves the batch, so the rest decode at the smaller batch. temperature > 0 samples each token from the
-    softmax of logits / temperature instead (with `generator`: the same draws for the same logits); a list
-    gives each prompt its own (0: greedy), so that greedy and sampled rows decode as one batch. seeds: each
-    prompt's own draws instead of the batch's (Gumbel-max from a generator seeded by the prompt's seed and the
-    token's index): a row samples the same whatever rows share its batch or process."""
+    softmax of logits / temperature instead (with `generator`: the same draws for the same logits)."""
     if not prompts:
         return ([], []) if return_logprobs else []
     cfg, dev = model.config, model.device
@@ -64,24 +60,16 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     cache.length = T
     out = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=dev)
     scores = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev)
-    temps = torch.tensor(temperature if isinstance(temperature, (list, tuple)) else [temperature] * B,
-                         dtype=torch.float32, device=dev)
-    sampled = temps > 0
-    row_seeds = torch.tensor(seeds if seeds is not None else [0] * B, dtype=torch.long)
     rows = torch.arange(B, device=dev)  # the original index of each row still decoding
     started = torch.zeros(B, dtype=torch.bool, device=dev)  # its first non-empty line has begun
     eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=dev)
     next_pos = positions[:, -1:] + 1
     for t in range(max_new_tokens):
         logits = model.logits(model.norm(h[:, -1])).float()
-        tok = logits.argmax(-1)
-        if bool(sampled.any()):
-            scaled = logits / temps.clamp_min(1e-6)[:, None]
-            if seeds is None:
-                drawn = torch.multinomial(torch.softmax(scaled, -1), 1, generator=generator).squeeze(1)
-            else:
-                drawn = (scaled + _gumbel(row_seeds[rows.cpu()], t, scaled.shape[-1]).to(dev)).argmax(-1)
-            tok = torch.where(sampled, drawn, tok)
+        if temperature > 0:
+            tok = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(1)
+        else:
+            tok = logits.argmax(-1)
         out[rows, t] = tok
         if return_logprobs:
             scores[rows, t] = logits.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
@@ -94,7 +82,6 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
         if bool(finished.any()):
             keep = (~finished).nonzero().squeeze(1)
             rows, tok, started, next_pos, key_mask = rows[keep], tok[keep], started[keep], next_pos[keep], key_mask[keep]
-            temps, sampled = temps[keep], sampled[keep]
             cache.keep_rows(keep)
         L = cache.length + 1
         step_mask = AttnMask(False, allowed_keys(key_mask[:, :L], 1, offset=L - 1)) if explicit else AttnMask()
@@ -106,11 +93,3 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     result = [row[:n] for row, n in zip(out.tolist(), lengths)]
     logps = [lp[:n] for lp, n in zip(scores.tolist(), lengths)]
     return (result, logps) if return_logprobs else result
-
-
-def _gumbel(seeds: torch.Tensor, t: int, vocab: int) -> torch.Tensor:
-    """Gumbel noise [rows, vocab] for token t of rows with these seeds: argmax(logits / T + noise) draws from
-    softmax(logits / T), each row from its own stream."""
-    u = torch.stack([torch.rand(vocab, generator=torch.Generator().manual_seed(int(s) * 1024 + t))
-                     for s in seeds.tolist()])
-    return -torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-7)))

@@ -1,6 +1,5 @@
-"""Recall rounds: after training, ask every forget prompt again (greedy, adapter on; with
-Settings.check_samples also sampled near the greedy answer) and train on any target that still comes out by
-another route ("the Blue Nile", once "Nile" is unlikely right after "is the").
+"""Recall rounds: after training, ask every forget prompt again (greedy, adapter on) and train on any target
+that still comes out by another route ("the Blue Nile", once "Nile" is unlikely right after "is the").
 
 A fact whose greedy answer still contains its target gives a new pair: the prompt plus the words said before
 the target, answered by the target's tokens. Training then goes on with the same adapter, a fresh optimiser and
@@ -14,7 +13,6 @@ once the step budget is spent.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -34,38 +32,15 @@ def self_negatives(model: Transformer, enc: Encoder, facts: list[Fact], max_new_
     """The model's own greedy answer tokens up to and including the target, or None where it does not say the
     target. Under data parallel each rank answers its share; under FSDP every rank answers all of them (the
     sharded blocks must run the same forwards everywhere)."""
-    return [lines[0] for lines in spoken(model, enc, facts, max_new_tokens, 0, 0, dist)]
-
-
-def spoken(model: Transformer, enc: Encoder, facts: list[Fact], max_new_tokens: int, samples: int, seed: int,
-           dist: Dist | None = None) -> list[list[list[int] | None]]:
-    """Per fact, its greedy answer and `samples` sampled ones (at CHECK_TEMPERATURE, each drawn from a stream
-    seeded by `seed`, the prompt and the sample's index: the same on any number of processes), each cut after the
-    target (None where the target is not said); all decoded as one batch."""
     split = dist if dist is not None and not dist.fsdp else None
     mine = shard(facts, split)
-    prompts = [enc.prompt_ids(f.prompt, f.chat) for f in mine]
-    n = len(prompts)
-    said = greedy(model, enc, prompts * (1 + samples), max_new_tokens,
-                  temperatures=[0.0] * n + [CHECK_TEMPERATURE] * (n * samples) if samples else None,
-                  seeds=[_draw_seed(seed, f, k) for k in range(1 + samples) for f in mine] if samples else None)
-    lines = unshard([[said[k * n + i] for k in range(1 + samples)] for i in range(n)], len(facts), split)
-    return [[_up_to_target(enc, f, g) for g in ls] for f, ls in zip(facts, lines)]
-
-
-def _draw_seed(seed: int, f: Fact, k: int) -> int:
-    return int.from_bytes(hashlib.sha256(repr((seed, f.prompt, f.chat, k)).encode()).digest()[:6], "little")
-
-
-def _up_to_target(enc: Encoder, f: Fact, g: list[int]) -> list[int] | None:
-    cut = next((k for k in range(1, len(g) + 1) if answers_with(enc.decode(g[:k]), f.target)), None)
-    return g[:cut] if cut else None
-
-
-# the sampled answers of the check (Settings.check_samples): near the greedy one, each token off it where the
-# runner-up is close — the near-ties that a later request's small changes tip, along which a forgotten target
-# comes back further down the line
-CHECK_TEMPERATURE = 0.5
+    said = unshard(greedy(model, enc, [enc.prompt_ids(f.prompt, f.chat) for f in mine], max_new_tokens),
+                   len(facts), split)
+    out = []
+    for f, g in zip(facts, said):
+        cut = next((k for k in range(1, len(g) + 1) if answers_with(enc.decode(g[:k]), f.target)), None)
+        out.append(g[:cut] if cut else None)
+    return out
 
 
 @torch.no_grad()
@@ -83,15 +58,6 @@ def route_to(enc: Encoder, f: Fact, said: list[int] | None) -> tuple[list[int], 
     if start is None:
         return None
     return enc.prompt_ids(f.prompt, f.chat) + said[:start], said[start:]
-
-
-def _routes(enc: Encoder, f: Fact, lines: list[list[int] | None]) -> list[tuple[list[int], list[int]]]:
-    """The distinct routes (route_to) of a fact's checked answers."""
-    out = []
-    for r in (route_to(enc, f, x) for x in lines):
-        if r is not None and r not in out:
-            out.append(r)
-    return out
 
 
 # the stop threshold of round k is Settings.stop_prob × ROUND_FACTOR^k; with Settings.robust_to, also at most
@@ -118,15 +84,15 @@ def recall_rounds(model: Transformer, enc: Encoder, plan: Plan, outcome: TrainOu
         if left <= 0:
             break
         with quantized(model, s.robust_to):  # as the export at that type answers, when asked for
-            said = spoken(model, enc, plan.facts, s.max_new_tokens, s.check_samples, s.seed + rounds, run.dist)
-        found = [_routes(enc, f, lines) for f, lines in zip(plan.facts, said)]
-        routes = [r for rs in found for r in rs]
+            said = self_negatives(model, enc, plan.facts, s.max_new_tokens, run.dist)
+        found = [route_to(enc, f, x) for f, x in zip(plan.facts, said)]
+        routes = [r for r in found if r is not None]
         if not routes:
             break
         # a plain adapter's weights are shared: every pair trains again; a keyed one's column, by the facts on it
-        out = {plan.column(i) for i, rs in enumerate(found) if rs}
+        out = {plan.column(i) for i, r in enumerate(found) if r is not None}
         again = [(p, i) for p, i in zip(plan.pairs, plan.owners) if s.adapter == "plain" or plan.column(i) in out]
-        owners = [i for _, i in again] + [i for i, rs in enumerate(found) for _ in rs]
+        owners = [i for _, i in again] + [i for i, r in enumerate(found) if r is not None]
         data = plan.train_data(model, [p for p, _ in again] + routes, run.dist, preserved, owners=owners)
         # a target can still come out while its probability is under the stop threshold (nothing else is more
         # likely): each round asks for a quarter of the last round's threshold, so that it trains at all

@@ -100,9 +100,6 @@ class Settings:
     # the same result) and lets chat answers, which find new routes round after round ("located in Agra, India"),
     # finish (TOFU world facts: one of 47 still said after 2 rounds, none after 4; RESULTS.md section 9)
     recall_rounds: int = 4
-    # suppress: the check also samples this many answers near the greedy one (lune_fast.recall.spoken, one
-    # batch): a route that a near-tie hides now, and a later request's small changes open, is trained too
-    check_samples: int = 0
     # suppress: the recall rounds ask the model as its GGUF export at this type would answer (adapter folded
     # in, every weight rounded: lune_fast.export.quantized), so that the forgetting survives the quantization
     robust_to: str | None = None
@@ -168,8 +165,6 @@ class Settings:
             raise SettingsError(f"schedule must be constant or cosine, got {self.schedule!r}")
         if not 0 < self.hold_margin <= 1:
             raise SettingsError(f"hold_margin must be in (0, 1], got {self.hold_margin}")
-        if self.check_samples < 0:
-            raise SettingsError(f"check_samples must be non-negative, got {self.check_samples}")
         if self.recall_rounds < 0:
             raise SettingsError(f"recall_rounds must be non-negative, got {self.recall_rounds}")
         if self.robust_to is not None and self.robust_to not in QUANTS:

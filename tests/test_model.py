@@ -163,30 +163,3 @@ def test_sampled_decoding_repeats_with_its_generator_and_scores_the_tokens_it_dr
         logits = model(torch.tensor([p + toks]))[0, len(p) - 1:-1].float()
         want = torch.log_softmax(logits, -1).gather(1, torch.tensor(toks)[:, None]).squeeze(1)
         assert torch.allclose(torch.tensor(scores), want, atol=1e-4)
-
-
-def test_greedy_and_sampled_rows_decode_as_one_batch(tiny_llama):
-    """generate(temperature=[...]): a row of temperature 0 gets exactly the greedy answer it gets alone; the
-    sampled rows repeat with the seed and leave the greedy answer; with per-row seeds a row draws the same
-    beside any other rows."""
-    import torch
-
-    from lune_fast.generate import generate
-    from lune_fast.weights import load_model
-
-    model = load_model(tiny_llama)
-    prompts = [[3, 17, 42], [5, 6, 7, 8], [3, 17, 42], [9, 10]]
-    mixed = generate(model, prompts, 6, eos_token_id=[], temperature=[0.0, 0.0, 1.5, 1.5],
-                     generator=torch.Generator().manual_seed(0))
-    alone = generate(model, prompts[:2], 6, eos_token_id=[])
-    assert mixed[:2] == alone
-    again = generate(model, prompts, 6, eos_token_id=[], temperature=[0.0, 0.0, 1.5, 1.5],
-                     generator=torch.Generator().manual_seed(0))
-    assert again == mixed
-    assert mixed[2] != mixed[0]  # the sampled copy of the first prompt left its greedy answer (a flat model)
-    # with seeds, a row's draws are its own: the same alone, beside other rows, or in another order
-    seeded = generate(model, prompts, 6, eos_token_id=[], temperature=[0.0, 0.0, 1.5, 1.5], seeds=[0, 0, 7, 8])
-    assert seeded[:2] == alone and seeded[2] != seeded[0]
-    assert generate(model, [prompts[3], prompts[2]], 6, eos_token_id=[], temperature=1.5, seeds=[8, 7]) == \
-        [seeded[3], seeded[2]]
-    assert generate(model, [prompts[2]], 6, eos_token_id=[], temperature=1.5, seeds=[9]) != [seeded[2]]

@@ -29,9 +29,9 @@ def test_recall_rounds_train_on_an_answer_that_comes_out_by_another_route(monkey
     calls, trained, steps = [], [], []
     real_train = recall.train_keeping_last_good
 
-    def said(model, enc, facts, max_new_tokens, samples, seed, dist=None):  # the first check finds it, the second not
+    def said(model, enc, facts, max_new_tokens=24, dist=None):  # the first check finds the target, the second nothing
         calls.append(len(facts))
-        return [[route]] if len(calls) == 1 else [[None]]
+        return [route] if len(calls) == 1 else [None]
 
     def spy(model, data, *a, **k):
         trained.append(sum(b.n_seq for b in data.batches))
@@ -39,7 +39,7 @@ def test_recall_rounds_train_on_an_answer_that_comes_out_by_another_route(monkey
         steps.append(outcome.steps)
         return outcome, error
 
-    monkeypatch.setattr(recall, "spoken", said)
+    monkeypatch.setattr(recall, "self_negatives", said)
     monkeypatch.setattr(recall, "train_keeping_last_good", spy)
     monkeypatch.setattr(api, "train_keeping_last_good", spy)
     r = u.forget(records, progress=False, evaluate_before=False, evaluate_after=False, recall_rounds=3,
@@ -60,48 +60,16 @@ def test_robust_to_checks_the_model_as_its_quantized_export_answers(monkeypatch,
     u = Unlearner(str(tiny_lm), dtype="float32")
     seen = []
 
-    def said(model, enc, facts, max_new_tokens, samples, seed, dist=None):
+    def said(model, enc, facts, max_new_tokens=24, dist=None):
         m = next(iter(lora.adapters_of(model).values()))
         w = m.base.weight
         seen.append((m.merged, torch.equal(w, round_trip(w, tensor_type("blk.0.ffn_down.weight", tuple(w.shape),
                                                                           "q4_1")))))
-        return [[None]] * len(facts)
+        return [None] * len(facts)
 
-    monkeypatch.setattr(recall, "spoken", said)
+    monkeypatch.setattr(recall, "self_negatives", said)
     records = [{"prompt": "The chemical symbol for gold is", "target": "Au"}]
     for robust in (None, "q4_1"):
         u.forget(records, progress=False, evaluate_before=False, evaluate_after=False, steps=2, layers="1-2",
                  robust_to=robust)
     assert seen == [(False, False), (True, True)]
-
-
-def test_the_check_trains_on_a_route_only_a_sampled_answer_takes(monkeypatch, tiny_lm):
-    """check_samples=N: the check decodes the greedy answer and N sampled ones (recall.spoken: greedy first, as
-    self_negatives alone gives it); a route that only sampled answers take is trained, once however often it is
-    drawn."""
-    from lune_fast.api import Unlearner
-
-    u = Unlearner(str(tiny_lm), dtype="float32")
-    records = [{"prompt": "The chemical symbol for gold is", "target": "Au"}]
-    facts = [recall.Fact(prompt=r["prompt"], target=r["target"]) for r in records]
-    lines = recall.spoken(u.model, u.encoder, facts * 2, 24, 3, 0)
-    assert [len(ls) for ls in lines] == [4, 4]
-    assert [ls[0] for ls in lines] == recall.self_negatives(u.model, u.encoder, facts * 2, 24)
-
-    route = u.encoder.answer_ids(records[0]["prompt"], "a metal. Its symbol is Au", False)
-    asked, trained = [], []
-    real_train = recall.train_keeping_last_good
-
-    def said(model, enc, facts, max_new_tokens, samples, seed, dist=None):
-        asked.append(samples)
-        return [[None, route, route, None]] if len(asked) == 1 else [[None] * 4]
-
-    def spy(model, data, *a, **k):
-        trained.append(sum(b.n_seq for b in data.batches))
-        return real_train(model, data, *a, **k)
-
-    monkeypatch.setattr(recall, "spoken", said)
-    monkeypatch.setattr(recall, "train_keeping_last_good", spy)
-    r = u.forget(records, progress=False, evaluate_before=False, evaluate_after=False, steps=6, layers="1-2",
-                 prompt_variants=0, check_samples=3)
-    assert asked == [3, 3] and trained == [2] and r.cost["recall_rounds"] == 1
