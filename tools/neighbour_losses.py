@@ -9,25 +9,18 @@ just landed, to a later request when its fact was already in the state, or "befo
 """
 from __future__ import annotations
 
-import argparse
 import json
-import tempfile
 from collections import Counter
 from pathlib import Path
 
+from stream_common import each_request, stream_arguments
+
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("facts")
-    ap.add_argument("--per-request", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=8)
-    ap.add_argument("--settings", default="{}")
-    ap.add_argument("--out")
-    a = ap.parse_args()
+    a = stream_arguments(__doc__, per_request=8, requests=8)
     from lune_fast.api import Unlearner
     from lune_fast.data import listed_neighbors, read_facts
     from lune_fast.evaluate import answers_with, greedy
-    from lune_fast.state import State
 
     u = Unlearner("default")
     records = [json.loads(line) for line in open(a.facts) if line.strip()][:a.per_request * a.requests]
@@ -45,18 +38,14 @@ def main() -> None:
 
     base = answered()
     lost_at = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(a.requests):
-            chunk = records[r * a.per_request:(r + 1) * a.per_request]
-            u.forget(chunk, into=Path(tmp) / "state", progress=False, evaluate_before=False, evaluate_after=False,
-                     **json.loads(a.settings))
-            with State.open(Path(tmp) / "state").on(u.model):
-                now = answered()
-            for p, b, n in zip(prompts, base, now):
-                if b and not n and p not in lost_at:
-                    lost_at[p] = r
-            print(f"after request {r + 1}: {sum(b and not n for b, n in zip(base, now))} of {sum(base)} lost now",
-                  flush=True)
+    for r, _, st, _ in each_request(u, records, a):
+        with st.on(u.model):
+            now = answered()
+        for p, b, n in zip(prompts, base, now):
+            if b and not n and p not in lost_at:
+                lost_at[p] = r
+        print(f"after request {r + 1}: {sum(b and not n for b, n in zip(base, now))} of {sum(base)} lost now",
+              flush=True)
     charge = Counter()
     for p, r in lost_at.items():
         own = owner[p][0]

@@ -9,59 +9,42 @@ gone (one JSON line per request).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import tempfile
-import time
 from pathlib import Path
+
+from stream_common import each_request, stream_arguments
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("facts")
-    ap.add_argument("--per-request", type=int, default=1)
-    ap.add_argument("--requests", type=int, default=100)
-    ap.add_argument("--settings", default="{}")
-    ap.add_argument("--out")
-    a = ap.parse_args()
+    a = stream_arguments(__doc__, per_request=1, requests=100)
     from lune_fast.api import Unlearner
     from lune_fast.data import _json_lines
     from lune_fast.evaluate import answers_with, greedy
-    from lune_fast.state import State
 
     records = [obj for _, obj in _json_lines(Path(a.facts))]
     u = Unlearner()
     done, gone_at, last_line = [], {}, {}
     out = open(a.out, "w") if a.out else None
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "state"
-        for i in range(a.requests):
-            chunk = records[i * a.per_request:(i + 1) * a.per_request]
-            if not chunk:
-                break
-            t0 = time.perf_counter()
-            r = u.forget(chunk, into=folder, progress=False, evaluate_before=False, evaluate_after=False,
-                         **json.loads(a.settings))
-            seconds = time.perf_counter() - t0
-            done += r.facts
-            with State.open(folder).on(u.model):
-                lines = [u.encoder.decode(g) for g in
-                         greedy(u.model, u.encoder, [u.encoder.prompt_ids(f.prompt, f.chat) for f in done], 24)]
-            row = {"request": i + 1, "facts": len(done), "seconds": round(seconds, 2), "steps": r.cost["steps"],
-                   "returned": []}
-            for j, (f, line) in enumerate(zip(done, lines)):
-                said = answers_with(line, f.target)
-                if said and f.prompt in gone_at:
-                    row["returned"].append({"fact": j + 1, "prompt": f.prompt, "target": f.target, "now": line,
-                                            "when_gone": last_line[f.prompt], "first_gone_at": gone_at[f.prompt]})
-                elif not said:
-                    gone_at.setdefault(f.prompt, i + 1)
-                    last_line[f.prompt] = line
-            print(json.dumps({k: row[k] for k in ("request", "facts", "seconds", "steps")}),
-                  [x["prompt"] for x in row["returned"]], flush=True)
-            if out is not None:
-                out.write(json.dumps(row) + "\n")
-                out.flush()
+    for i, r, st, seconds in each_request(u, records, a):
+        done += r.facts
+        with st.on(u.model):
+            lines = [u.encoder.decode(g) for g in
+                     greedy(u.model, u.encoder, [u.encoder.prompt_ids(f.prompt, f.chat) for f in done], 24)]
+        row = {"request": i + 1, "facts": len(done), "seconds": round(seconds, 2), "steps": r.cost["steps"],
+               "returned": []}
+        for j, (f, line) in enumerate(zip(done, lines)):
+            said = answers_with(line, f.target)
+            if said and f.prompt in gone_at:
+                row["returned"].append({"fact": j + 1, "prompt": f.prompt, "target": f.target, "now": line,
+                                        "when_gone": last_line[f.prompt], "first_gone_at": gone_at[f.prompt]})
+            elif not said:
+                gone_at.setdefault(f.prompt, i + 1)
+                last_line[f.prompt] = line
+        print(json.dumps({k: row[k] for k in ("request", "facts", "seconds", "steps")}),
+              [x["prompt"] for x in row["returned"]], flush=True)
+        if out is not None:
+            out.write(json.dumps(row) + "\n")
+            out.flush()
 
 
 if __name__ == "__main__":
