@@ -24,28 +24,26 @@ def main() -> None:
     records = [obj for _, obj in _json_lines(Path(a.facts))]
     u = Unlearner()
     done, gone_at, last_line = [], {}, {}
-    out = open(a.out, "w") if a.out else None
-    for i, r, st, seconds in each_request(u, records, a):
-        done += r.facts
-        with st.on(u.model):
-            lines = [u.encoder.decode(g) for g in
-                     greedy(u.model, u.encoder, [u.encoder.prompt_ids(f.prompt, f.chat) for f in done], 24)]
-        row = {"request": i + 1, "facts": len(done), "seconds": round(seconds, 2), "steps": r.cost["steps"],
-               "returned": []}
-        for j, (f, line) in enumerate(zip(done, lines)):
-            said = answers_with(line, f.target)
-            if said and f.prompt in gone_at:
-                row["returned"].append({"fact": j + 1, "prompt": f.prompt, "target": f.target, "now": line,
-                                        "when_gone": last_line[f.prompt], "first_gone_at": gone_at[f.prompt]})
-            elif not said:
-                gone_at.setdefault(f.prompt, i + 1)
-                last_line[f.prompt] = line
-        print(json.dumps({k: row[k] for k in ("request", "facts", "seconds", "steps")}),
-              [x["prompt"] for x in row["returned"]], flush=True)
-        if out is not None:
+    with open(a.out if a.out else "/dev/null", "w") as out:
+        for i, r, st, seconds in each_request(u, records, a):
+            done += r.facts
+            with st.on(u.model):
+                said_ids = greedy(u.model, u.encoder, [u.encoder.prompt_ids(f.prompt, f.chat) for f in done],
+                                  u.defaults.max_new_tokens)
+            row = {"request": i + 1, "facts": len(done), "seconds": round(seconds, 2), "steps": r.cost["steps"],
+                   "returned": []}
+            for j, (f, line) in enumerate(zip(done, map(u.encoder.decode, said_ids))):
+                said = answers_with(line, f.target)
+                if said and f.prompt in gone_at:
+                    row["returned"].append({"fact": j + 1, "prompt": f.prompt, "target": f.target, "now": line,
+                                            "when_gone": last_line[f.prompt], "first_gone_at": gone_at[f.prompt]})
+                elif not said:
+                    gone_at.setdefault(f.prompt, i + 1)
+                    last_line[f.prompt] = line
+            print(json.dumps({k: row[k] for k in ("request", "facts", "seconds", "steps")}),
+                  [x["prompt"] for x in row["returned"]], flush=True)
             out.write(json.dumps(row) + "\n")
             out.flush()
-
 
 if __name__ == "__main__":
     main()
