@@ -171,8 +171,8 @@ def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settin
     answers; the request says they must stay), also those of a lifelong state's `earlier` facts; and the
     preservation text (preserve_text_path). The text's moments depend only on the model, the adapter layout and
     what a lifelong state has `folded` into the frozen weights (State.folded_outside), so they are kept in
-    `text_cache` under those and reused; with `origin` (what the model was loaded from) and nothing folded, also
-    on disk (preserve.stored_moments)."""
+    `text_cache` under those and reused; with `origin` (what the model was loaded from), also on disk
+    (preserve.stored_moments; folded ranks by their digest)."""
     prompts = [enc.prompt_ids(p, f.chat) for f, ps in zip(facts, other_subject_prompts(facts, n_prompts, seed))
                for p in ps]
     groups = [group_moments(model, settings, prompts, enc.pad_id)]
@@ -193,8 +193,9 @@ def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settin
             return group_moments(model, settings, ids, enc.pad_id)
 
         what = (settings.targets, settings.layers, hashlib.sha256("\n".join(lines).encode()).hexdigest())
-        text_cache[key] = stored_moments(origin, what, compute, model.device) \
-            if origin is not None and folded is None else compute()
+        if folded is not None:
+            what += (folded.digest(),)
+        text_cache[key] = stored_moments(origin, what, compute, model.device) if origin is not None else compute()
     return combine(model, settings, groups + [text_cache[key]])
 
 

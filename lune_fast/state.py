@@ -60,6 +60,27 @@ def fact_record(f: Fact) -> dict:
     return {k: v for k, v in rec.items() if v not in (None, [])}
 
 
+@dataclass(frozen=True)
+class Folded:
+    """What State.folded_outside folded into the frozen weights: the state's folder, the requests with ranks
+    there and the keyed facts left off name it within a process (cache keys); the ranks themselves [A, B per
+    projection] name it anywhere (digest)."""
+    folder: str
+    requests: tuple[str, ...]
+    off: tuple = ()
+    ranks: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def digest(self) -> str:
+        """sha256 over the folded ranks' names, shapes and float32 values."""
+        h = hashlib.sha256()
+        for name in sorted(self.ranks):
+            for t in self.ranks[name]:
+                t = t.detach().float().cpu().contiguous()
+                h.update(f"{name}{tuple(t.shape)}".encode())
+                h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+
 @dataclass
 class State:
     """The state as loaded: the ledger, the adapter's layout and tensors (every active rank), and the keys.
@@ -265,10 +286,10 @@ class State:
         """The state's ranks on projections `layout` does not adapt (other layer windows), but those of the
         keyed facts in `off`, folded into the frozen weights for the block, so that a request is trained and
         checked with the state acting; the weights are put back exactly (a copy) on the way out. Yields what was
-        folded, (folder, request ids, `off`), or None: anything cached about the model's activations inside the
-        block must be keyed by it."""
+        folded (Folded), or None: anything cached about the model's activations inside the block must be keyed
+        by it."""
         inside = set(layout.modules(model.config.num_hidden_layers))
-        saved = {}
+        saved, ranks = {}, {}
         folded = [e["id"] for e in self.active() if any(holds(e, n) for n in self.A if n not in inside)]
         try:
             with torch.no_grad():
@@ -277,9 +298,9 @@ class State:
                     if not a.shape[0]:
                         continue
                     w = lora.frozen_linear(model, name).weight
-                    saved[name] = w.clone()
+                    saved[name], ranks[name] = w.clone(), (a, b)
                     w.copy_((w.float() + b.to(w.device) @ a.to(w.device)).to(w.dtype))
-            yield (str(self.folder.resolve()), tuple(folded), tuple(sorted(off))) if folded else None
+            yield Folded(str(self.folder.resolve()), tuple(folded), tuple(sorted(off)), ranks) if folded else None
         finally:
             with torch.no_grad():
                 for name, w in saved.items():

@@ -280,9 +280,10 @@ def test_the_text_moments_are_kept_on_disk_and_read_back_bit_for_bit(tiny_lm, tm
     """The preserved text's moments (preserve.stored_moments): a second Unlearner-like call with the same origin
     reads the kept file and gets exactly the moments computed afresh; another text, origin or layout computes
     its own; a damaged file is computed again; LUNE_FAST_MOMENTS="" keeps nothing, nor does a store that cannot
-    be written; a state's folded ranks are never kept."""
+    be written; a state's folded ranks are kept by their values."""
     from lune_fast.keyed import preserve_text_path, preserved_inputs
     from lune_fast.preserve import stored_moments
+    from lune_fast.state import Folded
     from lune_fast.weights import folder_identity, load_tokenizer
 
     store = tmp_path / "moments"
@@ -301,8 +302,24 @@ def test_the_text_moments_are_kept_on_disk_and_read_back_bit_for_bit(tiny_lm, tm
     preserved_inputs(model, enc, facts, lora.LoraSettings(rank=1, alpha=1, targets=("down",), layers=(1,)), 4,
                      None, 0, {}, origin=origin)
     preserved_inputs(model, enc, facts, settings, 4, None, 0, {}, origin=origin + "x")
-    preserved_inputs(model, enc, facts, settings, 4, None, 0, {}, folded=("state", ("r0001",), ()), origin=origin)
     assert len(list(store.iterdir())) == 4
+    # a state's folded ranks: kept under their digest, not their names (a revoked and re-made r0001 differs)
+    name = "layers.1.mlp.down_proj"
+    w = lora.frozen_linear(model, name).weight
+    ranks = {name: (torch.randn(2, w.shape[1]), torch.randn(w.shape[0], 2))}
+    with torch.no_grad():
+        w += ranks[name][1] @ ranks[name][0]  # as State.folded_outside does
+    folded = [Folded("state", ("r0001",), (), ranks), Folded("state", ("r0001",), (), {name: (-ranks[name][0],
+                                                                                             ranks[name][1])})]
+    on_disk = preserved_inputs(model, enc, facts, settings, 4, None, 0, {}, folded=folded[0], origin=origin)
+    assert len(list(store.iterdir())) == 5
+    again = preserved_inputs(model, enc, facts, settings, 4, None, 0, {}, folded=folded[0], origin=origin)
+    assert len(list(store.iterdir())) == 5 and all(torch.equal(again.moments[n], on_disk.moments[n])
+                                                   for n in on_disk.moments)
+    later = "layers.2.mlp.down_proj"  # reads what the folded layer 1 wrote
+    assert not torch.equal(on_disk.moments[later], fresh.moments[later])
+    preserved_inputs(model, enc, facts, settings, 4, None, 0, {}, folded=folded[1], origin=origin)
+    assert len(list(store.iterdir())) == 6
     assert preserve_text_path("preserve_text_long.jsonl").is_file()
 
     calls = []

@@ -455,7 +455,7 @@ def test_a_full_window_sends_requests_up_the_depth_and_peft_loads_the_mixed_rank
 
 
 def test_a_request_into_a_later_window_is_the_same_whatever_the_unlearner_served_before(
-        tmp_path_factory, default_dir, tmp_path):
+        tmp_path_factory, default_dir, tmp_path, monkeypatch):
     """The preserved text's moments are cached per layout; in a later window they are read with the earlier
     windows' ranks folded in, so the cache must know which ranks those were. Same request, same state: an
     Unlearner that served the state's history and a fresh one give the same adapter."""
@@ -464,6 +464,7 @@ def test_a_request_into_a_later_window_is_the_same_whatever_the_unlearner_served
     from conftest import make_tiny_lm
     from lune_fast.api import Unlearner
 
+    monkeypatch.setenv("LUNE_FAST_MOMENTS", "")  # the fresh Unlearner computes, not reads the served one's
     folder = make_tiny_lm("llama", tmp_path_factory.mktemp("narrow_lm2"), default_dir, num_hidden_layers=6,
                           intermediate_size=8, tie_word_embeddings=True)
     u = Unlearner(str(folder), dtype="float32")
@@ -478,3 +479,32 @@ def test_a_request_into_a_later_window_is_the_same_whatever_the_unlearner_served
     assert served.config["layers"] == fresh.config["layers"] == [3, 4]
     for k, t in served.adapter.items():
         assert torch.equal(t, fresh.adapter[k]), k
+
+
+def test_a_later_windows_text_moments_are_computed_once_whatever_a_request_leaves_off(
+        tmp_path_factory, default_dir, tmp_path, monkeypatch):
+    """A request into a later window trains with the earlier ranks of its subjects left off (State.folded_outside's
+    `off`), but its preserved text is read with the whole state acting: requests into one window that leave
+    different facts off share one computation of the text's moments."""
+    from conftest import make_tiny_lm
+    from lune_fast import keyed
+    from lune_fast.api import Unlearner
+
+    monkeypatch.setenv("LUNE_FAST_MOMENTS", "")  # computed in process only, so every computation is seen
+    folder = make_tiny_lm("llama", tmp_path_factory.mktemp("narrow_lm3"), default_dir, num_hidden_layers=6,
+                          intermediate_size=8, tie_word_embeddings=True)
+    u = Unlearner(str(folder), dtype="float32")
+    d = tmp_path / "state"
+    u.forget(RECORDS_2 + [{"prompt": "The capital of Egypt is", "target": "Cairo"}], into=d, **TINY)  # 1-2 full
+    reads, offs = [], []
+    real_read, real_fold = keyed.read_lines, State.folded_outside
+    monkeypatch.setattr(keyed, "read_lines", lambda path: reads.append(path) or real_read(path))
+    monkeypatch.setattr(State, "folded_outside", lambda st, model, layout, off=frozenset():
+                        offs.append(off) or real_fold(st, model, layout, off))
+    r2 = u.forget(RECORDS_1, into=d, **TINY)  # France, Hamlet: layers 3-4, read with the first window folded
+    assert r2.config["layers"] == [3, 4] and len(reads) == 1
+    r3 = u.forget([{"prompt": "The currency of France is the", "target": "euro"}], into=d, **TINY)
+    r4 = u.forget([{"prompt": "The tallest mountain on Earth is", "target": "Mount Everest"}], into=d, **TINY)
+    assert r3.config["layers"] == r4.config["layers"] == [3, 4]
+    assert (r2.request_id, 0) in set().union(*offs)  # r3 trained with request 2's France left off
+    assert len(reads) == 1, reads
