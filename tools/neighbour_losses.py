@@ -13,7 +13,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from stream_common import each_request, stream_arguments
+from stream_common import each_request, read_records, stream_arguments
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     from lune_fast.evaluate import answers_with, greedy
 
     u = Unlearner("default")
-    records = [json.loads(line) for line in open(a.facts) if line.strip()][:a.per_request * a.requests]
+    records = read_records(a.facts)[:a.per_request * a.requests]
     facts = read_facts(records).facts
     owner = {}  # neighbour prompt -> (its request, target, chat)
     for i, f in enumerate(facts):

@@ -19,6 +19,13 @@ def stream_arguments(doc: str, per_request: int, requests: int) -> argparse.Name
     return ap.parse_args()
 
 
+def read_records(path: str) -> list[dict]:
+    """The facts file's records, read as the package reads a .jsonl (a bad line is named)."""
+    from lune_fast.data import _json_lines
+
+    return [obj for _, obj in _json_lines(Path(path))]
+
+
 def each_request(u, records: list[dict], a: argparse.Namespace):
     """Yields (request index, its ForgetResult, the state after it, its seconds) for a.requests requests of
     a.per_request records, trained with a.settings into a state in a temporary folder."""

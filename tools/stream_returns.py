@@ -10,18 +10,16 @@ gone (one JSON line per request).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from stream_common import each_request, stream_arguments
+from stream_common import each_request, read_records, stream_arguments
 
 
 def main() -> None:
     a = stream_arguments(__doc__, per_request=1, requests=100)
     from lune_fast.api import Unlearner
-    from lune_fast.data import _json_lines
     from lune_fast.evaluate import answers_with, greedy
 
-    records = [obj for _, obj in _json_lines(Path(a.facts))]
+    records = read_records(a.facts)
     u = Unlearner()
     done, gone_at, last_line = [], {}, {}
     with open(a.out if a.out else "/dev/null", "w") as out:
