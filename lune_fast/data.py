@@ -260,6 +260,7 @@ class Encoder:
     def __init__(self, tokenizer):
         self.tok = tokenizer
         self._line_stop = None
+        self.memo: dict = {}  # what is found about prompts through this tokenizer (subjects._subject_span)
 
     @property
     def pad_id(self) -> int:

@@ -95,6 +95,31 @@ def prompt_offsets(enc: Encoder, fact: Fact) -> tuple[list[int], list[tuple[int,
 
 def subject_last_token(enc: Encoder, fact: Fact) -> tuple[list[int], int, int] | None:
     """(prompt ids, first and last token index of the subject) or None when no subject is found."""
+    found = _subject_span(enc, fact)
+    return None if found is None else (list(found[0]), found[1], found[2])
+
+
+def subject_text(enc: Encoder, fact: Fact) -> str | None:
+    """The subject as the prompt's tokens spell it, or None when no subject is found."""
+    found = _subject_span(enc, fact)
+    return None if found is None else found[3]
+
+
+# a lifelong state's next request looks up every earlier fact's subject again (keyed.subject_groups): ~2 ms a
+# fact, seconds a request past a thousand facts, so each encoder keeps what it found, up to this many prompts
+SUBJECTS_KEPT = 100_000
+
+
+def _subject_span(enc: Encoder, fact: Fact) -> tuple[tuple[int, ...], int, int, str] | None:
+    key = ("subject", fact.prompt, fact.subject, fact.chat)
+    if key not in enc.memo:
+        if len(enc.memo) >= SUBJECTS_KEPT:
+            enc.memo.clear()
+        enc.memo[key] = _find_subject_tokens(enc, fact)
+    return enc.memo[key]
+
+
+def _find_subject_tokens(enc: Encoder, fact: Fact) -> tuple[tuple[int, ...], int, int, str] | None:
     found = find_subject(fact.prompt, fact.subject)
     read = prompt_offsets(enc, fact) if found is not None else None
     if read is None:
@@ -104,13 +129,7 @@ def subject_last_token(enc: Encoder, fact: Fact) -> tuple[list[int], int, int] |
     toks = [i for i, (a, b) in enumerate(offsets) if b > start and a < end and b > a]
     if not toks:
         return None
-    return ids, toks[0], toks[-1]
-
-
-def subject_text(enc: Encoder, fact: Fact) -> str | None:
-    """The subject as the prompt's tokens spell it, or None when no subject is found."""
-    loc = subject_last_token(enc, fact)
-    return enc.decode(loc[0][loc[1]:loc[2] + 1]).strip() if loc else None
+    return tuple(ids), toks[0], toks[-1], enc.decode(ids[toks[0]:toks[-1] + 1]).strip()
 
 
 # Words that say nothing about which fact a prompt is about (for prompts without a subject).
