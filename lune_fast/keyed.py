@@ -163,6 +163,11 @@ def preserve_text_path(text: str | None) -> Path:
     return Path(text)
 
 
+# text moments a process keeps (layouts, texts, windows folded): a state whose other window changes between
+# requests (one that has room again after a revoke) would otherwise keep every version
+TEXTS_KEPT = 4
+
+
 def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settings: lora.LoraSettings,
                      n_prompts: int, text: str | None, seed: int, text_cache: dict, neighbors: bool = True,
                      earlier: list[Fact] | tuple = (), folded=None, origin: str | None = None) -> Preserved:
@@ -171,20 +176,23 @@ def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settin
     answers; the request says they must stay), also those of a lifelong state's `earlier` facts; and the
     preservation text (preserve_text_path). The text's moments depend only on the model, the adapter layout and
     what a lifelong state has `folded` into the frozen weights (State.folded_outside), so they are kept in
-    `text_cache` under those and reused; with `origin` (what the model was loaded from), also on disk
-    (preserve.stored_moments; folded ranks by their digest)."""
+    `text_cache` under those and reused (the TEXTS_KEPT most recently used); with `origin` (what the model was
+    loaded from), also on disk (preserve.stored_moments; folded ranks by their digest)."""
     prompts = [enc.prompt_ids(p, f.chat) for f, ps in zip(facts, other_subject_prompts(facts, n_prompts, seed))
                for p in ps]
     groups = [group_moments(model, settings, prompts, enc.pad_id)]
     # the earlier facts' first: a state's next request starts with the same ones, and their sums are kept
+    fold = folded.key if folded is not None else None
     listed = [[enc.prompt_ids(p, f.chat) for f, p, _ in listed_neighbors(group, other)]
               for group, other in ((earlier, facts), (facts, earlier))] if neighbors else [[], []]
     if listed[0] or listed[1]:
         groups.append(group_moments(model, settings, listed[0] + listed[1], enc.pad_id,
                                     cache=text_cache.setdefault("earlier neighbours", {}),
-                                    key=(settings.targets, settings.layers, folded), stable=len(listed[0])))
-    key = (settings.targets, settings.layers, text, folded)
-    if key not in text_cache:
+                                    key=(settings.targets, settings.layers, fold), stable=len(listed[0])))
+    key = (settings.targets, settings.layers, text, fold)
+    if key in text_cache:
+        text_cache[key] = text_cache.pop(key)  # the most recently used last
+    else:
         path = preserve_text_path(text)
         lines = read_lines(path)
 
@@ -196,6 +204,9 @@ def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settin
         if folded is not None:
             what += (folded.digest(),)
         text_cache[key] = stored_moments(origin, what, compute, model.device) if origin is not None else compute()
+        kept = [k for k in text_cache if isinstance(k, tuple)]
+        for old in kept[:-TEXTS_KEPT]:  # the least recently used (66 MB a layer window on the default model)
+            del text_cache[old]
     return combine(model, settings, groups + [text_cache[key]])
 
 

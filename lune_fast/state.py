@@ -70,6 +70,11 @@ class Folded:
     off: tuple = ()
     ranks: dict = field(default_factory=dict, compare=False, repr=False)
 
+    @property
+    def key(self) -> tuple:
+        """The in-process name, without the tensors (a cache keyed by it does not keep them alive)."""
+        return self.folder, self.requests, self.off
+
     def digest(self) -> str:
         """sha256 over the folded ranks' names, shapes and float32 values."""
         h = hashlib.sha256()

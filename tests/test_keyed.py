@@ -276,6 +276,30 @@ def test_output_energy_from_the_kept_gram_matches_the_direct_product_and_follows
         w.mul_(-1.5)
 
 
+def test_a_process_keeps_the_most_recently_used_text_moments(tiny_lm, monkeypatch):
+    """The in-process cache of text moments holds keyed.TEXTS_KEPT of them (66 MB each on the default model); a
+    hit counts as use, and what a state folded is kept by its name, not its tensors."""
+    from lune_fast import keyed
+    from lune_fast.state import Folded
+    from lune_fast.weights import load_tokenizer
+
+    monkeypatch.setattr(keyed, "TEXTS_KEPT", 2)
+    model = load_model(tiny_lm)
+    enc = Encoder(load_tokenizer(tiny_lm))
+    facts = [Fact(prompt="The capital of Egypt is", target="Cairo", subject="Egypt")]
+    layouts = [lora.LoraSettings(rank=1, alpha=1, targets=("down",), layers=layers) for layers in [(1,), (2,), (1, 2)]]
+    cache = {}
+    ask = lambda layout, folded=None: keyed.preserved_inputs(model, enc, facts, layout, 2, None, 0, cache,
+                                                             folded=folded)
+    ask(layouts[0])
+    ask(layouts[1])
+    ask(layouts[0])  # used again: layouts[1] is now the least recently used
+    ask(layouts[2])
+    assert [k[1] for k in cache] == [(1,), (1, 2)]
+    ask(layouts[0], Folded("state", ("r0001",), (), {"x": (torch.ones(1, 2), torch.ones(2, 1))}))
+    assert [k[1] for k in cache] == [(1, 2), (1,)] and list(cache)[-1][3] == ("state", ("r0001",), ())
+
+
 def test_the_text_moments_are_kept_on_disk_and_read_back_bit_for_bit(tiny_lm, tmp_path, monkeypatch):
     """The preserved text's moments (preserve.stored_moments): a second Unlearner-like call with the same origin
     reads the kept file and gets exactly the moments computed afresh; another text, origin or layout computes
