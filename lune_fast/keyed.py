@@ -163,6 +163,28 @@ def preserve_text_path(text: str | None) -> Path:
     return Path(text)
 
 
+def listed_inputs(enc: Encoder, facts: list[Fact], earlier: list[Fact] | tuple
+                  ) -> tuple[list[list[int]], int, list[list[int]], int]:
+    """The listed neighbours' prompts as preserved inputs: (every neighbour the `earlier` facts list, then those
+    the request's `facts` list that are no forget prompt; how many of them the next request starts with; the
+    earlier ones that are forget prompts, to be taken out again; how many of those the next request starts
+    with).
+
+    A state's next request starts with the same earlier neighbours, so their sums are kept (group_moments).
+    Leaving a forget prompt out of the list would shift the rest whenever a request forgets an earlier fact's
+    neighbour (facts of one relation list each other) and lose the kept sums; it is taken out by subtraction
+    instead. Those taken out go in the order of when they became forget prompts of earlier neighbours (the later
+    of the two facts' places in the state), so that they too only grow at their end."""
+    first = {}
+    for i, f in enumerate([*earlier, *facts]):
+        first.setdefault(f.prompt, i)
+    mine = [(j, p, f.chat) for j, f in enumerate(earlier) for p, _ in f.neighbors]
+    ids = [enc.prompt_ids(p, chat) for _, p, chat in mine]
+    out = sorted((max(j, first[p]), pos) for pos, (j, p, _) in enumerate(mine) if p in first)
+    listed = ids + [enc.prompt_ids(p, f.chat) for f, p, _ in listed_neighbors(facts, earlier)]
+    return listed, len(ids), [ids[pos] for _, pos in out], sum(1 for when, _ in out if when < len(earlier))
+
+
 # text moments a process keeps (layouts, texts, windows folded): a state whose other window changes between
 # requests (one that has room again after a revoke) would otherwise keep every version
 TEXTS_KEPT = 4
@@ -181,14 +203,13 @@ def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settin
     prompts = [enc.prompt_ids(p, f.chat) for f, ps in zip(facts, other_subject_prompts(facts, n_prompts, seed))
                for p in ps]
     groups = [group_moments(model, settings, prompts, enc.pad_id)]
-    # the earlier facts' first: a state's next request starts with the same ones, and their sums are kept
     fold = folded.key if folded is not None else None
-    listed = [[enc.prompt_ids(p, f.chat) for f, p, _ in listed_neighbors(group, other)]
-              for group, other in ((earlier, facts), (facts, earlier))] if neighbors else [[], []]
-    if listed[0] or listed[1]:
-        groups.append(group_moments(model, settings, listed[0] + listed[1], enc.pad_id,
+    listed, stable, minus, minus_stable = listed_inputs(enc, facts, earlier) if neighbors else ([], 0, [], 0)
+    if listed:
+        groups.append(group_moments(model, settings, listed, enc.pad_id,
                                     cache=text_cache.setdefault("earlier neighbours", {}),
-                                    key=(settings.targets, settings.layers, fold), stable=len(listed[0])))
+                                    key=(settings.targets, settings.layers, fold), stable=stable, minus=minus,
+                                    minus_stable=minus_stable))
     key = (settings.targets, settings.layers, text, fold)
     if key in text_cache:
         text_cache[key] = text_cache.pop(key)  # the most recently used last

@@ -84,15 +84,30 @@ def _add_chunks(model: Transformer, settings: lora.LoraSettings, seqs: list[list
 
 
 def group_moments(model: Transformer, settings: lora.LoraSettings, seqs: list[list[int]], pad_id: int = 0,
-                  pack: int = 256, cache: dict | None = None, key=None, stable: int = 0
-                  ) -> tuple[dict[str, torch.Tensor], int]:
+                  pack: int = 256, cache: dict | None = None, key=None, stable: int = 0,
+                  minus: list[list[int]] = (), minus_stable: int = 0) -> tuple[dict[str, torch.Tensor], int]:
     """E[x xᵀ] over every token of `seqs` of the inputs of each projection `settings` adapts, on the frozen
     model (packed rows; only the layers up to the last adapted one run), and the token count.
 
-    With `cache` (a dict this function owns: it keeps one entry): the first `stable` sequences are ones the next
-    call will start with too (a lifelong state's earlier neighbours); the sums over their whole chunks are kept
-    under `key`, and a call with that key whose sequences start with the kept ones adds only the rest — the same
-    chunks in the same order, so the result is the one computed afresh, bit for bit."""
+    With `cache` (a dict this function owns: it keeps the entries of one `key`): the first `stable` sequences are
+    ones the next call will start with too (a lifelong state's earlier neighbours); the sums over their whole
+    chunks are kept under `key`, and a call with that key whose sequences start with the kept ones adds only the
+    rest — the same chunks in the same order, so the result is the one computed afresh, bit for bit.
+
+    `minus`: sequences among `seqs` whose inputs are taken out again (their sums, kept as above with
+    `minus_stable`, subtracted), so that a sequence leaving the set need not change the order of the others."""
+    if cache is not None:
+        for k in [k for k in cache if k not in (key, ("minus", key))]:
+            del cache[k]
+    acc = _kept_sums(model, settings, seqs, pad_id, pack, cache, key, stable)
+    out = _kept_sums(model, settings, minus, pad_id, pack, cache, ("minus", key), minus_stable)
+    if out.n:
+        acc = Sums(acc.seqs, {n: v - out.sums[n] for n, v in acc.sums.items()}, acc.n - out.n)
+    return {k: v / max(acc.n, 1) for k, v in acc.sums.items()}, acc.n
+
+
+def _kept_sums(model: Transformer, settings: lora.LoraSettings, seqs: list[list[int]], pad_id: int, pack: int,
+               cache: dict | None, key, stable: int) -> Sums:
     stable = sum(1 for s in seqs[:stable] if s)
     seqs = [s for s in seqs if s]
     linears = lora.frozen_linears(model, settings)
@@ -105,10 +120,10 @@ def group_moments(model: Transformer, settings: lora.LoraSettings, seqs: list[li
     whole = stable // CHUNK * CHUNK if cache is not None else 0
     if whole > len(acc.seqs):
         _add_chunks(model, settings, seqs[len(acc.seqs):whole], acc, pad_id, pack)
-        cache.clear()
         cache[key] = acc.copy()
-    _add_chunks(model, settings, seqs[len(acc.seqs):], acc, pad_id, pack)
-    return {k: v / max(acc.n, 1) for k, v in acc.sums.items()}, acc.n
+    if len(seqs) > len(acc.seqs):
+        _add_chunks(model, settings, seqs[len(acc.seqs):], acc, pad_id, pack)
+    return acc
 
 
 # Moments over a long text take tens of seconds (the replace default's 60,000 tokens: ~45 s on 2 cores); they are

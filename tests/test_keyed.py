@@ -217,6 +217,53 @@ def test_kept_moment_sums_give_the_moments_computed_afresh_bit_for_bit(tiny):
     assert all(torch.equal(got[0][n], want[0][n]) for n in want[0])
 
 
+def test_an_earlier_facts_neighbour_forgotten_later_is_taken_out_and_the_kept_sums_stay(tiny_lm, monkeypatch):
+    """Facts of one relation list each other as neighbours. When a request forgets an earlier fact's neighbour,
+    that prompt leaves the preserved inputs (its sums subtracted: the moments are those of the others, to float32
+    rounding), and both the earlier neighbours' sums and the taken-out ones' stay kept: only what follows them is
+    read."""
+    from lune_fast import preserve
+    from lune_fast.keyed import preserved_inputs
+    from lune_fast.weights import load_tokenizer
+
+    monkeypatch.setattr(preserve, "CHUNK", 2)
+    model = load_model(tiny_lm)
+    enc = Encoder(load_tokenizer(tiny_lm))
+    settings = lora.LoraSettings(rank=1, alpha=1, targets=("down",), layers=(1,))
+    capitals = [("Egypt", "Cairo"), ("France", "Paris"), ("Peru", "Lima"), ("Chile", "Santiago"), ("Kenya", "Nairobi")]
+    facts = [Fact(prompt=f"The capital of {c} is", target=t, subject=c,
+                  neighbors=[(f"The capital of {o} is", a) for o, a in capitals if o != c]) for c, t in capitals]
+    read = []
+    real = preserve._add_chunks
+    monkeypatch.setattr(preserve, "_add_chunks", lambda m, st, seqs, *a: read.append(len(seqs)) or real(m, st, seqs, *a))
+    cache = {}
+    preserved_inputs(model, enc, facts[2:3], settings, 0, None, 0, cache, earlier=facts[:2])
+    read.clear()
+    # Chile, a neighbour of every earlier fact, is forgotten now
+    got = preserved_inputs(model, enc, facts[3:4], settings, 0, None, 0, cache, earlier=facts[:3])
+    # kept: Egypt's and France's 8 neighbours, and the 2 of them that were forget prompts before Peru's request
+    # (France in Egypt's list, Egypt in France's); read: Peru's 4 neighbours, Chile's own that is no forget prompt
+    # (Kenya); then to take out, the 4 that became forget prompts with Peru (whole chunks, kept) and Chile's 3
+    assert [n for n in read if n] == [4, 1, 4, 3]
+    assert sorted(len(v.seqs) for v in cache["earlier neighbours"].values()) == [6, 12]
+    # the same moments as with the forget prompts never read: Kenya three times and once
+    kenya = enc.prompt_ids("The capital of Kenya is", False)
+    text = preserved_inputs(model, enc, facts[3:4], settings, 0, None, 0, {}, neighbors=False)
+    want = combine(model, settings, [group_moments(model, settings, [kenya] * 4), group_moments(
+        model, settings, [enc.tok(t, add_special_tokens=False)["input_ids"] for t in _text_lines()])])
+    name = "layers.1.mlp.down_proj"
+    assert got.tokens == want.tokens and text.tokens + 4 * len(kenya) == got.tokens
+    err = (got.moments[name] - want.moments[name]).abs().max() / want.moments[name].abs().max()
+    assert err < 1e-5, err
+
+
+def _text_lines():
+    from lune_fast.data import read_lines
+    from lune_fast.keyed import preserve_text_path
+
+    return read_lines(preserve_text_path(None))
+
+
 def test_facts_about_one_subject_share_a_rank(tiny_lm):
     """Two facts about Egypt and one about gold: the Egypt facts are one group, their keys are equal (read over both prompts), the second one's row of A is zero and the first one's answers 1
     to the shared key, as the gold row does to its own; without groups the two near-identical keys need rows
