@@ -175,16 +175,15 @@ class Unlearner:
         # a state's ranks in other layer windows act too, folded into the frozen weights until the request ends;
         # the preserved inputs are read with all of them acting, whatever the request leaves off, so that one
         # window's text moments serve every request into it
-        fold = (lambda off: st.folded_outside(self.model, job.layout, off)) if st is not None else \
-            (lambda off: nullcontext())
+        earlier = st.earlier_facts() if st is not None else []
         with ExitStack() as folds:
-            preserved = self._preserved(job, st, folds.enter_context(fold(frozenset())))
+            preserved = self._preserved(job, earlier, folds.enter_context(self._folded(st, job.layout)))
             if leave_off:  # trained and checked with those left off
                 folds.close()
-                folds.enter_context(fold(leave_off))
+                folds.enter_context(self._folded(st, job.layout, leave_off))
             try:
                 asked = replace(self.defaults, **overrides)
-                rounds, keys, guarded = self._train(job, run, st, preserved, scale_lr=asked.lr is None,
+                rounds, keys, guarded = self._train(job, run, st, earlier, preserved, scale_lr=asked.lr is None,
                                                     own_optimizer=asked.optimizer is None,
                                                     hold_off=hold_off, leave_off=leave_off)
                 train_seconds = time.perf_counter() - t_train
@@ -287,29 +286,32 @@ class Unlearner:
         hold_off = [g >= n for g in groups[n:]]
         return hold_off, frozenset(i for i, held in zip(st.keyed_fact_ids(), hold_off) if not held)
 
-    def _preserved(self, job: plan.Plan, st: lifelong.State | None, folded) -> Preserved | None:
-        """The inputs a keyed adapter (or --preserve-weight) keeps: keyed.preserved_inputs, its text's moments
-        cached under what a state has `folded` into the frozen weights (State.folded_outside)."""
+    def _folded(self, st: lifelong.State | None, layout, off: frozenset = frozenset()):
+        """State.folded_outside on this model (nothing to fold without a state)."""
+        return st.folded_outside(self.model, layout, off) if st is not None else nullcontext()
+
+    def _preserved(self, job: plan.Plan, earlier: list, folded) -> Preserved | None:
+        """The inputs a keyed adapter (or --preserve-weight) keeps: keyed.preserved_inputs, with a state's
+        `earlier` facts' neighbours, its text's moments cached under what the state has `folded` into the frozen
+        weights (State.folded_outside)."""
         s = job.settings
         if s.adapter != "keyed" and s.preserve_weight <= 0:
             return None
-        earlier = st.earlier_facts() if st is not None else []
         return preserved_inputs(self.model, self.encoder, job.facts, job.layout, s.preserve_prompts,
                                 s.preserve_text, s.seed, self._text_moments, s.preserve_neighbors, earlier, folded,
                                 self._origin)
 
-    def _train(self, job: plan.Plan, run: RunOptions, st: lifelong.State | None, preserved: Preserved | None,
-               scale_lr: bool = True, own_optimizer: bool = False, hold_off: list[bool] | None = None,
-               leave_off: frozenset = frozenset()) -> tuple[recall.Rounds, dict | None, dict | None]:
+    def _train(self, job: plan.Plan, run: RunOptions, st: lifelong.State | None, earlier: list,
+               preserved: Preserved | None, scale_lr: bool = True, own_optimizer: bool = False,
+               hold_off: list[bool] | None = None, leave_off: frozenset = frozenset()) -> tuple[recall.Rounds, dict | None, dict | None]:
         """Attach the adapter (keyed: its A from the preserved inputs, away from a state's earlier keys; under
         FSDP it is on already) beside a state's earlier ranks, train, in suppress mode check again and continue
         (the recall rounds), and with the neighbour guard put back listed neighbours that flipped. scale_lr: the
         lr is the default one, to be scaled to this model (a given lr is used as it is); own_optimizer: so is the
-        optimiser (column steps give way to AdamW where the step is scaled); preserved: _preserved's; hold_off
-        and leave_off: _subjects'. Returns the rounds, the keyed adapter's keys and the guard's report (None
-        without the guard)."""
+        optimiser (column steps give way to AdamW where the step is scaled); earlier: the state's facts;
+        preserved: _preserved's; hold_off and leave_off: _subjects'. Returns the rounds, the keyed adapter's keys
+        and the guard's report (None without the guard)."""
         s = job.settings
-        earlier = st.earlier_facts() if st is not None else []
         keys = None
         if s.adapter == "keyed":
             others = st.earlier_keys(hold_off) if st is not None else None

@@ -221,10 +221,13 @@ def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settin
             ids = [enc.tok(t, add_special_tokens=False)["input_ids"] for t in lines]
             return group_moments(model, settings, ids, enc.pad_id)
 
-        what = (settings.targets, settings.layers, hashlib.sha256("\n".join(lines).encode()).hexdigest())
-        if folded is not None:
-            what += (folded.digest(),)
-        text_cache[key] = stored_moments(origin, what, compute, model.device) if origin is not None else compute()
+        if origin is None:
+            text_cache[key] = compute()
+        else:
+            what = (settings.targets, settings.layers, hashlib.sha256("\n".join(lines).encode()).hexdigest())
+            if folded is not None:
+                what += (folded.digest(),)
+            text_cache[key] = stored_moments(origin, what, compute, model.device)
         kept = [k for k in text_cache if isinstance(k, tuple)]
         for old in kept[:-TEXTS_KEPT]:  # the least recently used (66 MB a layer window on the default model)
             del text_cache[old]

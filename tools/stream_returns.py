@@ -43,5 +43,6 @@ def main() -> None:
             out.write(json.dumps(row) + "\n")
             out.flush()
 
+
 if __name__ == "__main__":
     main()
