@@ -27,7 +27,7 @@ from . import lora
 from .assets import asset
 from .data import Encoder, Fact, listed_neighbors, make_batch, read_lines
 from .model import Transformer
-from .preserve import Preserved, combine, group_moments, stored_moments
+from .preserve import Preserved, SumsFiles, combine, group_moments, stored_moments
 from .subjects import content_positions, other_subject_prompts, subject_last_token, subject_text
 
 
@@ -198,18 +198,21 @@ def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settin
     answers; the request says they must stay), also those of a lifelong state's `earlier` facts; and the
     preservation text (preserve_text_path). The text's moments depend only on the model, the adapter layout and
     what a lifelong state has `folded` into the frozen weights (State.folded_outside), so they are kept in
-    `text_cache` under those and reused (the TEXTS_KEPT most recently used); with `origin` (what the model was
-    loaded from), also on disk (preserve.stored_moments; folded ranks by their digest)."""
+    `text_cache` under those and reused (the TEXTS_KEPT most recently used), as are the earlier neighbours'
+    sums (group_moments); with `origin` (what the model was loaded from), both also on disk
+    (preserve.stored_moments, preserve.SumsFiles; folded ranks by their digest)."""
     prompts = [enc.prompt_ids(p, f.chat) for f, ps in zip(facts, other_subject_prompts(facts, n_prompts, seed))
                for p in ps]
     groups = [group_moments(model, settings, prompts, enc.pad_id)]
     fold = folded.key if folded is not None else None
     listed, stable, minus, minus_stable = listed_inputs(enc, facts, earlier) if neighbors else ([], 0, [], 0)
     if listed:
+        files = None if origin is None else SumsFiles(origin, lambda: (
+            settings.targets, settings.layers, folded.digest() if folded is not None else None))
         groups.append(group_moments(model, settings, listed, enc.pad_id,
                                     cache=text_cache.setdefault("earlier neighbours", {}),
                                     key=(settings.targets, settings.layers, fold), stable=stable, minus=minus,
-                                    minus_stable=minus_stable))
+                                    minus_stable=minus_stable, files=files))
     key = (settings.targets, settings.layers, text, fold)
     if key in text_cache:
         text_cache[key] = text_cache.pop(key)  # the most recently used last

@@ -85,34 +85,38 @@ def _add_chunks(model: Transformer, settings: lora.LoraSettings, seqs: list[list
 
 def group_moments(model: Transformer, settings: lora.LoraSettings, seqs: list[list[int]], pad_id: int = 0,
                   pack: int = 256, cache: dict | None = None, key=None, stable: int = 0,
-                  minus: list[list[int]] = (), minus_stable: int = 0) -> tuple[dict[str, torch.Tensor], int]:
+                  minus: list[list[int]] = (), minus_stable: int = 0, files: "SumsFiles | None" = None
+                  ) -> tuple[dict[str, torch.Tensor], int]:
     """E[x xᵀ] over every token of `seqs` of the inputs of each projection `settings` adapts, on the frozen
     model (packed rows; only the layers up to the last adapted one run), and the token count.
 
     With `cache` (a dict this function owns: it keeps the entries of one `key`): the first `stable` sequences are
     ones the next call will start with too (a lifelong state's earlier neighbours); the sums over their whole
     chunks are kept under `key`, and a call with that key whose sequences start with the kept ones adds only the
-    rest — the same chunks in the same order, so the result is the one computed afresh, bit for bit.
+    rest — the same chunks in the same order, so the result is the one computed afresh, bit for bit. With `files`
+    they are kept on disk too, for the next process.
 
     `minus`: sequences among `seqs` whose inputs are taken out again (their sums, kept as above with
     `minus_stable`, subtracted), so that a sequence leaving the set need not change the order of the others."""
     if cache is not None:
         for k in [k for k in cache if k not in (key, ("minus", key))]:
             del cache[k]
-    acc = _kept_sums(model, settings, seqs, pad_id, pack, cache, key, stable)
-    out = _kept_sums(model, settings, minus, pad_id, pack, cache, ("minus", key), minus_stable)
+    acc = _kept_sums(model, settings, seqs, pad_id, pack, cache, key, stable, files, "listed")
+    out = _kept_sums(model, settings, minus, pad_id, pack, cache, ("minus", key), minus_stable, files, "minus")
     if out.n:
         acc = Sums(acc.seqs, {n: v - out.sums[n] for n, v in acc.sums.items()}, acc.n - out.n)
     return {k: v / max(acc.n, 1) for k, v in acc.sums.items()}, acc.n
 
 
 def _kept_sums(model: Transformer, settings: lora.LoraSettings, seqs: list[list[int]], pad_id: int, pack: int,
-               cache: dict | None, key, stable: int) -> Sums:
+               cache: dict | None, key, stable: int, files: "SumsFiles | None", kind: str) -> Sums:
     stable = sum(1 for s in seqs[:stable] if s)
     seqs = [s for s in seqs if s]
     linears = lora.frozen_linears(model, settings)
     kept = cache.get(key) if cache is not None else None
-    if kept is not None and len(kept.seqs) <= stable and seqs[:len(kept.seqs)] == kept.seqs:
+    if kept is None or len(kept.seqs) > stable or seqs[:len(kept.seqs)] != kept.seqs:
+        kept = files.load(kind, seqs[:stable], model.device) if files is not None and cache is not None else None
+    if kept is not None and set(kept.sums) == set(linears):
         acc = kept.copy()
     else:
         acc = Sums([], {n: torch.zeros(m.in_features, m.in_features, device=model.device)
@@ -121,6 +125,8 @@ def _kept_sums(model: Transformer, settings: lora.LoraSettings, seqs: list[list[
     if whole > len(acc.seqs):
         _add_chunks(model, settings, seqs[len(acc.seqs):whole], acc, pad_id, pack)
         cache[key] = acc.copy()
+        if files is not None:
+            files.save(kind, acc)
     if len(seqs) > len(acc.seqs):
         _add_chunks(model, settings, seqs[len(acc.seqs):], acc, pad_id, pack)
     return acc
@@ -145,22 +151,41 @@ def moments_store() -> Path | None:
     return Path(where) if where else cache_dir() / "moments"
 
 
+def _store_path(store: Path, origin: str, what: tuple) -> Path:
+    """A store file's name: everything its tensors are computed from (the CPU kind too: float rounding)."""
+    name = hashlib.sha256(repr((MOMENTS_FORMAT, torch.__version__, torch.backends.cpu.get_cpu_capability(),
+                                origin, what)).encode()).hexdigest()[:32]
+    return store / f"{name}.safetensors"
+
+
+def _keep_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a store file atomically (a concurrent writer leaves one whole file) and prune the store; a read-only
+    or full disk only means nothing is kept."""
+    from safetensors.torch import save_file
+
+    from .io import atomic_output_file
+
+    try:
+        limit = store_limit()
+        with atomic_output_file(path) as tmp:
+            save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        prune_store(path.parent, path, limit)
+    except OSError:
+        pass
+
+
 def stored_moments(origin: str, what: tuple, compute, device) -> tuple[dict[str, torch.Tensor], int]:
     """compute() -> group_moments' (moments, tokens), read from moments_store() where a run with the same
     `origin` (the model's weight files, dtype, device, the CPU kind), torch and `what` (layout, text content)
-    kept them, else computed and kept there (written atomically: a concurrent writer leaves one whole file).
-    The store keeps the most recently used files within its size bound."""
-    from safetensors.torch import load_file, save_file
-
-    from .io import atomic_output_file
+    kept them, else computed and kept there. The store keeps the most recently used files within its size
+    bound."""
+    from safetensors.torch import load_file
 
     store = moments_store()
     if store is None:
         return compute()
-    limit = store_limit()
-    name = hashlib.sha256(repr((MOMENTS_FORMAT, torch.__version__, torch.backends.cpu.get_cpu_capability(),
-                                origin, what)).encode()).hexdigest()[:32]
-    path = store / f"{name}.safetensors"
+    store_limit()  # a bad bound is said before any work
+    path = _store_path(store, origin, what)
     if path.is_file():
         try:
             tensors = load_file(str(path), device=str(device))
@@ -170,14 +195,57 @@ def stored_moments(origin: str, what: tuple, compute, device) -> tuple[dict[str,
         except Exception:  # a damaged file is computed again and replaced
             pass
     moments, n = compute()
-    try:
-        with atomic_output_file(path) as tmp:
-            save_file({**{k: v.cpu().contiguous() for k, v in moments.items()}, "__tokens__": torch.tensor(n)},
-                      str(tmp))
-        prune_store(store, path, limit)
-    except OSError:  # a read-only or full disk: the request goes on, only without keeping them
-        pass
+    _keep_file(path, {**moments, "__tokens__": torch.tensor(n)})
     return moments, n
+
+
+def _seqs_digest(seqs: list[list[int]]) -> str:
+    return hashlib.sha256(repr(seqs).encode()).hexdigest()
+
+
+class SumsFiles:
+    """group_moments' kept sums on disk as well (moments_store()), so that a fresh process per request (the
+    CLI's `unlearn --into`) does not read every earlier neighbour again. A file per `origin`, `what` (layout and
+    what is folded into the weights), kind and first chunk of sequences (two states rarely share one) holds the
+    sums over a prefix's whole chunks, with that prefix's length and digest; it is used only where the
+    sequences start with exactly that prefix. `what` may be a function giving it, called once if at all (a
+    folded state's digest takes a while)."""
+
+    def __init__(self, origin: str, what):
+        self.origin, self._what = origin, what
+
+    def _path(self, kind: str, seqs: list[list[int]]) -> Path | None:
+        store = moments_store()
+        if store is None or len(seqs) < CHUNK:
+            return None
+        if callable(self._what):
+            self._what = self._what()
+        return _store_path(store, self.origin, (self._what, kind, _seqs_digest(seqs[:CHUNK])))
+
+    def load(self, kind: str, seqs: list[list[int]], device) -> Sums | None:
+        """The kept sums over a prefix of `seqs` (the sequences every later call starts with), or None."""
+        from safetensors import safe_open
+
+        path = self._path(kind, seqs)
+        if path is None or not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                meta = f.metadata() or {}
+                count = int(meta["count"])
+                if count > len(seqs) or meta["digest"] != _seqs_digest(seqs[:count]):
+                    return None
+                sums = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception:  # damaged: computed again (and the file replaced)
+            return None
+        _touch(path)
+        return Sums(seqs[:count], sums, int(meta["tokens"]))
+
+    def save(self, kind: str, acc: Sums) -> None:
+        path = self._path(kind, acc.seqs)
+        if path is not None:
+            _keep_file(path, acc.sums, {"count": str(len(acc.seqs)), "digest": _seqs_digest(acc.seqs),
+                                        "tokens": str(acc.n)})
 
 
 def _touch(path: Path) -> None:

@@ -217,6 +217,53 @@ def test_kept_moment_sums_give_the_moments_computed_afresh_bit_for_bit(tiny):
     assert all(torch.equal(got[0][n], want[0][n]) for n in want[0])
 
 
+def test_kept_moment_sums_are_read_back_from_disk_by_a_fresh_process(tiny, tmp_path, monkeypatch):
+    """With SumsFiles the kept sums are on disk too: a fresh cache (the next process) reads the file and adds only
+    the rest, bit for bit the moments computed afresh; sequences that do not start with the kept prefix, another
+    `what` or a damaged file compute their own; the taken-out sums are kept the same way."""
+    from lune_fast import preserve
+    from lune_fast.preserve import CHUNK, SumsFiles
+
+    store = tmp_path / "moments"
+    monkeypatch.setenv("LUNE_FAST_MOMENTS", str(store))
+    settings = lora.LoraSettings(targets=("down",), layers=(0, 2))
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(1, 211, (int(n),), generator=g).tolist() for n in torch.randint(2, 9, (3 * CHUNK,), generator=g)]
+    read = []
+    real = preserve._add_chunks
+    monkeypatch.setattr(preserve, "_add_chunks", lambda m, st, s, *a: read.append(len(s)) or real(m, st, s, *a))
+
+    def moments(seqs, stable, what="w", minus=(), minus_stable=0):
+        read.clear()
+        return group_moments(tiny, settings, seqs, cache={}, key="k", stable=stable, minus=minus,
+                             minus_stable=minus_stable, files=SumsFiles("origin", lambda: what))
+
+    def same(a, b):
+        return a[1] == b[1] and all(torch.equal(a[0][n], b[0][n]) for n in b[0])
+
+    moments(seqs[:CHUNK + 5], CHUNK + 5)
+    assert read == [CHUNK, 5] and len(list(store.iterdir())) == 1
+    grown = seqs[:2 * CHUNK + 3]
+    want = group_moments(tiny, settings, grown)
+    got = moments(grown, 2 * CHUNK)
+    assert read == [CHUNK, 3] and same(got, want)  # the first chunk from disk
+    assert len(list(store.iterdir())) == 1  # the same file, now holding two chunks
+    assert same(moments(grown, 2 * CHUNK), got) and read == [3]
+    assert same(moments(grown, 2 * CHUNK, what="other"), got) and read == [2 * CHUNK, 3]
+    other = seqs[1:2 * CHUNK + 3]
+    want_other = group_moments(tiny, settings, other)
+    assert same(moments(other, 2 * CHUNK), want_other) and read == [2 * CHUNK, 2]
+    # the taken-out sequences: their own file
+    taken = seqs[5:CHUNK + 5]
+    want_taken = group_moments(tiny, settings, grown, minus=taken)
+    moments(grown, 2 * CHUNK, minus=taken, minus_stable=CHUNK)
+    got = moments(grown, 2 * CHUNK, minus=taken, minus_stable=CHUNK)
+    assert read == [3] and same(got, want_taken)
+    for f in store.iterdir():
+        f.write_bytes(b"damaged")
+    assert same(moments(grown, 2 * CHUNK), want) and read == [2 * CHUNK, 3]
+
+
 def test_an_earlier_facts_neighbour_forgotten_later_is_taken_out_and_the_kept_sums_stay(tiny_lm, monkeypatch):
     """Facts of one relation list each other as neighbours. When a request forgets an earlier fact's neighbour,
     that prompt leaves the preserved inputs (its sums subtracted: the moments are those of the others, to float32
