@@ -158,7 +158,7 @@ class Unlearner:
     def _forget(self, records, mode, retain, evaluate_before, evaluate_after, retain_texts, progress,
                 checkpoint_dir, resume, st: lifelong.State | None, overrides: dict) -> ForgetResult:
         read = read_facts(records)
-        s = self._settings(mode, overrides, chat=all(f.chat for f in read.facts))
+        s = self._settings(mode, overrides, chat=all(f.chat for f in read.facts), lifelong=st is not None)
         texts = self.retain_texts(retain_texts)
         t0 = time.perf_counter()
         # 1. the plan: what to train (refusing what cannot fit before any work), where the adapter goes
@@ -326,7 +326,8 @@ class Unlearner:
         if st is not None:
             st.attach_earlier(self.model, leave_off)
         # B is zero yet: the model answers as the base model with the state's ranks acting
-        guard = Guard.of(self.model, self.encoder, job.facts, earlier) if s.neighbor_guard and not self.fsdp else None
+        guard = Guard.of(self.model, self.encoder, job.facts, earlier, s.neighbor_guard) \
+            if s.neighbor_guard != "off" and not self.fsdp else None
         data = job.train_data(self.model, dist=self.dist, preserved=preserved)
         outcome, error = train_keeping_last_good(self.model, data, train_settings(s, lr_scale=job.lr_scale), run)
         rounds = recall.Rounds(outcome, 0, error)
@@ -371,12 +372,12 @@ class Unlearner:
         distributed.fully_shard_blocks(self.model)
         self._sharded = True
 
-    def _settings(self, mode: str | None, overrides: dict, chat: bool = False) -> Settings:
+    def _settings(self, mode: str | None, overrides: dict, chat: bool = False, lifelong: bool = False) -> Settings:
         s = replace(self.defaults, **({"mode": mode} if mode else {}), **overrides)
         if self.fsdp and (s.adapter == "keyed" or s.preserve_weight > 0):
             raise SettingsError("keyed adapters and --preserve-weight are not supported under FSDP (they read whole "
                                 "adapter matrices); use --adapter plain without --preserve-weight")
-        s = s.resolved(sharded=self.fsdp, chat=chat)
+        s = s.resolved(sharded=self.fsdp, chat=chat, lifelong=lifelong)
         if self.fsdp and s.layers.startswith("auto"):
             raise SettingsError("--layers auto traces the unsharded model; give the layers explicitly under FSDP")
         s.check()

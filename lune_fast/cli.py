@@ -40,7 +40,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     from .export import QUANTS
     from .losses import OBJECTIVES
     from .optim import OPTIMIZERS
-    from .settings import KEYED_LR, Settings
+    from .settings import GUARD_SCOPES, KEYED_LR, Settings
 
     d = Settings()
     p.add_argument("--mode", default=d.mode, choices=["suppress", "replace"])
@@ -104,9 +104,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preserve-neighbors", action=argparse.BooleanOptionalAction, default=d.preserve_neighbors,
                    help="keyed: the records' listed neighbours join the inputs the adapter must leave alone "
                         "(their prompts, not their answers)")
-    p.add_argument("--neighbor-guard", action=argparse.BooleanOptionalAction, default=d.neighbor_guard,
+    p.add_argument("--neighbor-guard", nargs="?", const="all", choices=GUARD_SCOPES, default=d.neighbor_guard,
                    help="after training, check the records' listed neighbours the base model answered and train "
-                        "back any the adapter flipped (one more round)")
+                        "back any the adapter flipped (one more round); in a lifelong state also the earlier facts' "
+                        "neighbours: those about the request's subjects (subjects) or every one (all, the value "
+                        "without an argument); default: subjects into a state (--into), else off")
+    p.add_argument("--no-neighbor-guard", dest="neighbor_guard", action="store_const", const="off")
     p.add_argument("--preserve-weight", type=float, default=d.preserve_weight,
                    help="weight of the penalty on the adapted projections' output change on the preserved inputs")
     p.add_argument("--retain-loss", default=d.retain_loss, choices=["nll", "kl"])

@@ -50,10 +50,14 @@ class Guard:
     need: list[float]  # the lead each must keep: min(MAX_LEAD, half the base model's)
 
     @classmethod
-    def of(cls, model: Transformer, enc: Encoder, facts: list[Fact], earlier: list[Fact] | tuple = ()) -> "Guard":
+    def of(cls, model: Transformer, enc: Encoder, facts: list[Fact], earlier: list[Fact] | tuple = (),
+           scope: str = "all") -> "Guard":
         """The listed neighbours of `facts` and of a lifelong state's `earlier` facts that the model answers as it
         is (call it before training: the base model with the state's ranks acting), leaving out neighbours
-        that are forget prompts themselves (a request may list another of its facts as a neighbour)."""
+        that are forget prompts themselves (a request may list another of its facts as a neighbour). `scope`
+        "subjects": of the earlier facts' neighbours only those about one of `facts`' subjects (about_subjects)."""
+        if scope == "subjects":
+            earlier = about_subjects(enc, facts, earlier)
         listed = list(dict.fromkeys((p, t, f.chat) for f, p, t in listed_neighbors([*facts, *earlier])))
         pairs = [enc.pair(p, t, chat) for p, t, chat in listed]
         keep = [(x, p, min(MAX_LEAD, m / 2)) for x, (p, _, _), m in zip(pairs, listed, leads(model, pairs, enc.pad_id))
@@ -62,6 +66,19 @@ class Guard:
 
     def flipped(self, model: Transformer, pad_id: int) -> list[int]:
         return [i for i, (m, n) in enumerate(zip(leads(model, self.pairs, pad_id), self.need)) if m < n]
+
+
+def about_subjects(enc: Encoder, facts: list[Fact], earlier: list[Fact] | tuple) -> list[Fact]:
+    """`earlier` with their listed neighbours cut to those about one of `facts`' subjects (keyed.subject_groups):
+    the prompts a keyed request's new ranks read as they read their own subject ("The currency of Japan is the"
+    when "The capital of Japan is" is forgotten) — the ones it can flip however far from its own relation, and
+    the ones its columns can put back. Every earlier fact stays (its prompt is never guarded)."""
+    from .keyed import subject_groups
+
+    listed = [(i, p, t) for i, f in enumerate(earlier) for p, t in f.neighbors]
+    groups = subject_groups(enc, [*facts, *(Fact(p, t, chat=earlier[i].chat) for i, p, t in listed)])
+    about = {(i, p) for (i, p, _), g in zip(listed, groups[len(facts):]) if g < len(facts)}
+    return [replace(f, neighbors=[(p, t) for p, t in f.neighbors if (i, p) in about]) for i, f in enumerate(earlier)]
 
 
 def guard_round(model: Transformer, enc: Encoder, plan: Plan, rounds: Rounds, run: RunOptions, preserved,

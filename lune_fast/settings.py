@@ -16,6 +16,8 @@ from .losses import OBJECTIVES
 from .optim import COLUMN_STEPS, OPTIMIZERS
 from .trainer import TrainSettings
 
+GUARD_SCOPES = ("off", "subjects", "all")
+
 
 # Openings the facts are also trained after (Settings.prompt_variants takes the first N): a question-and-answer
 # frame first, because paraphrases asked as questions are answered by restating the prompt after "A:".
@@ -118,8 +120,12 @@ class Settings:
     preserve_prompts: int = 12
     preserve_neighbors: bool = True  # the records' listed neighbours are preserved inputs too (prompts, not answers)
     # after training, the listed neighbours the base model answered are checked; any the adapter flipped are
-    # trained back by one more round (lune_fast.guard)
-    neighbor_guard: bool = False
+    # trained back by one more round (lune_fast.guard): "off"; "subjects", the request's own and those of a
+    # lifelong state's earlier facts that are about the request's subjects; "all", every earlier one too (a
+    # forward over all of them twice a request). True / False name "all" / "off"; None: "subjects" for a request
+    # into a lifelong state (facts-dev, 100 one-fact requests: neighbours kept .929 against .869 at 100, as many as
+    # with "all" at half its time; RESULTS.md section 11), else "off" (one request alone: no change, section 9)
+    neighbor_guard: str | bool | None = None
     preserve_text: str | None = None
     preserve_weight: float = 0.0
     key_ridge: float = 1e-2  # keyed: ridge of the preserved-input moment, relative to its mean eigenvalue
@@ -129,17 +135,21 @@ class Settings:
     checkpoint_every: int = 0
     max_batch_tokens: int = 4096  # per micro-batch; larger forget sets accumulate gradients over several
 
-    def resolved(self, sharded: bool = False, chat: bool = False) -> "Settings":
+    def resolved(self, sharded: bool = False, chat: bool = False, lifelong: bool = False) -> "Settings":
         """Every None filled with the measured default of the mode and adapter kind. The adapter kind itself is
         keyed, except under FSDP (keyed adapters read whole matrices) and for requests of chat questions only
         (TOFU-like: long templates around a question, no neighbours; plain LoRA forgets them in a quarter of the
-        steps there, keyed costs less retain perplexity: RESULTS.md section 9)."""
+        steps there, keyed costs less retain perplexity: RESULTS.md section 9). `lifelong`: the request goes into
+        a lifelong state (the neighbour guard's default scope)."""
         adapter = self.adapter or ("plain" if sharded or chat else "keyed")
+        guard = {True: "all", False: "off", None: "subjects" if lifelong else "off"}.get(self.neighbor_guard,
+                                                                                       self.neighbor_guard)
         defaults = MODE_DEFAULTS.get((self.mode, adapter), {})
         optimizer = self.optimizer or defaults.get("optimizer")
         if adapter == "keyed" and optimizer in KEYED_LR:
             defaults = {**defaults, "lr": KEYED_LR[optimizer][self.mode]}
-        return replace(self, adapter=adapter, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+        return replace(self, adapter=adapter, neighbor_guard=guard,
+                       **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def check(self) -> None:
         if self.mode not in ("suppress", "replace"):
@@ -165,6 +175,8 @@ class Settings:
             raise SettingsError(f"schedule must be constant or cosine, got {self.schedule!r}")
         if not 0 < self.hold_margin <= 1:
             raise SettingsError(f"hold_margin must be in (0, 1], got {self.hold_margin}")
+        if self.neighbor_guard not in GUARD_SCOPES:
+            raise SettingsError(f"neighbor_guard must be one of {', '.join(GUARD_SCOPES)}, got {self.neighbor_guard!r}")
         if self.recall_rounds < 0:
             raise SettingsError(f"recall_rounds must be non-negative, got {self.recall_rounds}")
         if self.robust_to is not None and self.robust_to not in QUANTS:

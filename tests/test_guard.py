@@ -106,3 +106,50 @@ def test_the_guard_watches_earlier_facts_neighbours_and_never_a_forget_prompt(ti
     g = guard_mod.Guard.of(None, Enc(), new, old)
     assert g.prompts == ["N1 is", "N2 is"]
     assert g.need == [0.5, 0.5]  # half the lead of 1.0, under ln 2
+
+
+def test_in_a_state_the_subjects_guard_watches_the_earlier_neighbours_about_the_requests_subjects(tokenizer, monkeypatch):
+    """scope "subjects": of the earlier facts' listed neighbours only those about a subject of the request (the
+    prompts its new ranks read) are guarded, with the request's own; "all" watches every earlier one; an earlier
+    fact's prompt is never guarded, whatever the scope."""
+    import lune_fast.guard as guard_mod
+    from lune_fast.data import Encoder, Fact
+
+    monkeypatch.setattr(guard_mod, "leads", lambda model, pairs, pad_id: [1.0] * len(pairs))
+    enc = Encoder(tokenizer)
+    new = [Fact("The capital of Japan is", "Tokyo", neighbors=[("The capital of Ireland is", "Dublin")])]
+    old = [Fact("The currency of France is the", "euro",
+                neighbors=[("The currency of Japan is the", "yen"), ("The currency of Mexico is the", "peso")]),
+           Fact("The main language spoken in Peru is", "Spanish",
+                neighbors=[("The main language spoken in Japan is", "Japanese"),
+                           ("The currency of France is the", "euro")])]
+    subjects = guard_mod.Guard.of(None, enc, new, old, "subjects")
+    assert subjects.prompts == ["The capital of Ireland is", "The currency of Japan is the",
+                                "The main language spoken in Japan is"]
+    every = guard_mod.Guard.of(None, enc, new, old, "all")
+    assert every.prompts == ["The capital of Ireland is", "The currency of Japan is the",
+                             "The currency of Mexico is the", "The main language spoken in Japan is"]
+
+
+def test_neighbor_guard_takes_a_scope_and_the_old_booleans():
+    import pytest
+
+    from lune_fast.settings import Settings, SettingsError
+
+    assert Settings().resolved().neighbor_guard == "off"
+    assert Settings().resolved(lifelong=True).neighbor_guard == "subjects"
+    assert Settings(neighbor_guard=True).resolved().neighbor_guard == "all"
+    assert Settings(neighbor_guard=False).resolved().neighbor_guard == "off"
+    assert Settings(neighbor_guard="subjects").resolved().neighbor_guard == "subjects"
+    with pytest.raises(SettingsError, match="neighbor_guard must be one of off, subjects, all, got 'some'"):
+        Settings(neighbor_guard="some").resolved().check()
+
+
+def test_the_cli_names_the_guards_scope():
+    from lune_fast.cli import build_parser
+
+    def scope(*flags):
+        return build_parser().parse_args(["unlearn", "--forget", "f.jsonl", "--out", "o", *flags]).neighbor_guard
+
+    assert scope() is None and scope("--neighbor-guard") == "all"  # None: the default for where it goes
+    assert scope("--neighbor-guard", "subjects") == "subjects" and scope("--no-neighbor-guard") == "off"

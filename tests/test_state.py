@@ -98,6 +98,8 @@ def test_requests_compose_into_one_peft_adapter_and_revoke_removes_exactly_their
     for e in lines:
         assert {"id", "time", "records", "settings", "before", "after", "adapter_sha256", "rank"} <= set(e)
     assert lines[0]["records"][1] == RECORDS_1[1] and lines[1]["rank"] == 3
+    # a request into a state guards the neighbours about its subjects unless told otherwise (one alone: off)
+    assert [e["settings"]["neighbor_guard"] for e in lines] == ["subjects"] * 2 and "neighbor_guard" in r2.cost
     assert lines[-1]["adapter_sha256"] == file_sha256(d / ADAPTER)
 
     # PEFT loads the state folder as it is, and gives our logits with the state on
