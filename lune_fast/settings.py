@@ -142,8 +142,11 @@ class Settings:
         steps there, keyed costs less retain perplexity: RESULTS.md section 9). `lifelong`: the request goes into
         a lifelong state (the neighbour guard's default scope)."""
         adapter = self.adapter or ("plain" if sharded or chat else "keyed")
-        guard = {True: "all", False: "off", None: "subjects" if lifelong else "off"}.get(self.neighbor_guard,
-                                                                                       self.neighbor_guard)
+        guard = self.neighbor_guard
+        if guard is None:
+            guard = "subjects" if lifelong else "off"
+        elif isinstance(guard, bool):
+            guard = "all" if guard else "off"
         defaults = MODE_DEFAULTS.get((self.mode, adapter), {})
         optimizer = self.optimizer or defaults.get("optimizer")
         if adapter == "keyed" and optimizer in KEYED_LR:

@@ -143,6 +143,8 @@ def test_neighbor_guard_takes_a_scope_and_the_old_booleans():
     assert Settings(neighbor_guard="subjects").resolved().neighbor_guard == "subjects"
     with pytest.raises(SettingsError, match="neighbor_guard must be one of off, subjects, all, got 'some'"):
         Settings(neighbor_guard="some").resolved().check()
+    with pytest.raises(SettingsError, match="neighbor_guard must be one of"):
+        Settings(neighbor_guard=["all"]).resolved().check()  # as a JSON --settings could give it
 
 
 def test_the_cli_names_the_guards_scope():
