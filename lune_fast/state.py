@@ -76,14 +76,17 @@ class Folded:
         return self.folder, self.requests, self.off
 
     def digest(self) -> str:
-        """sha256 over the folded ranks' names, shapes and float32 values."""
-        h = hashlib.sha256()
-        for name in sorted(self.ranks):
-            for t in self.ranks[name]:
-                t = t.detach().float().cpu().contiguous()
-                h.update(f"{name}{tuple(t.shape)}".encode())
-                h.update(t.numpy().tobytes())
-        return h.hexdigest()
+        """sha256 over the folded ranks' names, shapes and float32 values, computed once (the text moments and the
+        earlier neighbours' sums both name their files by it)."""
+        if "_digest" not in self.__dict__:
+            h = hashlib.sha256()
+            for name in sorted(self.ranks):
+                for t in self.ranks[name]:
+                    t = t.detach().float().cpu().contiguous()
+                    h.update(f"{name}{tuple(t.shape)}".encode())
+                    h.update(t.numpy().tobytes())
+            object.__setattr__(self, "_digest", h.hexdigest())  # frozen: set past the dataclass's guard
+        return self.__dict__["_digest"]
 
 
 @dataclass

@@ -510,3 +510,15 @@ def test_a_later_windows_text_moments_are_computed_once_whatever_a_request_leave
     assert r3.config["layers"] == r4.config["layers"] == [3, 4]
     assert (r2.request_id, 0) in set().union(*offs)  # r3 trained with request 2's France left off
     assert len(reads) == 1, reads
+
+
+def test_a_folds_digest_is_computed_once_and_names_the_ranks_values():
+    from lune_fast.state import Folded
+
+    a, b = torch.randn(2, 6), torch.randn(5, 2)
+    one = Folded("state", ("r0001",), (), {"layers.1.mlp.down_proj": (a, b)})
+    first = one.digest()
+    assert first == Folded("state", ("r0002",), (), {"layers.1.mlp.down_proj": (a.clone(), b.clone())}).digest()
+    assert first != Folded("state", ("r0001",), (), {"layers.1.mlp.down_proj": (a, -b)}).digest()
+    one.ranks["layers.2.mlp.down_proj"] = (a, b)  # not looked at again: the first answer stands
+    assert one.digest() == first
