@@ -1,4 +1,4 @@
-"""The frozen projections' product y = x Wᵀ (+ b): on a CPU in bf16, from oneDNN's prepacked copy of W.
+"""The frozen projections' product y = x Wᵀ (+ b): on a CPU, from oneDNN's prepacked copy of W.
 
 torch's bf16 `F.linear` on a CPU hands W to oneDNN in its plain [out, in] layout, and oneDNN reorders it into
 its blocked layout on every call. For the short inputs unlearning runs — one token a step when decoding, a few
@@ -7,11 +7,13 @@ dozen when training one fact — that reorder is a good part of the time (a 1536
 frozen-linear`, RESULTS.md section 11). Here each
 frozen weight is reordered once, kept beside the weight (the weight itself stays as it is: merges, exports and
 keyed adapters read it), and packed again whenever the weight changed in place (its version counter moved) or
-was replaced (another storage).
+was replaced (another storage). float32 (the default where a CPU has no AVX-512) goes through MKL's sgemm, whose
+small-row products are slow for other reasons; the packed copy is used where it measured faster (FLOAT32_ROWS:
+the check's decoding of a request's prompts, 1.5x in all at 8 rows; the head at any rows).
 
 `frozen_linear(x, w, b, pack=True)` is the one dispatch point; `reference` is plain torch. The backward of
 the packed product (training reads the gradient of x through every frozen layer) is the one F.linear's
-autograd computes, dy·W, so only the forward differs. Where oneDNN cannot pack bf16 (no AVX512-BW/VL/DQ or
+autograd computes, dy·W, so only the forward differs. Where oneDNN cannot pack (bf16 without AVX512-BW/VL/DQ or
 AVX-NE-CONVERT: e.g. ONEDNN_MAX_CPU_ISA=AVX2), other dtypes, other devices, and weights that train, it is
 F.linear.
 """
@@ -27,20 +29,32 @@ import torch.nn.functional as F
 ROWS_HINT = 128
 
 
+PACKED_DTYPES = (torch.bfloat16, torch.float32)
+# float32 (AMD EPYC without AVX-512, 2 cores, `lune-fast bench frozen-linear --dtype float32`, RESULTS.md section
+# 11): a packed weight is read faster at the few rows decoding runs (1.1-1.8x at 8 rows for 576×576 and up,
+# 3x the head), not for a small one (k/v, 192×576: 80 against 101 µs at 8 rows), and at 64 rows and more
+# F.linear is as fast or faster (0.7-1.4x) except for a weight as large as the head (1.2-2.2x at any rows)
+FLOAT32_ROWS, FLOAT32_MIN, FLOAT32_LARGE = 32, 1 << 18, 1 << 22
+
+
 @functools.cache
-def packing_supported() -> bool:
-    """Can oneDNN prepack a bf16 weight on this CPU (as this process's ISA limits allow)?"""
+def packing_supported(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Can oneDNN prepack a weight of `dtype` on this CPU (as this process's ISA limits allow)?"""
+    if dtype not in PACKED_DTYPES:
+        return False
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=torch.bfloat16), ROWS_HINT)
-        return bool((_packed_product(torch.ones(2, 16, dtype=torch.bfloat16), packed, None) == 16).all())
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=dtype), ROWS_HINT)
+        return bool((_packed_product(torch.ones(2, 16, dtype=dtype), packed, None) == 16).all())
     except (RuntimeError, AttributeError):
         return False
 
 
 def _packable(x: torch.Tensor, w: torch.Tensor) -> bool:
     # x is on W's device (F.linear would refuse otherwise); the cheapest tests first: this runs on every call
-    return (x.dtype is torch.bfloat16 and w.dtype is torch.bfloat16 and not w.requires_grad and w.dim() == 2
-            and w.device.type == "cpu" and type(w.data) is torch.Tensor and packing_supported())
+    return (x.dtype is w.dtype and not w.requires_grad and w.dim() == 2 and w.device.type == "cpu"
+            and type(w.data) is torch.Tensor and packing_supported(w.dtype)
+            and (w.dtype is torch.bfloat16 or w.numel() >= FLOAT32_LARGE
+                 or (w.numel() >= FLOAT32_MIN and x.numel() <= FLOAT32_ROWS * x.shape[-1])))
 
 
 def packed_weight(w: torch.Tensor) -> torch.Tensor:

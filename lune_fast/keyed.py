@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import lora
+from . import lora, preserve
 from .assets import asset
 from .data import Encoder, Fact, listed_neighbors, make_batch, read_lines
 from .model import Transformer
@@ -212,7 +212,7 @@ def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settin
         groups.append(group_moments(model, settings, listed, enc.pad_id,
                                     cache=text_cache.setdefault("earlier neighbours", {}),
                                     key=(settings.targets, settings.layers, fold), stable=stable, minus=minus,
-                                    minus_stable=minus_stable, files=files))
+                                    minus_stable=minus_stable, files=files, chunk=preserve.KEPT_CHUNK))
     key = (settings.targets, settings.layers, text, fold)
     if key in text_cache:
         text_cache[key] = text_cache.pop(key)  # the most recently used last

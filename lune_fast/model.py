@@ -277,7 +277,7 @@ class KVCache:
 
 
 class Linear(nn.Linear):
-    """A frozen projection. With `pack` (Transformer.pack_weights), its bf16 product on a CPU reads oneDNN's
+    """A frozen projection. With `pack` (Transformer.pack_weights), its product on a CPU reads oneDNN's
     prepacked copy of the weight (lune_fast.kernels.frozen_linear): the same product, less time per call."""
     pack = False
 
@@ -424,7 +424,7 @@ class Transformer(nn.Module):
         return frozen_linear(h, self.head_weight, None, self.packs)
 
     def pack_weights(self, on: bool = True) -> None:
-        """Frozen bf16 products on a CPU from prepacked weights (on), or plain F.linear (off: a sharded model,
+        """Frozen products on a CPU from prepacked weights (on), or plain F.linear (off: a sharded model,
         whose parameters are refilled in place by FSDP). The copies cost the weights' memory once more."""
         self.packs = on
         for m in self.modules():

@@ -48,6 +48,10 @@ class Preserved:
 
 
 CHUNK = 64  # sequences a forward reads; sums are added chunk by chunk, in order
+# a lifelong state's earlier neighbours are read in smaller chunks: their sums are kept over whole chunks, and the
+# rest is read again by every request (with 64: ~60 prompts, 0.8 s of a 3.8 s one-fact request into an 88-fact
+# state, float32 on 2 cores; with 8 at most 7)
+KEPT_CHUNK = 8
 
 
 @dataclass
@@ -63,8 +67,8 @@ class Sums:
 
 @torch.no_grad()
 def _add_chunks(model: Transformer, settings: lora.LoraSettings, seqs: list[list[int]], acc: Sums, pad_id: int,
-                pack: int) -> None:
-    """Add the inputs of `seqs` (non-empty), CHUNK sequences a forward, to `acc`."""
+                pack: int, chunk: int) -> None:
+    """Add the inputs of `seqs` (non-empty), `chunk` sequences a forward, to `acc`."""
     valid = {}
 
     def read(name, x):
@@ -73,9 +77,9 @@ def _add_chunks(model: Transformer, settings: lora.LoraSettings, seqs: list[list
         acc.sums[name].add_(x.t() @ x)
 
     with lora.reading_inputs(model, settings, read) as end:
-        for start in range(0, len(seqs), CHUNK):
+        for start in range(0, len(seqs), chunk):
             # (ids, [pad]) makes the packed input row exactly ids
-            batch = make_batch([(s, [pad_id]) for s in seqs[start:start + CHUNK]], pad_id, pack=pack).to(model.device)
+            batch = make_batch([(s, [pad_id]) for s in seqs[start:start + chunk]], pad_id, pack=pack).to(model.device)
             valid["idx"] = (batch.segments.reshape(-1) >= 0).nonzero().squeeze(1)
             acc.n += int(valid["idx"].numel())
             positions, mask = batch.layout()
@@ -85,15 +89,17 @@ def _add_chunks(model: Transformer, settings: lora.LoraSettings, seqs: list[list
 
 def group_moments(model: Transformer, settings: lora.LoraSettings, seqs: list[list[int]], pad_id: int = 0,
                   pack: int = 256, cache: dict | None = None, key=None, stable: int = 0,
-                  minus: list[list[int]] = (), minus_stable: int = 0, files: "SumsFiles | None" = None
-                  ) -> tuple[dict[str, torch.Tensor], int]:
+                  minus: list[list[int]] = (), minus_stable: int = 0, files: "SumsFiles | None" = None,
+                  chunk: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """E[x xᵀ] over every token of `seqs` of the inputs of each projection `settings` adapts, on the frozen
-    model (packed rows; only the layers up to the last adapted one run), and the token count.
+    model (packed rows, `chunk` sequences a forward: CHUNK by default; only the layers up to the last adapted one
+    run), and the token count.
 
     With `cache` (a dict this function owns: it keeps the entries of one `key`): the first `stable` sequences are
     ones the next call will start with too (a lifelong state's earlier neighbours); the sums over their whole
     chunks are kept under `key`, and a call with that key whose sequences start with the kept ones adds only the
-    rest — the same chunks in the same order, so the result is the one computed afresh, bit for bit. With `files`
+    rest — the same chunks in the same order, so the result is the one computed afresh (with the same `chunk`),
+    bit for bit. With `files`
     they are kept on disk too, for the next process.
 
     `minus`: sequences among `seqs` whose inputs are taken out again (their sums, kept as above with
@@ -101,34 +107,36 @@ def group_moments(model: Transformer, settings: lora.LoraSettings, seqs: list[li
     if cache is not None:
         for k in [k for k in cache if k not in (key, ("minus", key))]:
             del cache[k]
-    acc = _kept_sums(model, settings, seqs, pad_id, pack, cache, key, stable, files, "listed")
-    out = _kept_sums(model, settings, minus, pad_id, pack, cache, ("minus", key), minus_stable, files, "minus")
+    chunk = chunk or CHUNK
+    acc = _kept_sums(model, settings, seqs, pad_id, pack, chunk, cache, key, stable, files, "listed")
+    out = _kept_sums(model, settings, minus, pad_id, pack, chunk, cache, ("minus", key), minus_stable, files, "minus")
     if out.n:
         acc = Sums(acc.seqs, {n: v - out.sums[n] for n, v in acc.sums.items()}, acc.n - out.n)
     return {k: v / max(acc.n, 1) for k, v in acc.sums.items()}, acc.n
 
 
 def _kept_sums(model: Transformer, settings: lora.LoraSettings, seqs: list[list[int]], pad_id: int, pack: int,
-               cache: dict | None, key, stable: int, files: "SumsFiles | None", kind: str) -> Sums:
+               chunk: int, cache: dict | None, key, stable: int, files: "SumsFiles | None", kind: str) -> Sums:
     stable = sum(1 for s in seqs[:stable] if s)
     seqs = [s for s in seqs if s]
     linears = lora.frozen_linears(model, settings)
     kept = cache.get(key) if cache is not None else None
     if kept is None or len(kept.seqs) > stable or seqs[:len(kept.seqs)] != kept.seqs:
-        kept = files.load(kind, seqs[:stable], model.device) if files is not None and cache is not None else None
+        kept = files.load(kind, seqs[:stable], model.device, chunk) if files is not None and cache is not None \
+            else None
     if kept is not None and set(kept.sums) == set(linears):
         acc = kept.copy()
     else:
         acc = Sums([], {n: torch.zeros(m.in_features, m.in_features, device=model.device)
                         for n, m in linears.items()}, 0)
-    whole = stable // CHUNK * CHUNK if cache is not None else 0
+    whole = stable // chunk * chunk if cache is not None else 0
     if whole > len(acc.seqs):
-        _add_chunks(model, settings, seqs[len(acc.seqs):whole], acc, pad_id, pack)
+        _add_chunks(model, settings, seqs[len(acc.seqs):whole], acc, pad_id, pack, chunk)
         cache[key] = acc.copy()
         if files is not None:
-            files.save(kind, acc)
+            files.save(kind, acc, chunk)
     if len(seqs) > len(acc.seqs):
-        _add_chunks(model, settings, seqs[len(acc.seqs):], acc, pad_id, pack)
+        _add_chunks(model, settings, seqs[len(acc.seqs):], acc, pad_id, pack, chunk)
     return acc
 
 
@@ -206,7 +214,8 @@ def _seqs_digest(seqs: list[list[int]]) -> str:
 class SumsFiles:
     """group_moments' kept sums on disk as well (moments_store()), so that a fresh process per request (the
     CLI's `unlearn --into`) does not read every earlier neighbour again. A file per `origin`, `what` (layout and
-    what is folded into the weights), kind and first chunk of sequences (two states rarely share one) holds the
+    what is folded into the weights), kind, chunk size and first chunk of sequences (two states rarely share one)
+    holds the
     sums over a prefix's whole chunks, with that prefix's length and digest; it is used only where the
     sequences start with exactly that prefix. `what` may be a function giving it, called once if at all (a
     folded state's digest takes a while)."""
@@ -214,19 +223,19 @@ class SumsFiles:
     def __init__(self, origin: str, what):
         self.origin, self._what = origin, what
 
-    def _path(self, kind: str, seqs: list[list[int]]) -> Path | None:
+    def _path(self, kind: str, seqs: list[list[int]], chunk: int) -> Path | None:
         store = moments_store()
-        if store is None or len(seqs) < CHUNK:
+        if store is None or len(seqs) < chunk:
             return None
         if callable(self._what):
             self._what = self._what()
-        return _store_path(store, self.origin, (self._what, kind, _seqs_digest(seqs[:CHUNK])))
+        return _store_path(store, self.origin, (self._what, kind, chunk, _seqs_digest(seqs[:chunk])))
 
-    def load(self, kind: str, seqs: list[list[int]], device) -> Sums | None:
+    def load(self, kind: str, seqs: list[list[int]], device, chunk: int) -> Sums | None:
         """The kept sums over a prefix of `seqs` (the sequences every later call starts with), or None."""
         from safetensors import safe_open
 
-        path = self._path(kind, seqs)
+        path = self._path(kind, seqs, chunk)
         if path is None or not path.is_file():
             return None
         try:
@@ -241,8 +250,8 @@ class SumsFiles:
         _touch(path)
         return Sums(seqs[:count], sums, int(meta["tokens"]))
 
-    def save(self, kind: str, acc: Sums) -> None:
-        path = self._path(kind, acc.seqs)
+    def save(self, kind: str, acc: Sums, chunk: int) -> None:
+        path = self._path(kind, acc.seqs, chunk)
         if path is not None:
             _keep_file(path, acc.sums, {"count": str(len(acc.seqs)), "digest": _seqs_digest(acc.seqs),
                                         "tokens": str(acc.n)})

@@ -136,7 +136,7 @@ def load_model(model: str | os.PathLike | None = "default", dtype: torch.dtype =
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise WeightsError(f"{folder}: tensor(s) missing from the checkpoint: {shown}")
-    if rows_of is None and net.device.type == "cpu" and dtype == torch.bfloat16:
+    if rows_of is None and net.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32):
         # prepacked copies of the frozen weights (kernels/frozen_linear.py), where they fit a quarter of the memory
         weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
         net.pack_weights(weight_bytes <= available_bytes(net.device) // 4)

@@ -1,8 +1,9 @@
 """The frozen projections' packed product (lune_fast.kernels.frozen_linear) against a float64 reference: the
-same error as torch's own bf16 product, the weight's changes seen, the gradient of x, the fallbacks."""
+same error as torch's own bf16 / float32 product, the weight's changes seen, the gradient of x, the fallbacks."""
 import pytest
 import torch
 
+import lune_fast.kernels.frozen_linear as fl
 from conftest import rel_err
 from lune_fast.kernels.frozen_linear import frozen_linear, packing_supported, reference
 
@@ -60,9 +61,40 @@ def test_gradient_of_x_is_torch_linear_s():
     assert torch.equal(x1.grad, x2.grad)
 
 
+needs_float32_packing = pytest.mark.skipif(not packing_supported(torch.float32),
+                                           reason="oneDNN cannot prepack float32 weights on this CPU")
+
+
+@numerics
+@needs_float32_packing
+@pytest.mark.parametrize("out_f,in_f,rows", [(1536, 576, 1), (576, 1536, 8), (576, 576, 32), (4099, 1024, 3),
+                                             (4099, 1024, 100)])
+def test_packed_float32_product_is_as_exact_as_torch_s(out_f, in_f, rows):
+    g = torch.Generator().manual_seed(out_f + rows)
+    w, x, b = (torch.randn(*s, generator=g) for s in ((out_f, in_f), (rows, in_f), (out_f,)))
+    assert fl._packable(x, w)  # these are all packed (4099 x 1024 is as large as a head: at any rows)
+    out = frozen_linear(x, w, b)
+    exact = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    assert out.shape == (rows, out_f) and torch.isfinite(out).all()
+    # float32's rounding is 2^-24 relative; a sum of in_f products may gather ~sqrt(in_f) of it
+    assert rel_err(out, exact) <= 2 * rel_err(reference(x, w, b), exact) + 2 ** -20
+
+
+@needs_float32_packing
+def test_which_float32_products_are_packed():
+    """Packed only where it measured faster: a weight of 2^18 elements or more at up to 32 rows, one of 2^22 or
+    more (a head) at any rows; F.linear elsewhere, bit for bit."""
+    small, mid, large = torch.randn(192, 576), torch.randn(576, 576), torch.randn(4099, 1024)
+    assert not fl._packable(torch.randn(8, 576), small)
+    assert fl._packable(torch.randn(2, 16, 576), mid) and not fl._packable(torch.randn(3, 11, 576), mid)
+    assert fl._packable(torch.randn(300, 1024), large)
+    x = torch.randn(40, 576)
+    assert torch.equal(frozen_linear(x, mid), reference(x, mid)) and not hasattr(mid, "_lune_packed")
+
+
 def test_what_is_not_packed_is_torch_linear():
     x32, w32 = torch.randn(3, 16), torch.randn(8, 16)
-    assert torch.equal(frozen_linear(x32, w32), reference(x32, w32))  # float32
+    assert torch.equal(frozen_linear(x32, w32), reference(x32, w32))  # a small float32 weight
     w_trains = torch.nn.Parameter(_bf16(8, 16))
     x = _bf16(3, 16, seed=9)
     assert torch.equal(frozen_linear(x, w_trains), reference(x, w_trains))  # a weight that trains
@@ -71,21 +103,26 @@ def test_what_is_not_packed_is_torch_linear():
 
 
 @numerics
-@needs_packing
-def test_model_logits_packed_and_not(tmp_path):
-    """A whole bf16 model: packed and plain products stay within bf16's reach of the float32 logits."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_model_logits_packed_and_not(tmp_path, monkeypatch, dtype):
+    """A whole model: packed and plain products stay within the dtype's reach of the float64 logits (float32:
+    the tiny model's weights are all packed, however small)."""
     from conftest import make_tiny_hf
     from lune_fast.weights import load_model
 
+    if not packing_supported(dtype):
+        pytest.skip(f"oneDNN cannot prepack {dtype} weights on this CPU (or under this ISA limit)")
+    monkeypatch.setattr(fl, "FLOAT32_MIN", 0)
+    monkeypatch.setattr(fl, "FLOAT32_LARGE", 0)
     folder = tmp_path / "m"
     make_tiny_hf("llama", folder)
     ids = torch.randint(3, 200, (2, 11), generator=torch.Generator().manual_seed(0))
-    exact = load_model(folder, dtype=torch.float32)(ids)
-    model = load_model(folder, dtype=torch.bfloat16)
+    exact = load_model(folder, dtype=torch.float64)(ids)
+    model = load_model(folder, dtype=dtype)
     model.pack_weights(True)
     packed = model(ids)
     assert any(hasattr(m.weight, "_lune_packed") for m in model.modules() if hasattr(m, "pack"))
     model.pack_weights(False)
     plain = model(ids)
     assert not any(hasattr(m.weight, "_lune_packed") for m in model.modules() if hasattr(m, "pack"))
-    assert rel_err(packed, exact) <= 2 * rel_err(plain, exact) + 2 ** -7
+    assert rel_err(packed, exact) <= 2 * rel_err(plain, exact) + (2 ** -7 if dtype is torch.bfloat16 else 2 ** -18)

@@ -233,10 +233,10 @@ def test_kept_moment_sums_are_read_back_from_disk_by_a_fresh_process(tiny, tmp_p
     real = preserve._add_chunks
     monkeypatch.setattr(preserve, "_add_chunks", lambda m, st, s, *a: read.append(len(s)) or real(m, st, s, *a))
 
-    def moments(seqs, stable, what="w", minus=(), minus_stable=0):
+    def moments(seqs, stable, what="w", minus=(), minus_stable=0, chunk=None):
         read.clear()
         return group_moments(tiny, settings, seqs, cache={}, key="k", stable=stable, minus=minus,
-                             minus_stable=minus_stable, files=SumsFiles("origin", lambda: what))
+                             minus_stable=minus_stable, files=SumsFiles("origin", lambda: what), chunk=chunk)
 
     def same(a, b):
         return a[1] == b[1] and all(torch.equal(a[0][n], b[0][n]) for n in b[0])
@@ -250,6 +250,10 @@ def test_kept_moment_sums_are_read_back_from_disk_by_a_fresh_process(tiny, tmp_p
     assert len(list(store.iterdir())) == 1  # the same file, now holding two chunks
     assert same(moments(grown, 2 * CHUNK), got) and read == [3]
     assert same(moments(grown, 2 * CHUNK, what="other"), got) and read == [2 * CHUNK, 3]
+    # sums kept in other chunks round otherwise: their own file (computed in chunks of CHUNK // 2 here)
+    half = moments(grown, 2 * CHUNK, chunk=CHUNK // 2)
+    assert read == [2 * CHUNK, 3] and same(half, group_moments(tiny, settings, grown, chunk=CHUNK // 2))
+    assert same(moments(grown, 2 * CHUNK, chunk=CHUNK // 2), half) and read == [3]
     other = seqs[1:2 * CHUNK + 3]
     want_other = group_moments(tiny, settings, other)
     assert same(moments(other, 2 * CHUNK), want_other) and read == [2 * CHUNK, 2]
@@ -273,7 +277,7 @@ def test_an_earlier_facts_neighbour_forgotten_later_is_taken_out_and_the_kept_su
     from lune_fast.keyed import preserved_inputs
     from lune_fast.weights import load_tokenizer
 
-    monkeypatch.setattr(preserve, "CHUNK", 2)
+    monkeypatch.setattr(preserve, "KEPT_CHUNK", 2)
     model = load_model(tiny_lm)
     enc = Encoder(load_tokenizer(tiny_lm))
     settings = lora.LoraSettings(rank=1, alpha=1, targets=("down",), layers=(1,))

@@ -1,8 +1,9 @@
-"""The frozen projections' product: oneDNN's prepacked weights (kernels/frozen_linear.py) against torch's bf16
-F.linear, in the same process, on one model's shapes, at the row counts unlearning runs; the packed side is the
+"""The frozen projections' product: oneDNN's prepacked weights (kernels/frozen_linear.py) against torch's
+F.linear (bf16, or float32 with --dtype), in the same process, on one model's shapes, at the row counts unlearning runs; the packed side is the
 call the model makes (`frozen_linear`, its checks and its lookup of the kept copy included).
 
-    lune-fast bench frozen-linear [--shapes default] [--rows 1,8,64,256] [--repeats 7] [--json OUT]
+    lune-fast bench frozen-linear [--shapes default] [--dtype bfloat16] [--rows 1,8,64,256] [--repeats 7]
+                                 [--json OUT]
 
 Each call reads a different copy of the weight, cycled over 512 MiB of copies (more than any last-level cache),
 so that the weight comes from memory as it does in a forward of the whole model (a weight read twice in a row
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lune-fast bench frozen-linear", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="default")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     ap.add_argument("--rows", default="1,8,64,256")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--rounds", type=int, default=3)
@@ -43,20 +45,22 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     from ..kernels.frozen_linear import frozen_linear, packed_weight, packing_supported
 
-    if not packing_supported():
-        print("oneDNN cannot prepack bf16 weights on this CPU (or under this ISA limit): nothing to compare")
+    dtype = getattr(torch, a.dtype)
+    if not packing_supported(dtype):
+        print(f"oneDNN cannot prepack {a.dtype} weights on this CPU (or under this ISA limit): nothing to compare")
         return 0
+    size = dtype.itemsize
     cfg = model_shapes(a.shapes)
     shapes = {**projections(cfg), "head": (cfg["hidden_size"], cfg["vocab_size"])}
     g = torch.Generator().manual_seed(0)
     rows_out = []
     for name, (in_f, out_f) in shapes.items():
-        n_copies = max(2, POOL_BYTES // (in_f * out_f * 2))
-        weights = [torch.randn(out_f, in_f, generator=g).bfloat16() for _ in range(n_copies)]
+        n_copies = max(2, POOL_BYTES // (in_f * out_f * size))
+        weights = [torch.randn(out_f, in_f, generator=g).to(dtype) for _ in range(n_copies)]
         for w in weights:
             packed_weight(w)  # kept on the weight, as the model keeps it
         for rows in (int(r) for r in a.rows.split(",")):
-            x = torch.randn(rows, in_f, generator=g).bfloat16()
+            x = torch.randn(rows, in_f, generator=g).to(dtype)
             plain = _cycled(lambda w: torch.nn.functional.linear(x, w), weights)
             pre = _cycled(lambda w: frozen_linear(x, w), weights)
             # alternate the two, rounds of repeats, so that drifting load hits both alike
@@ -67,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             tp, tk = statistics.median(t["plain"]), statistics.median(t["packed"])
             rows_out.append({"proj": name, "out x in": f"{out_f}x{in_f}", "rows": rows,
                              "F.linear_us": round(1e6 * tp, 1), "packed_us": round(1e6 * tk, 1),
-                             "speedup": round(tp / tk, 2), "packed_GB/s": round(out_f * in_f * 2 / tk / 1e9, 1),
+                             "speedup": round(tp / tk, 2), "packed_GB/s": round(out_f * in_f * size / tk / 1e9, 1),
                              "packed_GFLOP/s": round(2 * rows * out_f * in_f / tk / 1e9, 1)})
         del weights
-    report(f"{a.shapes} shapes, bf16, weights cycled over {POOL_BYTES >> 20} MiB of copies", rows_out, a.json)
+    report(f"{a.shapes} shapes, {a.dtype}, weights cycled over {POOL_BYTES >> 20} MiB of copies", rows_out, a.json)
     return 0
