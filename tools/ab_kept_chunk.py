@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stream_common import read_records
+from stream_common import read_records, timed_calls
 
 
 def main() -> None:
@@ -31,16 +31,7 @@ def main() -> None:
     from lune_fast.api import Unlearner
 
     records = read_records(a.facts)
-    spent = []
-    real = api.preserved_inputs
-
-    def timed(*args, **kw):
-        t = time.perf_counter()
-        out = real(*args, **kw)
-        spent.append(time.perf_counter() - t)
-        return out
-
-    api.preserved_inputs = timed
+    spent = timed_calls(api, "preserved_inputs")
     chunks = [int(c) for c in a.chunks.split(",")]
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stream_common import read_records
+from stream_common import read_records, timed_calls
 
 
 def main() -> None:
@@ -29,17 +29,8 @@ def main() -> None:
     from lune_fast.api import Unlearner
 
     records = read_records(a.facts)
-    spent = []
-    real = keyed.group_moments
-
-    def timed(*args, **kw):
-        t = time.perf_counter()
-        out = real(*args, **kw)
-        if kw.get("cache") is not None:  # the earlier neighbours' call (the only one with kept sums)
-            spent.append(time.perf_counter() - t)
-        return out
-
-    keyed.group_moments = timed
+    # the earlier neighbours' call (the only one with kept sums)
+    spent = timed_calls(keyed, "group_moments", lambda args, kw: kw.get("cache") is not None)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "state"
         if a.state:

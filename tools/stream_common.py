@@ -1,5 +1,5 @@
-"""What the stream diagnostics share (tools/neighbour_losses.py, tools/stream_returns.py): their arguments and a
-stream of requests trained into a fresh state, handed back after each request."""
+"""What the stream diagnostics share (tools/neighbour_losses.py, tools/stream_returns.py, ...): their arguments, a
+stream of requests trained into a fresh state, handed back after each request, and a timer on a function."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +17,22 @@ def stream_arguments(doc: str, per_request: int, requests: int) -> argparse.Name
     ap.add_argument("--settings", default="{}")
     ap.add_argument("--out")
     return ap.parse_args()
+
+
+def timed_calls(module, name: str, counted=lambda args, kw: True) -> list[float]:
+    """Replace module.name by a wrapper that appends the seconds of each call `counted` accepts to the list
+    returned (clear it between requests)."""
+    real, spent = getattr(module, name), []
+
+    def timed(*args, **kw):
+        t = time.perf_counter()
+        out = real(*args, **kw)
+        if counted(args, kw):
+            spent.append(time.perf_counter() - t)
+        return out
+
+    setattr(module, name, timed)
+    return spent
 
 
 def read_records(path: str) -> list[dict]:
