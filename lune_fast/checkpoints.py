@@ -24,18 +24,19 @@ def save_checkpoint(folder: Path, step: int, model, opt, sched, settings, work: 
     from safetensors.torch import save_file
 
     with atomic_output_dir(Path(folder), overwrite=True) as tmp:
-        tensors, opt_steps = {}, {}
+        tensors, opt_state = {}, {}
         for name, m in lora.adapters_of(model).items():
             for part in ("lora_A", "lora_B"):
                 p = getattr(m, part)
                 tensors[f"{name}.{part}"] = p.detach().cpu().contiguous()
-                st = opt.state.get(p, {})
-                if st:
-                    tensors[f"{name}.{part}.exp_avg"] = st["exp_avg"].cpu().contiguous()
-                    tensors[f"{name}.{part}.exp_avg_sq"] = st["exp_avg_sq"].cpu().contiguous()
-                    opt_steps[f"{name}.{part}"] = float(st["step"])
+                # the optimiser's tensors for p, whatever they are (AdamW's moments and step, settle's lengths)
+                kept = {k: v for k, v in opt.state.get(p, {}).items() if torch.is_tensor(v)}
+                for k, v in kept.items():
+                    tensors[f"{name}.{part}.{k}"] = v.detach().cpu().contiguous()
+                if kept:
+                    opt_state[f"{name}.{part}"] = sorted(kept)
         save_file(tensors, str(tmp / "state.safetensors"))
-        meta = {"step": step, "opt_steps": opt_steps, "scheduler": sched.state_dict(),
+        meta = {"step": step, "opt_state": opt_state, "scheduler": sched.state_dict(),
                 "fingerprint": _fingerprint(settings, model.lora_settings), "work": work}
         meta["scheduler"].pop("lr_lambdas", None)
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
@@ -60,10 +61,12 @@ def load_checkpoint(folder: Path, model, opt, sched, settings) -> tuple[int, lis
                 p = getattr(m, part)
                 p.copy_(tensors[f"{name}.{part}"])
                 key = f"{name}.{part}"
-                if key in meta["opt_steps"]:
+                if key in meta.get("opt_steps", {}):  # a checkpoint from before opt_state (AdamW's only)
                     opt.state[p] = {"step": torch.tensor(meta["opt_steps"][key]),
                                     "exp_avg": tensors[f"{key}.exp_avg"].to(p.device).clone(),
                                     "exp_avg_sq": tensors[f"{key}.exp_avg_sq"].to(p.device).clone()}
+                for k in meta.get("opt_state", {}).get(key, []):
+                    opt.state[p][k] = tensors[f"{key}.{k}"].to(p.device).clone()
     sched_state = meta["scheduler"]
     sched.last_epoch = sched_state["last_epoch"]
     sched._step_count = sched_state.get("_step_count", sched.last_epoch + 1)

@@ -371,7 +371,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         with torch.device("meta"):
-            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            # a weight given: nn.Embedding's own init (normal_, even on meta) imports torch._dynamo, ~3 s of a load
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                             _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
             self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
             self.norm = rms_norm(cfg)
             self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

@@ -15,8 +15,15 @@ A plain column step has one length whatever the gradient, so it swings around an
 over a threshold (replace mode on CounterFact: the 60-step cap). "settle" keeps a length per column, halved when
 the column's gradient reverses and grown back towards lr while it keeps its direction (section 11, "A settling
 column step").
+
+The column steps and the schedule are not torch.optim classes: constructing a torch.optim.Optimizer imports
+torch._dynamo (its methods are wrapped to keep the compiler out), 2.5-3 s of a process's first request on 2
+cores — of every `lune-fast unlearn` on the default (keyed) adapter, which needs nothing else from it.
 """
 from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
 
 import torch
 
@@ -24,19 +31,31 @@ OPTIMIZERS = ("adamw", "column", "settle")
 COLUMN_STEPS = ("column", "settle")  # the optimisers that step a keyed adapter's columns
 
 
-class ColumnSteps(torch.optim.Optimizer):
+class ColumnSteps:
     """b ← (1 − lr·wd) b − lr · g / |g| per column of each 2-D parameter (a column with no gradient stays).
 
     settle: each column's length is kept, halved when its gradient reverses direction and grown ×1.2 back up to
-    lr while it keeps it."""
+    lr while it keeps it. The parts of torch.optim.Optimizer's interface the trainer uses: param_groups, state,
+    step, zero_grad."""
     SHRINK, GROW = 0.5, 1.2
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0, settle: bool = False):
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        self.param_groups = [{"params": list(params), "lr": lr, "weight_decay": weight_decay}]
+        self.state: dict[torch.Tensor, dict] = defaultdict(dict)
         self.settle = settle
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
+
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -59,7 +78,31 @@ class ColumnSteps(torch.optim.Optimizer):
         return f
 
 
-def make_optimizer(name: str, params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params: list[torch.Tensor], lr: float, weight_decay: float):
     if name in COLUMN_STEPS:
         return ColumnSteps(params, lr, weight_decay, settle=name == "settle")
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+class Schedule:
+    """lr = each group's initial lr × factor(step), as torch's LambdaLR sets it (factor(0) from the start, the
+    next one at each step()), with the state a checkpoint keeps (last_epoch, _step_count, _last_lr)."""
+
+    def __init__(self, optimizer, factor: Callable[[int], float]):
+        self.optimizer, self.factor = optimizer, factor
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        self.last_epoch, self._step_count = -1, 0
+        self.step()
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self._step_count += 1
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * self.factor(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "_step_count": self._step_count, "_last_lr": list(self._last_lr),
+                "base_lrs": list(self.base_lrs)}

@@ -99,8 +99,7 @@ def group_moments(model: Transformer, settings: lora.LoraSettings, seqs: list[li
     ones the next call will start with too (a lifelong state's earlier neighbours); the sums over their whole
     chunks are kept under `key`, and a call with that key whose sequences start with the kept ones adds only the
     rest — the same chunks in the same order, so the result is the one computed afresh (with the same `chunk`),
-    bit for bit. With `files`
-    they are kept on disk too, for the next process.
+    bit for bit. With `files` they are kept on disk too, for the next process.
 
     `minus`: sequences among `seqs` whose inputs are taken out again (their sums, kept as above with
     `minus_stable`, subtracted), so that a sequence leaving the set need not change the order of the others."""

@@ -29,7 +29,7 @@ from .data import Batch
 from .distributed import Dist, reshard_blocks
 from .losses import forget_loss, per_sequence, retain_kl, retain_nll, target_logprobs
 from .model import AttnMask, Transformer
-from .optim import make_optimizer
+from .optim import Schedule, make_optimizer
 
 
 @dataclass
@@ -149,7 +149,7 @@ def train(model: Transformer, data: TrainData, settings: TrainSettings, run: Run
     step_terms = _StepTerms(model, params, settings, dist, retain, preserved, L0)
 
     opt = make_optimizer(settings.optimizer, params, settings.lr, settings.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(settings))
+    sched = Schedule(opt, _schedule(settings))
     start, work_spec = 0, None
     if run.resume and run.checkpoint_dir is not None and (run.checkpoint_dir / "state.json").exists():
         start, work_spec = load_checkpoint(run.checkpoint_dir, model, opt, sched, settings)

@@ -37,3 +37,51 @@ def test_a_settling_column_halves_its_step_when_its_gradient_reverses_and_grows_
         lengths.append((b.detach() - before).norm(dim=0).tolist())
     assert [round(x[0], 6) for x in lengths] == [1.0, 0.5, 0.6, 0.72, 0.36]
     assert all(abs(x[1] - 1.0) < 1e-12 for x in lengths)  # never reversed: always the whole lr
+
+
+def test_the_schedule_sets_the_lrs_torchs_lambdalr_sets():
+    """Schedule (not a torch.optim class: those import torch._dynamo) against LambdaLR on the same factor:
+    warm-up, then cosine; the same lr at every step, and the state a checkpoint keeps."""
+    import math
+
+    from lune_fast.optim import Schedule
+
+    def factor(step):
+        return (step + 1) / 3 if step < 3 else 0.5 * (1 + math.cos(math.pi * min(1.0, (step - 3) / 7)))
+
+    ref_opt = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.3)
+    ref = torch.optim.lr_scheduler.LambdaLR(ref_opt, factor)
+    opt = ColumnSteps([torch.zeros(2, 2, requires_grad=True)], lr=0.3)
+    ours = Schedule(opt, factor)
+    for _ in range(12):
+        assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
+        ref_opt.step()
+        ref.step()
+        ours.step()
+    state = ours.state_dict()
+    assert (state["last_epoch"], state["_step_count"], state["_last_lr"]) == (ref.last_epoch, ref._step_count,
+                                                                             ref.get_last_lr())
+
+
+def test_a_keyed_request_never_imports_torch_dynamo(tiny_lm, tmp_path):
+    """Importing torch._dynamo takes 2.5-3 s on 2 cores: a keyed request (column steps) must not need it. In a
+    fresh process, since this one may have imported it already. Column steps asked for: the tiny model's small
+    outputs would take AdamW by default."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(f"""
+import json, sys
+from lune_fast.api import Unlearner
+u = Unlearner({str(tiny_lm)!r}, dtype="float32")
+r = u.forget([{{"prompt": "A baby cow is called a", "target": "calf"}}], progress=False, evaluate_before=False,
+             evaluate_after=False, steps=3, stop_prob=1e-9, layers="1-2", optimizer="column")
+print(json.dumps([r.config["adapter"], r.config["optimizer"], r.cost["steps"], "torch._dynamo" in sys.modules]))
+""")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    adapter, optimizer, steps, dynamo = json.loads(out.stdout.strip().splitlines()[-1])
+    assert adapter == "keyed" and optimizer == "column" and steps >= 1
+    assert dynamo is False

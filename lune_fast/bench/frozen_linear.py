@@ -1,6 +1,7 @@
 """The frozen projections' product: oneDNN's prepacked weights (kernels/frozen_linear.py) against torch's
-F.linear (bf16, or float32 with --dtype), in the same process, on one model's shapes, at the row counts unlearning runs; the packed side is the
-call the model makes (`frozen_linear`, its checks and its lookup of the kept copy included).
+F.linear (bf16, or float32 with --dtype), in the same process, on one model's shapes, at the row counts
+unlearning runs; the packed side is the call the model makes (`frozen_linear`, its checks and its lookup of the
+kept copy included: in float32 it is F.linear where the rule there says so).
 
     lune-fast bench frozen-linear [--shapes default] [--dtype bfloat16] [--rows 1,8,64,256] [--repeats 7]
                                  [--json OUT]
