@@ -66,7 +66,8 @@ def load_checkpoint(folder: Path, model, opt, sched, settings) -> tuple[int, lis
                                     "exp_avg": tensors[f"{key}.exp_avg"].to(p.device).clone(),
                                     "exp_avg_sq": tensors[f"{key}.exp_avg_sq"].to(p.device).clone()}
                 for k in meta.get("opt_state", {}).get(key, []):
-                    opt.state[p][k] = tensors[f"{key}.{k}"].to(p.device).clone()
+                    t = tensors[f"{key}.{k}"]  # a 0-d count (AdamW's step) stays on the CPU, as torch keeps it
+                    opt.state[p][k] = t.clone() if t.dim() == 0 else t.to(p.device).clone()
     sched_state = meta["scheduler"]
     sched.last_epoch = sched_state["last_epoch"]
     sched._step_count = sched_state.get("_step_count", sched.last_epoch + 1)
