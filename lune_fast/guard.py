@@ -21,6 +21,7 @@ import torch
 
 from . import lora
 from .data import Encoder, Fact, listed_neighbors, make_batch
+from .keyed import subject_groups
 from .model import Transformer
 from .plan import Pair, Plan
 from .recall import ROUND_FACTOR, Rounds
@@ -73,8 +74,6 @@ def about_subjects(enc: Encoder, facts: list[Fact], earlier: list[Fact] | tuple)
     the prompts a keyed request's new ranks read as they read their own subject ("The currency of Japan is the"
     when "The capital of Japan is" is forgotten) — the ones it can flip however far from its own relation, and
     the ones its columns can put back. Every earlier fact stays (its prompt is never guarded)."""
-    from .keyed import subject_groups
-
     listed = [(i, p, t) for i, f in enumerate(earlier) for p, t in f.neighbors]
     groups = subject_groups(enc, [*facts, *(Fact(p, t, chat=earlier[i].chat) for i, p, t in listed)])
     about = {(i, p) for (i, p, _), g in zip(listed, groups[len(facts):]) if g < len(facts)}

@@ -214,8 +214,7 @@ class SumsFiles:
     """group_moments' kept sums on disk as well (moments_store()), so that a fresh process per request (the
     CLI's `unlearn --into`) does not read every earlier neighbour again. A file per `origin`, `what` (layout and
     what is folded into the weights), kind, chunk size and first chunk of sequences (two states rarely share one)
-    holds the
-    sums over a prefix's whole chunks, with that prefix's length and digest; it is used only where the
+    holds the sums over a prefix's whole chunks, with that prefix's length and digest; it is used only where the
     sequences start with exactly that prefix. `what` may be a function giving it, called once if at all (a
     folded state's digest takes a while)."""
 
