@@ -48,10 +48,14 @@ class Preserved:
 
 
 CHUNK = 64  # sequences a forward reads; sums are added chunk by chunk, in order
-# a lifelong state's earlier neighbours are read in smaller chunks: their sums are kept over whole chunks, and the
-# rest is read again by every request (with 64: ~60 prompts, 0.8 s of a 3.8 s one-fact request into an 88-fact
-# state, float32 on 2 cores; with 8 at most 7)
-KEPT_CHUNK = 8
+# A lifelong state's earlier neighbours are read one sequence a forward. Their sums are kept, and those that become
+# forget prompts are subtracted again, read on their own: the same forward, so the same inputs bit for bit. Read in
+# chunks, a sequence's bf16 inputs round differently in each chunk it lands in (oneDNN's kernels and blocking follow
+# the batch's shape), and the subtraction left the group indefinite: on an AMX Xeon, 99 tokens less one prompt gave
+# an eigenvalue -1.7x the mean, and the keyed solve's Cholesky failed at the 8th one-fact request of a validation
+# stream. One a forward also leaves no partial chunk to read again (with 64: ~60 prompts, 0.8 s of a 3.8 s one-fact
+# request into an 88-fact state, float32 on 2 cores).
+KEPT_CHUNK = 1
 
 
 @dataclass
