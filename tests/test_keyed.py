@@ -268,6 +268,50 @@ def test_kept_moment_sums_are_read_back_from_disk_by_a_fresh_process(tiny, tmp_p
     assert same(moments(grown, 2 * CHUNK), want) and read == [2 * CHUNK, 3]
 
 
+def test_kept_sums_are_written_at_once_then_every_save_every_sequences_and_the_rest_at_exit(tiny, tmp_path,
+                                                                                            monkeypatch):
+    """A process writes a state's kept sums the first time, then only when SAVE_EVERY more sequences were added
+    since its last write; the rest waits for flush_kept_sums (at exit). What is read back is the sums computed
+    afresh, bit for bit."""
+    from safetensors import safe_open
+
+    from lune_fast import preserve
+    from lune_fast.preserve import SumsFiles, flush_kept_sums
+
+    monkeypatch.setenv("LUNE_FAST_MOMENTS", str(tmp_path / "moments"))
+    monkeypatch.setattr(preserve, "SAVE_EVERY", 16)
+    settings = lora.LoraSettings(targets=("down",), layers=(0, 2))
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(1, 211, (int(n),), generator=g).tolist() for n in torch.randint(2, 9, (40,), generator=g)]
+    cache = {}
+
+    def moments(n, cache):
+        return group_moments(tiny, settings, seqs[:n], cache=cache, key="k", stable=n,
+                             files=SumsFiles("origin", lambda: "w"), chunk=1)
+
+    def on_disk():
+        files = list((tmp_path / "moments").iterdir())
+        assert len(files) == 1
+        with safe_open(str(files[0]), framework="pt") as f:
+            return int(f.metadata()["count"])
+
+    moments(10, cache)
+    assert on_disk() == 10  # the first write at once
+    moments(20, cache)
+    assert on_disk() == 10  # 10 more: not yet
+    moments(30, cache)
+    assert on_disk() == 30  # 20 more since the last write
+    want = moments(35, cache)
+    assert on_disk() == 30
+    flush_kept_sums()
+    assert on_disk() == 35
+    read = []
+    real = preserve._add_chunks
+    monkeypatch.setattr(preserve, "_add_chunks", lambda m, st, s, *a: read.append(len(s)) or real(m, st, s, *a))
+    got = moments(35, {})  # the next process
+    assert read == [] and got[1] == want[1] and all(torch.equal(got[0][n], want[0][n]) for n in want[0])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_an_earlier_facts_neighbour_forgotten_later_is_taken_out_and_the_kept_sums_stay(tiny_lm, dtype, monkeypatch):
     """Facts of one relation list each other as neighbours. When a request forgets an earlier fact's neighbour,

@@ -1,7 +1,7 @@
 """The earlier neighbours' kept-sums chunk, A/B in one process: two Unlearners, each on its own copy of a state,
 requests alternating between them, one with preserve.KEPT_CHUNK = A and one with B.
 
-    .venv/bin/python tools/ab_kept_chunk.py STATE FACTS.jsonl --first 100 --requests 8 [--chunks 64,8]
+    .venv/bin/python tools/ab_kept_chunk.py STATE FACTS.jsonl --first 100 --requests 8 [--chunks 64,8] [--dtype float32]
 
 STATE: a state (copied twice, never changed); FACTS: records from --first on are the requests (one fact each;
 the first is a warm-up for each side). Prints each request's seconds and those of the preserved inputs, and the
@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--first", type=int, default=100)
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--chunks", default="64,8")
+    ap.add_argument("--dtype", default="auto")
     a = ap.parse_args()
     from lune_fast import api, preserve
     from lune_fast.api import Unlearner
@@ -39,7 +40,7 @@ def main() -> None:
             folder = Path(tmp) / f"state{c}"
             shutil.copytree(a.state, folder)
             preserve.KEPT_CHUNK = c
-            u = Unlearner()
+            u = Unlearner(dtype=a.dtype)
             u.forget(records[a.first:a.first + 1], into=folder, evaluate_before=False, evaluate_after=False,
                      progress=False)
             runs[c] = (u, folder, [], [])
