@@ -246,7 +246,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask,
     "Where the time went"), so that case takes the explicit path; everything else takes SDPA."""
     B, H, T, D = q.shape
     kvh = k.shape[1]
-    if q.is_cuda or q.dtype == torch.float32:
+    if q.is_cuda or q.dtype == torch.float32 or T == 1:  # one query (a decoding step): SDPA is 10x faster
         if mask.causal_only:
             return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=H != kvh, scale=scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed, enable_gqa=H != kvh, scale=scale)

@@ -163,3 +163,21 @@ def test_sampled_decoding_repeats_with_its_generator_and_scores_the_tokens_it_dr
         logits = model(torch.tensor([p + toks]))[0, len(p) - 1:-1].float()
         want = torch.log_softmax(logits, -1).gather(1, torch.tensor(toks)[:, None]).squeeze(1)
         assert torch.allclose(torch.tensor(scores), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all-keys", "padded-keys"])
+def test_one_query_attention_in_bf16_is_within_bf16_rounding_of_float64(masked):
+    """A decoding step's attention (one query, grouped heads, keys from the cache; padded rows masked) goes
+    through SDPA in bf16: within bf16 rounding of a float64 reference on the same (rounded) inputs."""
+    from lune_fast.model import AttnMask, attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*s, generator=g).bfloat16() for s in ((2, 9, 1, 64), (2, 3, 40, 64), (2, 3, 40, 64)))
+    real = torch.ones(2, 40, dtype=torch.bool)
+    if masked:
+        real[1, :7] = False  # the second row is left-padded
+    got = attention(q, k, v, AttnMask(False, real[:, None, None, :]) if masked else AttnMask())
+    kd, vd = (t.double().repeat_interleave(3, dim=1) for t in (k, v))
+    scores = (q.double() @ kd.transpose(-1, -2)) / 8.0
+    want = torch.softmax(scores.masked_fill(~real[:, None, None, :], float("-inf")), -1) @ vd
+    assert got.shape == want.shape and rel_err(got, want) < 1e-2
