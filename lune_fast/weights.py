@@ -144,9 +144,11 @@ def load_model(model: str | os.PathLike | None = "default", dtype: torch.dtype =
 
 
 def load_tokenizer(model: str | os.PathLike | None = "default"):
-    from transformers import AutoTokenizer
+    """The model's tokenizer: lune_fast.tokenizer's reading of tokenizer.json where it reads the folder as
+    transformers does (no transformers import), else transformers' AutoTokenizer."""
+    from . import tokenizer
 
-    return AutoTokenizer.from_pretrained(str(resolve_model_dir(model)))
+    return tokenizer.load(resolve_model_dir(model))
 
 
 def save_model(model: Transformer, source: Path, folder: Path) -> None:
