@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import lora, preserve
+from .lora import AdapterError
 from .assets import asset
 from .data import Encoder, Fact, listed_neighbors, make_batch, read_lines
 from .model import Transformer
@@ -100,11 +101,16 @@ def subject_keys(model: Transformer, settings: lora.LoraSettings, where: list[li
     return out
 
 
-def spd_solve(M: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+def spd_solve(M: torch.Tensor, B: torch.Tensor, what: str = "matrix") -> torch.Tensor:
     """M⁻¹ B for a symmetric positive definite M (the ridges make C and G so): a Cholesky factor and two
     triangular solves, a third of the time of torch.linalg.solve's LU on 2 cores at d = 1536 (and
-    torch.cholesky_solve is slower than either there)."""
-    L = torch.linalg.cholesky(M)
+    torch.cholesky_solve is slower than either there). An M that is not (moments gone indefinite: a bug) is an
+    AdapterError naming `what`, raised before anything is written."""
+    L, info = torch.linalg.cholesky_ex(M)
+    if int(info):
+        raise AdapterError(f"{what}: the keyed solve's {M.shape[0]}x{M.shape[0]} matrix is not positive definite "
+                           f"(leading minor {int(info)}); the preserved inputs' moments went indefinite, which is "
+                           f"a bug in lune_fast: nothing was written; please report it with the request")
     return torch.linalg.solve_triangular(L.t(), torch.linalg.solve_triangular(L, B, upper=False), upper=True)
 
 
@@ -135,14 +141,14 @@ def set_keyed(model: Transformer, keys: dict[str, torch.Tensor], preserved: Pres
         n_new = K.shape[1]
         if earlier is not None and name in earlier and len(earlier[name]):
             K = torch.cat([K, earlier[name].to(K.device, K.dtype).t()], dim=1)
-        CiK = spd_solve(C, K)  # C⁻¹ K
+        CiK = spd_solve(C, K, f"{name} (preserved inputs)")  # C⁻¹ K
         G = K.t() @ CiK  # Kᵀ C⁻¹ K [n, n]
         n = G.shape[0]
         G = G + max(overlap, 1e-9) * torch.trace(G) / n * torch.eye(n, dtype=G.dtype, device=G.device)
         if keys[name].shape[0] != m.lora_A.shape[0]:
             raise ValueError(f"{name}: rank {m.lora_A.shape[0]} for {keys[name].shape[0]} keys")
         m.lora_A.zero_()
-        m.lora_A[rows] = spd_solve(G, CiK.t())[:n_new].to(m.lora_A)  # [n_new, d]
+        m.lora_A[rows] = spd_solve(G, CiK.t(), f"{name} (keys)")[:n_new].to(m.lora_A)  # [n_new, d]
         m.lora_A.requires_grad_(False)
         m.lora_B.zero_()
 

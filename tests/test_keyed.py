@@ -564,3 +564,19 @@ def test_taken_out_prompts_leave_the_moments_positive_semidefinite_in_bf16(defau
     C = got["layers.9.mlp.down_proj"].double()
     assert n == m and torch.linalg.eigvalsh(C)[0] > -1e-4 * torch.trace(C) / C.shape[0]
     assert rel_err(got["layers.9.mlp.down_proj"], want["layers.9.mlp.down_proj"]) < 1e-5
+
+
+def test_an_indefinite_matrix_in_the_keyed_solve_is_a_clear_error():
+    """A moments matrix gone indefinite (what chunked take-outs did in bf16) stops the request with an
+    AdapterError naming the projection, not a LinAlgError from inside torch."""
+    from lune_fast.keyed import spd_solve
+    from lune_fast.lora import AdapterError
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    M = X.t() @ X
+    B = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    assert rel_err(M @ spd_solve(M, B), B) < 1e-10
+    M[3, 3] = -1.0
+    with pytest.raises(AdapterError, match=r"layers\.4\.mlp\.down_proj \(preserved inputs\).*not positive definite"):
+        spd_solve(M, B, "layers.4.mlp.down_proj (preserved inputs)")
