@@ -177,7 +177,8 @@ class Unlearner:
         # window's text moments serve every request into it
         earlier = st.earlier_facts() if st is not None else []
         with ExitStack() as folds:
-            preserved = self._preserved(job, earlier, folds.enter_context(self._folded(st, job.layout)))
+            preserved = self._preserved(job, earlier, folds.enter_context(self._folded(st, job.layout)),
+                                        lifelong=st is not None)
             if leave_off:  # trained and checked with those left off
                 folds.close()
                 folds.enter_context(self._folded(st, job.layout, leave_off))
@@ -290,16 +291,17 @@ class Unlearner:
         """State.folded_outside on this model (nothing to fold without a state)."""
         return st.folded_outside(self.model, layout, off) if st is not None else nullcontext()
 
-    def _preserved(self, job: plan.Plan, earlier: list, folded) -> Preserved | None:
+    def _preserved(self, job: plan.Plan, earlier: list, folded, lifelong: bool = False) -> Preserved | None:
         """The inputs a keyed adapter (or --preserve-weight) keeps: keyed.preserved_inputs, with a state's
         `earlier` facts' neighbours, its text's moments cached under what the state has `folded` into the frozen
-        weights (State.folded_outside)."""
+        weights (State.folded_outside); `lifelong`: a request into a state (its neighbours' sums are kept for the
+        next one)."""
         s = job.settings
         if s.adapter != "keyed" and s.preserve_weight <= 0:
             return None
         return preserved_inputs(self.model, self.encoder, job.facts, job.layout, s.preserve_prompts,
                                 s.preserve_text, s.seed, self._text_moments, s.preserve_neighbors, earlier, folded,
-                                self._origin)
+                                self._origin, lifelong)
 
     def _train(self, job: plan.Plan, run: RunOptions, st: lifelong.State | None, earlier: list,
                preserved: Preserved | None, scale_lr: bool = True, own_optimizer: bool = False,

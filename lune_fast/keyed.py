@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from . import lora, preserve
+from . import lora
 from .lora import AdapterError
 from .assets import asset
 from .data import Encoder, Fact, listed_neighbors, make_batch, read_lines
 from .model import Transformer
-from .preserve import Preserved, SumsFiles, combine, group_moments, stored_moments
+from .preserve import CHUNK, Preserved, SumsFiles, combine, group_moments, stored_moments
 from .subjects import content_positions, other_subject_prompts, subject_last_token, subject_text
 
 
@@ -169,26 +169,35 @@ def preserve_text_path(text: str | None) -> Path:
     return Path(text)
 
 
-def listed_inputs(enc: Encoder, facts: list[Fact], earlier: list[Fact] | tuple
-                  ) -> tuple[list[list[int]], int, list[list[int]], int]:
-    """The listed neighbours' prompts as preserved inputs: (every neighbour the `earlier` facts list, then those
-    the request's `facts` list that are no forget prompt; how many of them the next request starts with; the
-    earlier ones that are forget prompts, to be taken out again; how many of those the next request starts
-    with).
+def listed_inputs(enc: Encoder, facts: list[Fact], earlier: list[Fact] | tuple, lifelong: bool = False
+                  ) -> tuple[list[list[int]], list[int], int, list[int], int]:
+    """The listed neighbours' prompts as preserved inputs: (each fact's neighbours that were no forget prompt
+    when it came — the `earlier` facts', then with `lifelong` the request's `facts`', else the request's that
+    are no forget prompt now; the chunks they are read in, one fact's each; how many of them the earlier facts
+    list; the positions of those that became forget prompts later, to be taken out again; how many of those
+    the earlier facts make).
 
-    A state's next request starts with the same earlier neighbours, so their sums are kept (group_moments).
-    Leaving a forget prompt out of the list would shift the rest whenever a request forgets an earlier fact's
-    neighbour (facts of one relation list each other) and lose the kept sums; it is taken out by subtraction
-    instead. Those taken out go in the order of when they became forget prompts of earlier neighbours (the later
-    of the two facts' places in the state), so that they too only grow at their end."""
+    A state's next request starts with the same chunks — the earlier facts' if this request fails, all of them
+    if it lands — so their sums are kept (group_moments' stable and provisional prefixes) and each fact's are
+    read once, in one forward. A neighbour forgotten later (facts of one relation list each other) is taken out
+    by subtraction (read again in its chunk's forward), so that no kept chunk changes. Those taken out go in
+    the order of when they became forget prompts (the fact's place in the state), so that they too only grow at
+    their end."""
     first = {}
     for i, f in enumerate([*earlier, *facts]):
         first.setdefault(f.prompt, i)
-    mine = [(j, p, f.chat) for j, f in enumerate(earlier) for p, _ in f.neighbors]
+    listing = [*earlier, *facts] if lifelong else earlier
+    mine, sizes = [], []
+    for j, f in enumerate(listing):
+        chunk = [(j, p, f.chat) for p, _ in f.neighbors if first.get(p, j + 1) > j]
+        mine += chunk
+        sizes += [len(chunk)] if chunk else []
     ids = [enc.prompt_ids(p, chat) for _, p, chat in mine]
-    out = sorted((max(j, first[p]), pos) for pos, (j, p, _) in enumerate(mine) if p in first)
-    listed = ids + [enc.prompt_ids(p, f.chat) for f, p, _ in listed_neighbors(facts, earlier)]
-    return listed, len(ids), [ids[pos] for _, pos in out], sum(1 for when, _ in out if when < len(earlier))
+    out = sorted((first[p], pos) for pos, (_, p, _) in enumerate(mine) if p in first)
+    rest = [] if lifelong else [enc.prompt_ids(p, f.chat) for f, p, _ in listed_neighbors(facts, earlier)]
+    sizes += [min(CHUNK, len(rest) - i) for i in range(0, len(rest), CHUNK)]
+    n_earlier = sum(1 for j, _, _ in mine if j < len(earlier))
+    return ids + rest, sizes, n_earlier, [pos for _, pos in out], sum(1 for when, _ in out if when < len(earlier))
 
 
 # text moments a process keeps (layouts, texts, windows folded): a state whose other window changes between
@@ -198,27 +207,32 @@ TEXTS_KEPT = 4
 
 def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settings: lora.LoraSettings,
                      n_prompts: int, text: str | None, seed: int, text_cache: dict, neighbors: bool = True,
-                     earlier: list[Fact] | tuple = (), folded=None, origin: str | None = None) -> Preserved:
+                     earlier: list[Fact] | tuple = (), folded=None, origin: str | None = None,
+                     lifelong: bool = False) -> Preserved:
     """The inputs the adapter should leave alone, in groups of equal weight: each fact's prompt template with
     `n_prompts` other subjects; the neighbours the records list (with `neighbors`: their prompts only, not their
     answers; the request says they must stay), also those of a lifelong state's `earlier` facts; and the
     preservation text (preserve_text_path). The text's moments depend only on the model, the adapter layout and
     what a lifelong state has `folded` into the frozen weights (State.folded_outside), so they are kept in
     `text_cache` under those and reused (the TEXTS_KEPT most recently used), as are the earlier neighbours'
-    sums (group_moments); with `origin` (what the model was loaded from), both also on disk
-    (preserve.stored_moments, preserve.SumsFiles; folded ranks by their digest)."""
+    sums (group_moments; with `lifelong`, this request's too, for the state's next request); with `origin` (what
+    the model was loaded from), both also on disk (preserve.stored_moments, preserve.SumsFiles; folded ranks by
+    their digest)."""
     prompts = [enc.prompt_ids(p, f.chat) for f, ps in zip(facts, other_subject_prompts(facts, n_prompts, seed))
                for p in ps]
     groups = [group_moments(model, settings, prompts, enc.pad_id)]
     fold = folded.key if folded is not None else None
-    listed, stable, minus, minus_stable = listed_inputs(enc, facts, earlier) if neighbors else ([], 0, [], 0)
+    listed, sizes, stable, minus, minus_stable = listed_inputs(enc, facts, earlier, lifelong) if neighbors \
+        else ([], [], 0, [], 0)
     if listed:
         files = None if origin is None else SumsFiles(origin, lambda: (
             settings.targets, settings.layers, folded.digest() if folded is not None else None))
         groups.append(group_moments(model, settings, listed, enc.pad_id,
                                     cache=text_cache.setdefault("earlier neighbours", {}),
                                     key=(settings.targets, settings.layers, fold), stable=stable, minus=minus,
-                                    minus_stable=minus_stable, files=files, chunk=preserve.KEPT_CHUNK))
+                                    minus_stable=minus_stable, files=files, sizes=sizes,
+                                    provisional=len(listed) if lifelong else stable,
+                                    minus_provisional=len(minus) if lifelong else minus_stable))
     key = (settings.targets, settings.layers, text, fold)
     if key in text_cache:
         text_cache[key] = text_cache.pop(key)  # the most recently used last

@@ -50,20 +50,13 @@ class Preserved:
 
 
 CHUNK = 64  # sequences a forward reads; sums are added chunk by chunk, in order
-# A lifelong state's earlier neighbours are read one sequence a forward. Their sums are kept, and those that become
-# forget prompts are subtracted again, read on their own: the same forward, so the same inputs bit for bit. Read in
-# chunks, a sequence's bf16 inputs round differently in each chunk it lands in (oneDNN's kernels and blocking follow
-# the batch's shape), and the subtraction left the group indefinite: on an AMX Xeon, 99 tokens less one prompt gave
-# an eigenvalue -1.7x the mean, and the keyed solve's Cholesky failed at the 8th one-fact request of a validation
-# stream. One a forward also leaves no partial chunk to read again (with 64: ~60 prompts, 0.8 s of a 3.8 s one-fact
-# request into an 88-fact state, float32 on 2 cores).
-KEPT_CHUNK = 1
 
 
 @dataclass
 class Sums:
-    """Running sums of x xᵀ per adapted linear over the whole chunks of `seqs`, and their token count."""
-    seqs: list[list[int]]
+    """Running sums of x xᵀ per adapted linear over `items` (the forwards' sequences, or the sequences taken out
+    again), and their token count."""
+    seqs: list
     sums: dict[str, torch.Tensor]
     n: int
 
@@ -72,9 +65,11 @@ class Sums:
 
 
 @torch.no_grad()
-def _add_chunks(model: Transformer, settings: lora.LoraSettings, seqs: list[list[int]], acc: Sums, pad_id: int,
-                pack: int, chunk: int) -> None:
-    """Add the inputs of `seqs` (non-empty), `chunk` sequences a forward, to `acc`."""
+def _add_chunks(model: Transformer, settings: lora.LoraSettings, chunks: list[list[list[int]]], acc: Sums,
+                pad_id: int, pack: int, take: list[int] | None = None) -> None:
+    """Add the inputs of each chunk of sequences (non-empty; one forward each) to `acc`; with `take`, only those
+    of the take[i]-th sequence of chunk i (a sequence taken out again, read in the forward it was added in: the
+    same inputs, bit for bit)."""
     valid = {}
 
     def read(name, x):
@@ -83,65 +78,101 @@ def _add_chunks(model: Transformer, settings: lora.LoraSettings, seqs: list[list
         acc.sums[name].add_(x.t() @ x)
 
     with lora.reading_inputs(model, settings, read) as end:
-        for start in range(0, len(seqs), chunk):
+        for i, chunk in enumerate(chunks):
             # (ids, [pad]) makes the packed input row exactly ids
-            batch = make_batch([(s, [pad_id]) for s in seqs[start:start + chunk]], pad_id, pack=pack).to(model.device)
-            valid["idx"] = (batch.segments.reshape(-1) >= 0).nonzero().squeeze(1)
+            batch = make_batch([(s, [pad_id]) for s in chunk], pad_id, pack=pack).to(model.device)
+            segments = batch.segments.reshape(-1)
+            valid["idx"] = ((segments >= 0) if take is None else (segments == take[i])).nonzero().squeeze(1)
             acc.n += int(valid["idx"].numel())
             positions, mask = batch.layout()
             model.run_layers(model.embed(batch.input_ids), positions, mask, end=end)
-    acc.seqs = acc.seqs + seqs
+    acc.seqs = acc.seqs + (chunks if take is None else list(zip(chunks, take)))
 
 
 def group_moments(model: Transformer, settings: lora.LoraSettings, seqs: list[list[int]], pad_id: int = 0,
                   pack: int = 256, cache: dict | None = None, key=None, stable: int = 0,
-                  minus: list[list[int]] = (), minus_stable: int = 0, files: "SumsFiles | None" = None,
-                  chunk: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+                  minus: list[int] = (), minus_stable: int = 0, files: "SumsFiles | None" = None,
+                  chunk: int | None = None, provisional: int | None = None, minus_provisional: int | None = None,
+                  sizes: list[int] | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """E[x xᵀ] over every token of `seqs` of the inputs of each projection `settings` adapts, on the frozen
-    model (packed rows, `chunk` sequences a forward: CHUNK by default; only the layers up to the last adapted one
-    run), and the token count.
+    model (packed rows, one forward per chunk: `sizes` sequences each, else `chunk` (CHUNK); only the layers up
+    to the last adapted one run), and the token count.
 
     With `cache` (a dict this function owns: it keeps the entries of one `key`): the first `stable` sequences are
-    ones the next call will start with too (a lifelong state's earlier neighbours); the sums over their whole
-    chunks are kept under `key`, and a call with that key whose sequences start with the kept ones adds only the
-    rest — the same chunks in the same order, so the result is the one computed afresh (with the same `chunk`),
-    bit for bit. With `files` they are kept on disk too, for the next process.
+    ones the next call will start with too (a lifelong state's earlier neighbours), and the first `provisional`
+    (>= stable; default: stable) ones it may start with (with this request's neighbours, should it land). The sums
+    over the whole chunks of both prefixes are kept under `key`, and a call with that key whose chunks start
+    with a kept prefix adds only the rest — the same chunks in the same order, so the result is the one computed
+    afresh, bit for bit. With `files` the stable prefix's sums are kept on disk too, for the next process.
 
-    `minus`: sequences among `seqs` whose inputs are taken out again (their sums, kept as above with
-    `minus_stable`, subtracted), so that a sequence leaving the set need not change the order of the others."""
+    `minus`: positions in `seqs` of sequences taken out again, so that a sequence leaving the set need not change
+    the others' chunks: each is read again in its own chunk's forward (its inputs exactly those added; read in
+    another batch, bf16 inputs round otherwise, and the subtraction left the moments indefinite: an eigenvalue
+    -1.7x the mean on an AMX Xeon) and subtracted; kept as above with `minus_stable` and `minus_provisional`."""
     if cache is not None:
         for k in [k for k in cache if k not in (key, ("minus", key))]:
             del cache[k]
     chunk = chunk or CHUNK
-    acc = _kept_sums(model, settings, seqs, pad_id, pack, chunk, cache, key, stable, files, "listed")
-    out = _kept_sums(model, settings, minus, pad_id, pack, chunk, cache, ("minus", key), minus_stable, files, "minus")
+    if sizes is None and not minus:
+        seqs = [s for s in seqs if s]
+    stride = sizes is None  # chunks of `chunk`: a shorter last one may grow in the next call
+    sizes = [min(chunk, len(seqs) - i) for i in range(0, len(seqs), chunk)] if stride else list(sizes)
+    if sum(sizes) != len(seqs) or min(sizes, default=1) < 1:
+        raise ValueError(f"chunk sizes {sizes} do not split {len(seqs)} sequences")
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    chunks = [seqs[a:a + n] for a, n in zip(starts, sizes)]
+    owner = [i for i, n in enumerate(sizes) for _ in range(n)]
+
+    def whole(count: int | None) -> int | None:  # the chunks the first `count` sequences hold for good
+        if count is None:
+            return None
+        return count // chunk if stride else sum(1 for a, n in zip(starts, sizes) if a + n <= count)
+
+    taken = [(chunks[owner[p]], p - starts[owner[p]]) for p in minus]
+    acc = _kept_sums(model, settings, chunks, pad_id, pack, cache, key, whole(stable), whole(provisional), files,
+                     "listed")
+    out = _kept_sums(model, settings, taken, pad_id, pack, cache, ("minus", key), minus_stable, minus_provisional,
+                     files, "minus")
     if out.n:
         acc = Sums(acc.seqs, {n: v - out.sums[n] for n, v in acc.sums.items()}, acc.n - out.n)
     return {k: v / max(acc.n, 1) for k, v in acc.sums.items()}, acc.n
 
 
-def _kept_sums(model: Transformer, settings: lora.LoraSettings, seqs: list[list[int]], pad_id: int, pack: int,
-               chunk: int, cache: dict | None, key, stable: int, files: "SumsFiles | None", kind: str) -> Sums:
-    stable = sum(1 for s in seqs[:stable] if s)
-    seqs = [s for s in seqs if s]
-    linears = lora.frozen_linears(model, settings)
-    kept = cache.get(key) if cache is not None else None
-    if kept is None or len(kept.seqs) > stable or seqs[:len(kept.seqs)] != kept.seqs:
-        kept = files.load(kind, seqs[:stable], model.device, chunk) if files is not None and cache is not None \
-            else None
-    if kept is not None and set(kept.sums) == set(linears):
-        acc = kept.copy()
+def _add_items(model, settings, items: list, acc: Sums, pad_id: int, pack: int, kind: str) -> None:
+    if kind == "minus":
+        _add_chunks(model, settings, [c for c, _ in items], acc, pad_id, pack, take=[t for _, t in items])
     else:
-        acc = Sums([], {n: torch.zeros(m.in_features, m.in_features, device=model.device)
-                        for n, m in linears.items()}, 0)
-    whole = stable // chunk * chunk if cache is not None else 0
-    if whole > len(acc.seqs):
-        _add_chunks(model, settings, seqs[len(acc.seqs):whole], acc, pad_id, pack, chunk)
-        cache[key] = kept = acc.copy()  # never changed after: the file may be written later
-        if files is not None:
-            files.save(kind, kept, chunk)
-    if len(seqs) > len(acc.seqs):
-        _add_chunks(model, settings, seqs[len(acc.seqs):], acc, pad_id, pack, chunk)
+        _add_chunks(model, settings, items, acc, pad_id, pack)
+
+
+def _kept_sums(model: Transformer, settings: lora.LoraSettings, items: list, pad_id: int, pack: int,
+               cache: dict | None, key, stable: int, provisional: int | None, files: "SumsFiles | None",
+               kind: str) -> Sums:
+    """Sums over `items` (chunks, or (chunk, index) to take out), starting from the longest kept prefix."""
+    provisional = max(stable, provisional if provisional is not None else stable)
+    linears = lora.frozen_linears(model, settings)
+    fits = [k for k in (cache.get(key, ()) if cache is not None else ())
+            if len(k.seqs) <= provisional and items[:len(k.seqs)] == k.seqs and set(k.sums) == set(linears)]
+    kept = max(fits, key=lambda k: len(k.seqs), default=None)
+    if kept is None and files is not None and cache is not None:
+        kept = files.load(kind, items[:stable], model.device)
+        kept = kept if kept is not None and set(kept.sums) == set(linears) else None
+    acc = kept.copy() if kept is not None else Sums([], {n: torch.zeros(m.in_features, m.in_features,
+                                                                         device=model.device)
+                                                         for n, m in linears.items()}, 0)
+    if cache is not None:
+        entries = {len(k.seqs): k for k in fits + ([kept] if kept is not None else [])}  # never changed
+        ends = sorted({stable, provisional})
+        for n in ends:
+            if n > len(acc.seqs):
+                _add_items(model, settings, items[len(acc.seqs):n], acc, pad_id, pack, kind)
+                entries[n] = acc.copy()  # never changed after: the file may be written later
+                if files is not None and n <= stable:
+                    files.save(kind, entries[n])
+        # the sums the next call starts with: the stable prefix's, or with this request's part should it land
+        cache[key] = [entries[n] for n in ends if n in entries]
+    if len(items) > len(acc.seqs):
+        _add_items(model, settings, items[len(acc.seqs):], acc, pad_id, pack, kind)
     return acc
 
 
@@ -216,12 +247,12 @@ def _seqs_digest(seqs: list[list[int]]) -> str:
     return hashlib.sha256(repr(seqs).encode()).hexdigest()
 
 
-# A process writes kept sums to the store at once the first time, then when SAVE_EVERY more sequences were added
+# A process writes kept sums to the store at once the first time, then when SAVE_EVERY more chunks were added
 # since it last wrote them, and the rest when it exits: a write is 66 MB a kind for the default window (0.11-0.16 s
 # of a 1.9 s one-fact request into a 100-fact state, AMX Xeon, 2 cores), and only a fresh process reads it. A
-# process that dies unflushed costs the next one at most SAVE_EVERY sequences read again.
-SAVE_EVERY = 64
-KEY_SEQS = 8  # a file is named by its prefix's first sequences (two states rarely share them)
+# process that dies unflushed costs the next one at most SAVE_EVERY chunks read again.
+SAVE_EVERY = 16  # chunks (a fact's neighbours each, in a state)
+KEY_SEQS = 1  # a file is named by its prefix's first chunk (a state's first fact's neighbours)
 _unwritten: dict[Path, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
 _written: dict[Path, int] = {}
 _files_lock = threading.Lock()
@@ -244,28 +275,27 @@ def flush_kept_sums() -> None:
 class SumsFiles:
     """group_moments' kept sums on disk as well (moments_store()), so that a fresh process per request (the
     CLI's `unlearn --into`) does not read every earlier neighbour again. A file per `origin`, `what` (layout and
-    what is folded into the weights), kind, chunk size and first KEY_SEQS sequences holds the sums over a
-    prefix's whole chunks, with that prefix's length and digest; it is used only where the sequences start with
+    what is folded into the weights), kind and first KEY_SEQS chunks holds the sums over a prefix of chunks (or of
+    sequences taken out), with that prefix's length and digest; it is used only where the chunks start with
     exactly that prefix. `what` may be a function giving it, called once if at all (a folded state's digest
     takes a while)."""
 
     def __init__(self, origin: str, what):
         self.origin, self._what = origin, what
 
-    def _path(self, kind: str, seqs: list[list[int]], chunk: int) -> Path | None:
+    def _path(self, kind: str, seqs: list) -> Path | None:
         store = moments_store()
-        first = max(chunk, KEY_SEQS)
-        if store is None or len(seqs) < first:
+        if store is None or len(seqs) < KEY_SEQS:
             return None
         if callable(self._what):
             self._what = self._what()
-        return _store_path(store, self.origin, (self._what, kind, chunk, _seqs_digest(seqs[:first])))
+        return _store_path(store, self.origin, (self._what, kind, "chunks", _seqs_digest(seqs[:KEY_SEQS])))
 
-    def load(self, kind: str, seqs: list[list[int]], device, chunk: int) -> Sums | None:
-        """The kept sums over a prefix of `seqs` (the sequences every later call starts with), or None."""
+    def load(self, kind: str, seqs: list, device) -> Sums | None:
+        """The kept sums over a prefix of `seqs` (the chunks every later call starts with), or None."""
         from safetensors import safe_open
 
-        path = self._path(kind, seqs, chunk)
+        path = self._path(kind, seqs)
         if path is None or not path.is_file():
             return None
         try:
@@ -280,9 +310,9 @@ class SumsFiles:
         _touch(path)
         return Sums(seqs[:count], sums, int(meta["tokens"]))
 
-    def save(self, kind: str, acc: Sums, chunk: int) -> None:
+    def save(self, kind: str, acc: Sums) -> None:
         """Keep `acc` (which must not change after) for the next process: now, or by SAVE_EVERY, or at exit."""
-        path = self._path(kind, acc.seqs, chunk)
+        path = self._path(kind, acc.seqs)
         if path is None:
             return
         meta = {"count": str(len(acc.seqs)), "digest": _seqs_digest(acc.seqs), "tokens": str(acc.n)}
