@@ -54,8 +54,8 @@ CHUNK = 64  # sequences a forward reads; sums are added chunk by chunk, in order
 
 @dataclass
 class Sums:
-    """Running sums of x xᵀ per adapted linear over `items` (the forwards' sequences, or the sequences taken out
-    again), and their token count."""
+    """Running sums of x xᵀ per adapted linear over `seqs` (the chunks read, a forward each, or the (chunk, index)
+    pairs taken out again), and their token count."""
     seqs: list
     sums: dict[str, torch.Tensor]
     n: int
