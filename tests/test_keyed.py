@@ -314,6 +314,7 @@ def test_kept_sums_are_written_at_once_then_every_save_every_sequences_and_the_r
     assert read == [] and got[1] == want[1] and all(torch.equal(got[0][n], want[0][n]) for n in want[0])
 
 
+@pytest.mark.numerics  # run again under other instruction sets (Makefile): bf16 rounds otherwise on each
 @pytest.mark.parametrize("lifelong", [False, True], ids=["one-off", "lifelong"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_an_earlier_facts_neighbour_forgotten_later_is_taken_out_and_the_kept_sums_stay(tiny_lm, dtype, lifelong,
@@ -571,6 +572,7 @@ def test_the_moments_store_keeps_the_most_recently_used_within_its_bound(tmp_pat
         stored_moments("o", (9,), compute(9), "cpu")
 
 
+@pytest.mark.numerics
 def test_taken_out_prompts_leave_the_moments_positive_semidefinite_in_bf16(default_dir):
     """The default model in bf16: prompts read with the others (a fact's neighbours a forward) and then taken out
     again by subtraction leave the moments of the rest, positive semidefinite to float32 rounding: each is read
