@@ -265,11 +265,13 @@ def _write_kept(path: Path, sums: dict[str, torch.Tensor], meta: dict[str, str])
 
 @atexit.register
 def flush_kept_sums() -> None:
-    """Write the kept sums this process has not written yet (at exit; tests call it)."""
+    """Write the kept sums this process has not written yet (at exit; tests call it), into stores that still
+    exist (a removed one, a test's temporary folder, is not made again)."""
     with _files_lock:
         while _unwritten:
             path, (sums, meta) = _unwritten.popitem()
-            _write_kept(path, sums, meta)
+            if path.parent.is_dir():
+                _write_kept(path, sums, meta)
 
 
 class SumsFiles:
