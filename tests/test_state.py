@@ -207,6 +207,7 @@ def test_a_stream_resumes_the_state_it_finds_and_refuses_one_built_from_other_re
     over = {k: v for k, v in TINY.items() if k not in ("progress", "evaluate_before", "evaluate_after")}
     rows, seconds = run(u, records, 2, 2, 1, d, overrides=over)
     assert [r["facts"] for r in rows] == [2, 4] and len(seconds) == 2 and rows[0]["request_s"] is not None
+    assert all(r["returned"] == len(r["returned_prompts"]) for r in rows)  # the count and which facts
     u.revoke(d, "r0002", evaluate_after=False)
     rows, seconds = run(u, records, 2, 5, 1, d, overrides=over)  # only one record is left after the next two
     assert (rows[0]["requests"], rows[0]["facts"], rows[0]["request_s"]) == (1, 2, None)

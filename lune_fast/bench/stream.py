@@ -169,12 +169,13 @@ def run(u, records: list[dict], per_request: int, requests: int, eval_every: int
         else:  # gone: the target is not said
             m, hits = measure(u, st, done, texts, base_hits, base_ppl)
             gone = [not h for h in hits]
-        returned = sum(1 for f, g in zip(done, gone) if not g and f.prompt in gone_once)
+        returned = [f.prompt for f, g in zip(done, gone) if not g and f.prompt in gone_once]
         gone_once.update(f.prompt for f, g in zip(done, gone) if g)
-        row = {"requests": n_requests, "facts": len(done), **m, "returned": returned, "rank": st.rank,
+        row = {"requests": n_requests, "facts": len(done), **m, "returned": len(returned), "rank": st.rank,
                "windows": len({tuple(e["settings"]["layers"]) for e in st.active()}),
                "request_s": round(seconds[-1], 3) if r is not None else None,
-               "steps": r.cost["steps"] if r is not None else None, "stopped": r.stopped if r is not None else None}
+               "steps": r.cost["steps"] if r is not None else None, "stopped": r.stopped if r is not None else None,
+               "returned_prompts": returned}  # which facts came back, to look into
         row["meets"] = meets(row, replace)
         rows.append(row)
         tqdm.write(json.dumps(row))
