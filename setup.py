@@ -10,7 +10,7 @@ from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = Path(__file__).parent
-CPU_SOURCES = ["csrc/ops.cpp", "csrc/linear_logprob.cpp", "csrc/cpu/rows.cpp"]
+CPU_SOURCES = ["csrc/ops.cpp", "csrc/linear_logprob.cpp", "csrc/cpu/rows.cpp", "csrc/cpu/rms_norm.cpp"]
 CUDA_SOURCES = ["csrc/cuda/rows.cu", "csrc/cuda/rows_cuda.cpp"]
 
 

@@ -4,14 +4,19 @@
 #include <torch/extension.h>
 
 #include "linear_logprob.h"
+#include "rms_norm.h"
 
 TORCH_LIBRARY(lune_fast, m) {
   m.def(
       "linear_logprob(Tensor h, Tensor w, Tensor y, int chunk_rows, int chunk_vocab, bool with_grad)"
       " -> (Tensor logp, Tensor grad_dir)");
+  m.def("rms_norm(Tensor x, Tensor w, float eps, float offset) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(lune_fast, CPU, m) { m.impl("linear_logprob", &lune_fast::linear_logprob); }
+TORCH_LIBRARY_IMPL(lune_fast, CPU, m) {
+  m.impl("linear_logprob", &lune_fast::linear_logprob);
+  m.impl("rms_norm", &lune_fast::rms_norm);
+}
 
 #ifdef LUNE_FAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(lune_fast, CUDA, m) { m.impl("linear_logprob", &lune_fast::linear_logprob); }

@@ -52,6 +52,20 @@ def _register_python_side() -> None:
 
     torch.library.register_autograd("lune_fast::linear_logprob", _backward, setup_context=_setup)
 
+    @torch.library.register_fake("lune_fast::rms_norm")
+    def _fake_norm(x, w, eps, offset):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float) -> torch.Tensor | None:
+    """RMSNorm of x's rows in one C++ op (the model's arithmetic: csrc/cpu/rms_norm.cpp) where it applies — a
+    CPU tensor of bf16 or float32 that needs no gradient, the extension built — else None (the caller's torch
+    path runs)."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or w.dtype != x.dtype
+            or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) or extension() is None):
+        return None
+    return torch.ops.lune_fast.rms_norm(x, w, eps, offset)
+
 
 def chunk_sizes(n: int, v: int, elem_bytes: int, budget_mb: float = DEFAULT_CHUNK_MB) -> tuple[int, int]:
     """Rows and vocabulary columns per chunk so that one chunk of logits fits the budget. Whole rows when
