@@ -28,7 +28,7 @@ from .lora import AdapterError
 from .assets import asset
 from .data import Encoder, Fact, listed_neighbors, make_batch, read_lines
 from .model import Transformer
-from .preserve import CHUNK, Preserved, SumsFiles, combine, group_moments, stored_moments
+from .preserve import CHUNK, Preserved, SumsFiles, combine, forward_digest, group_moments, stored_moments
 from .subjects import content_positions, other_subject_prompts, subject_last_token, subject_text
 
 
@@ -226,7 +226,8 @@ def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settin
         else ([], [], 0, [], 0)
     if listed:
         files = None if origin is None else SumsFiles(origin, lambda: (
-            settings.targets, settings.layers, folded.digest() if folded is not None else None))
+            settings.targets, settings.layers, folded.digest() if folded is not None else None,
+            forward_digest(model, settings, enc.pad_id)))
         groups.append(group_moments(model, settings, listed, enc.pad_id,
                                     cache=text_cache.setdefault("earlier neighbours", {}),
                                     key=(settings.targets, settings.layers, fold), stable=stable, minus=minus,

@@ -178,7 +178,8 @@ def _kept_sums(model: Transformer, settings: lora.LoraSettings, items: list, pad
 
 # Moments over a long text take tens of seconds (the replace default's 60,000 tokens: ~45 s on 2 cores); they are
 # kept on disk, keyed by everything they are computed from, so that only a machine's first request pays.
-MOMENTS_FORMAT = 1
+# Part of every store file's name: raised when what a file holds changes (2: chunks and probes, SumsFiles)
+MOMENTS_FORMAT = 2
 
 
 MOMENTS_STORE_MB = 1024  # ~15 layer windows of the default model (66 MB each)
@@ -243,6 +244,40 @@ def stored_moments(origin: str, what: tuple, compute, device) -> tuple[dict[str,
     return moments, n
 
 
+# A kept sum is subtracted from later, so a file may serve only a forward that rounds as the one that wrote it:
+# its name holds what a fixed probe gives the adapted projections, read alone and in a batch (the code, torch's
+# kernels, the CPU and its threads all show there), read once per model, layout and weights.
+# (lengths of random token sequences: enough rows that a change of a row's rounding in 1% of rows shows)
+PROBE = (64, 32, 48)
+
+
+@torch.no_grad()
+def forward_digest(model: Transformer, settings: lora.LoraSettings, pad_id: int = 0) -> str:
+    """A digest of the adapted projections' inputs on PROBE (one sequence alone, then all three in one batch)."""
+    weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    key = (settings.targets, settings.layers, pad_id, weights)
+    kept = vars(model).get("_lune_probe")
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    g = torch.Generator().manual_seed(0)
+    probe = [torch.randint(model.config.vocab_size, (n,), generator=g).tolist() for n in PROBE]
+    h = hashlib.sha256()
+    mix = {}
+
+    def read(name, x):
+        if name not in mix:
+            mix[name] = torch.randn(x.shape[-1], generator=g, dtype=torch.float64).to(x.device)
+        h.update(f"{name}:{float((x.double() @ mix[name]).sum())!r};".encode())
+
+    with lora.reading_inputs(model, settings, read) as end:
+        for chunk in (probe[:1], probe):
+            batch = make_batch([(s, [pad_id]) for s in chunk], pad_id, pack=256).to(model.device)
+            positions, mask = batch.layout()
+            model.run_layers(model.embed(batch.input_ids), positions, mask, end=end)
+    vars(model)["_lune_probe"] = (key, h.hexdigest())
+    return h.hexdigest()
+
+
 def _seqs_digest(seqs: list[list[int]]) -> str:
     return hashlib.sha256(repr(seqs).encode()).hexdigest()
 
@@ -276,11 +311,11 @@ def flush_kept_sums() -> None:
 
 class SumsFiles:
     """group_moments' kept sums on disk as well (moments_store()), so that a fresh process per request (the
-    CLI's `unlearn --into`) does not read every earlier neighbour again. A file per `origin`, `what` (layout and
-    what is folded into the weights), kind and first KEY_SEQS chunks holds the sums over a prefix of chunks (or of
-    sequences taken out), with that prefix's length and digest; it is used only where the chunks start with
-    exactly that prefix. `what` may be a function giving it, called once if at all (a folded state's digest
-    takes a while)."""
+    CLI's `unlearn --into`) does not read every earlier neighbour again. A file per `origin`, `what` (layout, what
+    is folded into the weights, and how the forward rounds: forward_digest), kind and first KEY_SEQS chunks holds
+    the sums over a prefix of chunks (or of sequences taken out), with that prefix's length and digest; it is used
+    only where the chunks start with exactly that prefix. `what` may be a function giving it, called once if at
+    all (a folded state's digest takes a while)."""
 
     def __init__(self, origin: str, what):
         self.origin, self._what = origin, what

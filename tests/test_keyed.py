@@ -593,3 +593,25 @@ def test_taken_out_prompts_leave_the_moments_positive_semidefinite_in_bf16(defau
     assert n == sum(map(len, others))
     C = got["layers.9.mlp.down_proj"].double()
     assert torch.linalg.eigvalsh(C)[0] > -1e-4 * torch.trace(C) / C.shape[0]
+
+
+@pytest.mark.numerics
+def test_kept_sums_files_are_named_by_how_the_forward_rounds(default_dir, monkeypatch):
+    """A kept sum is subtracted from later, so its file is named by the forward that wrote it: the digest of a
+    fixed probe's inputs changes when the forward rounds otherwise (here the torch RMSNorm for the one-op one, in
+    bf16) or the weights change, and stays the same otherwise."""
+    import lune_fast.model as model_module
+    from lune_fast.preserve import forward_digest
+
+    model = load_model(default_dir, dtype=torch.bfloat16)
+    settings = lora.LoraSettings(targets=("down",), layers=(3, 9))
+    first = forward_digest(model, settings)
+    vars(model).pop("_lune_probe")
+    assert forward_digest(model, settings) == first  # read again: the same
+    monkeypatch.setattr(model_module, "rms_norm_op", lambda *a: None)  # the torch path's rounding
+    vars(model).pop("_lune_probe")
+    assert forward_digest(model, settings) != first
+    monkeypatch.undo()
+    with torch.no_grad():
+        model.layers[2].mlp.up_proj.weight.mul_(1.5)
+    assert forward_digest(model, settings) != first  # weights changed: read again
