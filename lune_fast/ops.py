@@ -3,6 +3,8 @@
 `linear_logprob(h, W, y)` = log softmax(h Wᵀ)[y] per row, for a frozen head W, without materialising the
 N×V logits. The C++ op forms the gradient direction in the same pass (see csrc/linear_logprob.h), so the
 backward is an elementwise product. Targets equal to IGNORE_INDEX give 0 and no gradient.
+
+`rms_norm(x, w, eps, offset)`: the model's RMSNorm in one CPU op, for forwards that take no gradient.
 """
 from __future__ import annotations
 
