@@ -47,8 +47,8 @@ def _json(path: Path) -> dict:
 
 class Tokenizer:
     """The parts of transformers' tokenizer interface the package uses: calling it on a text (input_ids, with
-    return_offsets_mapping the character offsets), decode / batch_decode, len(), the special tokens and their
-    ids, apply_chat_template(..., tokenize=False)."""
+    return_offsets_mapping the character offsets), encode, decode / batch_decode, len(), the special tokens and
+    their ids, apply_chat_template(..., tokenize=False)."""
 
     def __init__(self, backend, special: dict[str, str], chat_template: str | None):
         self.backend = backend
@@ -95,6 +95,9 @@ class Tokenizer:
         if return_offsets_mapping:
             out["offset_mapping"] = [tuple(o) for o in enc.offsets]
         return out
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self(text, add_special_tokens=add_special_tokens).input_ids
 
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)

@@ -44,6 +44,7 @@ def test_ids_and_offsets_are_transformers(pair):
             b = hf(text, add_special_tokens=special, return_offsets_mapping=True)
             assert a.input_ids == b.input_ids and a["input_ids"] == b["input_ids"], (text, special)
             assert a.offset_mapping == [tuple(o) for o in b["offset_mapping"]], (text, special)
+            assert ours.encode(text, add_special_tokens=special) == hf.encode(text, add_special_tokens=special)
 
 
 def test_decoding_and_special_tokens_are_transformers(pair):
