@@ -288,14 +288,15 @@ def _seqs_digest(seqs: list[list[int]]) -> str:
 # process that dies unflushed costs the next one at most SAVE_EVERY chunks read again.
 SAVE_EVERY = 16  # chunks (a fact's neighbours each, in a state)
 KEY_SEQS = 1  # a file is named by its prefix's first chunk (a state's first fact's neighbours)
-_unwritten: dict[Path, tuple[dict[str, torch.Tensor], dict[str, str]]] = {}
+_unwritten: dict[Path, Sums] = {}
 _written: dict[Path, int] = {}
 _files_lock = threading.Lock()
 
 
-def _write_kept(path: Path, sums: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    _keep_file(path, sums, meta)
-    _written[path] = int(meta["count"])
+def _write_kept(path: Path, acc: Sums) -> None:
+    _keep_file(path, acc.sums, {"count": str(len(acc.seqs)), "digest": _seqs_digest(acc.seqs),
+                                "tokens": str(acc.n)})
+    _written[path] = len(acc.seqs)
 
 
 @atexit.register
@@ -304,9 +305,9 @@ def flush_kept_sums() -> None:
     exist (a removed one, a test's temporary folder, is not made again)."""
     with _files_lock:
         while _unwritten:
-            path, (sums, meta) = _unwritten.popitem()
+            path, acc = _unwritten.popitem()
             if path.parent.is_dir():
-                _write_kept(path, sums, meta)
+                _write_kept(path, acc)
 
 
 class SumsFiles:
@@ -352,13 +353,12 @@ class SumsFiles:
         path = self._path(kind, acc.seqs)
         if path is None:
             return
-        meta = {"count": str(len(acc.seqs)), "digest": _seqs_digest(acc.seqs), "tokens": str(acc.n)}
         with _files_lock:
             if path in _written and len(acc.seqs) - _written[path] < SAVE_EVERY:
-                _unwritten[path] = (acc.sums, meta)
+                _unwritten[path] = acc
                 return
             _unwritten.pop(path, None)
-            _write_kept(path, acc.sums, meta)
+            _write_kept(path, acc)
 
 
 def _touch(path: Path) -> None:

@@ -118,7 +118,7 @@ class Tokenizer:
             self._template = _compile(self.chat_template)
         text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      **{k: getattr(self, k) for k in SPECIAL if getattr(self, k) is not None})
-        return self(text, add_special_tokens=False).input_ids if tokenize else text
+        return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
 def _compile(template: str):
