@@ -3,6 +3,7 @@
 #include <torch/library.h>
 #include <torch/extension.h>
 
+#include "few_rows_linear.h"
 #include "linear_logprob.h"
 #include "rms_norm.h"
 
@@ -11,11 +12,13 @@ TORCH_LIBRARY(lune_fast, m) {
       "linear_logprob(Tensor h, Tensor w, Tensor y, int chunk_rows, int chunk_vocab, bool with_grad)"
       " -> (Tensor logp, Tensor grad_dir)");
   m.def("rms_norm(Tensor x, Tensor w, float eps, float offset) -> Tensor");
+  m.def("few_rows_linear(Tensor x, Tensor w, Tensor? b) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lune_fast, CPU, m) {
   m.impl("linear_logprob", &lune_fast::linear_logprob);
   m.impl("rms_norm", &lune_fast::rms_norm);
+  m.impl("few_rows_linear", &lune_fast::few_rows_linear);
 }
 
 #ifdef LUNE_FAST_WITH_CUDA
@@ -29,4 +32,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
 #else
       false;
 #endif
+  mod.def("bf16_dot_supported", &lune_fast::bf16_dot_supported);
+  mod.attr("few_rows") = lune_fast::kFewRows;
 }

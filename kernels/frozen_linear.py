@@ -11,6 +11,12 @@ was replaced (another storage). float32 (the default where a CPU has no AVX-512)
 small-row products are slow for other reasons; the packed copy is used where it measured faster (FLOAT32_ROWS:
 the check's decoding of a request's prompts, 1.5x in all at 8 rows; the head at any rows).
 
+At one to FEW_ROWS rows in bf16 with no gradient (a decoding step: a request's check decodes one row a fact)
+the product is lune_fast._C's few_rows_linear instead, on a CPU with AVX512-BF16: a dot product per output
+that streams W in its own row-major layout at ~30-39 GB/s where oneDNN's packed read runs at ~12-21 GB/s
+(1.6-2.9x a projection at one row; the head 1.1x; at 8 rows only some shapes gain: `lune-fast bench
+frozen-linear`, RESULTS.md section 11).
+
 `frozen_linear(x, w, b, pack=True)` is the one dispatch point; `reference` is plain torch. The backward of
 the packed product (training reads the gradient of x through every frozen layer) is the one F.linear's
 autograd computes, dy·W, so only the forward differs. Where oneDNN cannot pack (bf16 without AVX512-BW/VL/DQ or
@@ -35,6 +41,8 @@ PACKED_DTYPES = (torch.bfloat16, torch.float32)
 # 3x the head), not for a small one (k/v, 192×576: 80 against 101 µs at 8 rows), and at 64 rows and more
 # F.linear is as fast or faster (0.7-1.4x) except for a weight as large as the head (1.2-2.2x at any rows)
 FLOAT32_ROWS, FLOAT32_MIN, FLOAT32_LARGE = 32, 1 << 18, 1 << 22
+# bf16 rows up to which the few-rows dot product runs (at 8 rows it gains on some shapes only, and loses on the head)
+FEW_ROWS = 4
 
 
 @functools.cache
@@ -55,6 +63,21 @@ def _packable(x: torch.Tensor, w: torch.Tensor) -> bool:
             and type(w.data) is torch.Tensor and packing_supported(w.dtype)
             and (w.dtype is torch.bfloat16 or w.numel() >= FLOAT32_LARGE
                  or (w.numel() >= FLOAT32_MIN and x.numel() <= FLOAT32_ROWS * x.shape[-1])))
+
+
+def _few_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (x.dtype is torch.bfloat16 and w.dtype is torch.bfloat16 and w.device.type == "cpu"
+            and x.numel() <= FEW_ROWS * x.shape[-1] and not (torch.is_grad_enabled() and x.requires_grad)
+            and not w.requires_grad and w.dim() == 2 and few_rows_supported())
+
+
+@functools.cache
+def few_rows_supported() -> bool:
+    """Is lune_fast._C built, on a CPU with AVX512-BF16 dot products?"""
+    from ..ops import extension
+
+    C = extension()
+    return C is not None and C.bf16_dot_supported()
 
 
 def packed_weight(w: torch.Tensor) -> torch.Tensor:
@@ -86,7 +109,11 @@ class _PackedLinear(torch.autograd.Function):
 def frozen_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, pack: bool = True
                   ) -> torch.Tensor:
     """x Wᵀ (+ b) for a frozen W; with `pack`, from W's prepacked copy where that is supported."""
-    if not (pack and _packable(x, w)) or (b is not None and b.requires_grad):
+    if b is not None and b.requires_grad or not pack:
+        return F.linear(x, w, b)
+    if _few_rows(x, w):
+        return torch.ops.lune_fast.few_rows_linear(x, w, b)
+    if not _packable(x, w):
         return F.linear(x, w, b)
     packed = packed_weight(w)
     if torch.is_grad_enabled() and x.requires_grad:

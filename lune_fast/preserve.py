@@ -247,13 +247,16 @@ def stored_moments(origin: str, what: tuple, compute, device) -> tuple[dict[str,
 # A kept sum is subtracted from later, so a file may serve only a forward that rounds as the one that wrote it:
 # its name holds what a fixed probe gives the adapted projections, read alone and in a batch (the code, torch's
 # kernels, the CPU and its threads all show there), read once per model, layout and weights.
-# (lengths of random token sequences: enough rows that a change of a row's rounding in 1% of rows shows)
-PROBE = (64, 32, 48)
+# (lengths of random token sequences: enough rows that a change of a row's rounding in 1% of rows shows, and a
+# short one read alone, one batch row of 8: a chunk that short would take a few-rows product, were
+# kernels/frozen_linear.py's FEW_ROWS raised to 8)
+PROBE = (64, 32, 48, 7)
 
 
 @torch.no_grad()
 def forward_digest(model: Transformer, settings: lora.LoraSettings, pad_id: int = 0) -> str:
-    """A digest of the adapted projections' inputs on PROBE (one sequence alone, then all three in one batch)."""
+    """A digest of the adapted projections' inputs on PROBE (the first sequence alone, the next three in one
+    batch, the last alone)."""
     weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
     key = (settings.targets, settings.layers, pad_id, weights)
     kept = vars(model).get("_lune_probe")
@@ -270,7 +273,7 @@ def forward_digest(model: Transformer, settings: lora.LoraSettings, pad_id: int 
         h.update(f"{name}:{float((x.double() @ mix[name]).sum())!r};".encode())
 
     with lora.reading_inputs(model, settings, read) as end:
-        for chunk in (probe[:1], probe):
+        for chunk in (probe[:1], probe[:3], probe[3:]):
             batch = make_batch([(s, [pad_id]) for s in chunk], pad_id, pack=256).to(model.device)
             positions, mask = batch.layout()
             model.run_layers(model.embed(batch.input_ids), positions, mask, end=end)

@@ -126,3 +126,77 @@ def test_model_logits_packed_and_not(tmp_path, monkeypatch, dtype):
     plain = model(ids)
     assert not any(hasattr(m.weight, "_lune_packed") for m in model.modules() if hasattr(m, "pack"))
     assert rel_err(packed, exact) <= 2 * rel_err(plain, exact) + (2 ** -7 if dtype is torch.bfloat16 else 2 ** -18)
+
+
+needs_bf16_dot = pytest.mark.skipif(not fl.few_rows_supported(),
+                                    reason="lune_fast._C not built, or this CPU has no AVX512-BF16")
+
+
+@numerics
+@needs_bf16_dot
+@pytest.mark.parametrize("out_f,in_f", [(1536, 576), (576, 1536), (192, 576), (4099, 100), (7, 33)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+def test_few_rows_product_is_as_exact_as_torch_bf16(out_f, in_f, rows):
+    """The few-rows dot product (csrc/cpu/few_rows_linear.cpp) at every row block, a row count that leaves a
+    remainder of W's rows, and a K that is no multiple of its 32-wide step (an output left unwritten holds
+    whatever memory held: the bound against float64 catches it)."""
+    w, x, b = _bf16(out_f, in_f, seed=11), _bf16(rows, in_f, seed=12), _bf16(out_f, seed=13)
+    exact = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    ours = torch.ops.lune_fast.few_rows_linear(x, w, b)
+    assert ours.dtype == torch.bfloat16 and ours.shape == (rows, out_f) and torch.isfinite(ours).all()
+    assert rel_err(ours, exact) <= 2 * rel_err(reference(x, w, b), exact) + 2 ** -8
+    no_bias = torch.ops.lune_fast.few_rows_linear(x, w, None)
+    assert rel_err(no_bias, x.double() @ w.double().t()) <= 2 * rel_err(reference(x, w), x.double() @ w.double().t()) + 2 ** -8
+
+
+@needs_bf16_dot
+def test_a_rows_few_rows_product_does_not_depend_on_the_rows_beside_it_or_the_threads():
+    """One prompt decoded alone or among others, on 1 or 2 threads: the same bits (each output is one dot
+    product summed in one order)."""
+    w, x = _bf16(1000, 576, seed=14), _bf16(8, 576, seed=15)
+    together = torch.ops.lune_fast.few_rows_linear(x, w, None)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for r in range(8):
+                assert torch.equal(torch.ops.lune_fast.few_rows_linear(x[r:r + 1], w, None), together[r:r + 1])
+            assert torch.equal(torch.ops.lune_fast.few_rows_linear(x[2:5], w, None), together[2:5])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_bf16_dot
+def test_which_bf16_products_take_the_few_rows_op(monkeypatch):
+    """Up to FEW_ROWS rows without a gradient (a decoding step), in any leading shape; more rows, an input that
+    needs its gradient, or pack=False: as before."""
+    calls = []
+    real = torch.ops.lune_fast.few_rows_linear
+
+    class Spy:
+        def __call__(self, *a):
+            calls.append(a[0].shape)
+            return real(*a)
+
+    monkeypatch.setattr(torch.ops.lune_fast, "few_rows_linear", Spy())
+    w = _bf16(256, 64, seed=16)
+    x = _bf16(1, 1, 64, seed=17)
+    assert torch.equal(frozen_linear(x, w), real(x, w, None)) and calls == [(1, 1, 64)]
+    frozen_linear(_bf16(fl.FEW_ROWS + 1, 64), w)
+    frozen_linear(x, w, pack=False)
+    frozen_linear(x.clone().requires_grad_(), w)
+    assert calls == [(1, 1, 64)]
+    with torch.no_grad():
+        frozen_linear(x.clone().requires_grad_(), w)
+    assert len(calls) == 2
+
+
+@needs_bf16_dot
+def test_few_rows_op_refuses_what_it_cannot_do():
+    w = _bf16(16, 64)
+    with pytest.raises(RuntimeError, match="at most"):
+        torch.ops.lune_fast.few_rows_linear(_bf16(9, 64), w, None)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        torch.ops.lune_fast.few_rows_linear(torch.randn(1, 64), w, None)
+    with pytest.raises(RuntimeError, match="last dimension"):
+        torch.ops.lune_fast.few_rows_linear(_bf16(1, 63), w, None)

@@ -599,7 +599,9 @@ def test_taken_out_prompts_leave_the_moments_positive_semidefinite_in_bf16(defau
 def test_kept_sums_files_are_named_by_how_the_forward_rounds(default_dir, monkeypatch):
     """A kept sum is subtracted from later, so its file is named by the forward that wrote it: the digest of a
     fixed probe's inputs changes when the forward rounds otherwise (here the torch RMSNorm for the one-op one, in
-    bf16) or the weights change, and stays the same otherwise."""
+    bf16; the few-rows product for oneDNN's on a chunk of 8 tokens) or the weights change, and stays the same
+    otherwise."""
+    import lune_fast.kernels.frozen_linear as fl
     import lune_fast.model as model_module
     from lune_fast.preserve import forward_digest
 
@@ -612,6 +614,13 @@ def test_kept_sums_files_are_named_by_how_the_forward_rounds(default_dir, monkey
     vars(model).pop("_lune_probe")
     assert forward_digest(model, settings) != first
     monkeypatch.undo()
+    if fl.few_rows_supported():
+        monkeypatch.setattr(fl, "FEW_ROWS", 8)
+        vars(model).pop("_lune_probe")
+        assert forward_digest(model, settings) != first
+        monkeypatch.undo()
+    vars(model).pop("_lune_probe")
+    assert forward_digest(model, settings) == first
     with torch.no_grad():
         model.layers[2].mlp.up_proj.weight.mul_(1.5)
     assert forward_digest(model, settings) != first  # weights changed: read again
