@@ -3,6 +3,7 @@
 #include <torch/library.h>
 #include <torch/extension.h>
 
+#include "decode_attention.h"
 #include "few_rows_linear.h"
 #include "linear_logprob.h"
 #include "rms_norm.h"
@@ -13,12 +14,16 @@ TORCH_LIBRARY(lune_fast, m) {
       " -> (Tensor logp, Tensor grad_dir)");
   m.def("rms_norm(Tensor x, Tensor w, float eps, float offset) -> Tensor");
   m.def("few_rows_linear(Tensor x, Tensor w, Tensor? b) -> Tensor");
+  m.def(
+      "decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) cache_k,"
+      " Tensor(b!) cache_v, int start, Tensor? allowed, int window, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lune_fast, CPU, m) {
   m.impl("linear_logprob", &lune_fast::linear_logprob);
   m.impl("rms_norm", &lune_fast::rms_norm);
   m.impl("few_rows_linear", &lune_fast::few_rows_linear);
+  m.impl("decode_attention", &lune_fast::decode_attention);
 }
 
 #ifdef LUNE_FAST_WITH_CUDA

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels.frozen_linear import frozen_linear
+from .ops import decode_attention
 from .ops import rms_norm as rms_norm_op
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma3_text")
@@ -314,6 +315,14 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
+        if cache is not None and T == 1:  # a decoding step: one C++ op where it applies
+            o = decode_attention(q.view(B, self.n_heads, self.head_dim), k.view(B, self.n_kv, self.head_dim),
+                                 v.view(B, self.n_kv, self.head_dim), cos.view(B, -1), sin.view(B, -1),
+                                 cache.k[layer], cache.v[layer], cache.length,
+                                 None if mask.causal_only else mask.allowed.view(B, -1), self.window,
+                                 self.scale or self.head_dim ** -0.5)
+            if o is not None:
+                return self.o_proj(o.view(B, 1, self.n_heads * self.head_dim))
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin

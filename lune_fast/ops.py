@@ -5,6 +5,9 @@ N×V logits. The C++ op forms the gradient direction in the same pass (see csrc/
 backward is an elementwise product. Targets equal to IGNORE_INDEX give 0 and no gradient.
 
 `rms_norm(x, w, eps, offset)`: the model's RMSNorm in one CPU op, for forwards that take no gradient.
+
+`decode_attention(...)`: one decoding step's attention (rope, KV-cache write, one query against the cache) in one
+CPU op.
 """
 from __future__ import annotations
 
@@ -54,6 +57,14 @@ def _register_python_side() -> None:
 
     torch.library.register_autograd("lune_fast::linear_logprob", _backward, setup_context=_setup)
 
+    @torch.library.register_fake("lune_fast::decode_attention")
+    def _fake_decode(q, k, v, cos, sin, cache_k, cache_v, start, allowed, window, scale):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("lune_fast::few_rows_linear")
+    def _fake_few_rows(x, w, b):
+        return x.new_empty(*x.shape[:-1], w.shape[0])
+
     @torch.library.register_fake("lune_fast::rms_norm")
     def _fake_norm(x, w, eps, offset):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -67,6 +78,21 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float) -> tor
             or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) or extension() is None):
         return None
     return torch.ops.lune_fast.rms_norm(x, w, eps, offset)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     cache_k: torch.Tensor, cache_v: torch.Tensor, start: int, allowed: torch.Tensor | None,
+                     window: int | None, scale: float) -> torch.Tensor | None:
+    """One query a row [B, H, D] (k, v [B, KVH, D], before the rope; cos/sin [B, D]): rope, k and v written into the
+    caches [B, KVH, max_len, D] at `start`, attention over positions [0, start] (those `allowed` [B, start + 1]
+    lets through, the last `window` of them where given) with `scale`; [B, H, D] (csrc/cpu/decode_attention.cpp).
+    None where it does not apply — not CPU bf16/float32, a gradient needed, the extension missing — and nothing
+    is written then (the caller's torch path runs)."""
+    if (q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float32) or extension() is None
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        return None
+    return torch.ops.lune_fast.decode_attention(q, k, v, cos, sin, cache_k, cache_v, start, allowed, window or 0,
+                                                scale)
 
 
 def chunk_sizes(n: int, v: int, elem_bytes: int, budget_mb: float = DEFAULT_CHUNK_MB) -> tuple[int, int]:
