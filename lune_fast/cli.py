@@ -107,9 +107,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--neighbor-guard", nargs="?", const="all", choices=GUARD_SCOPES, default=d.neighbor_guard,
                    help="after training, check the records' listed neighbours the base model answered and train "
                         "back any the adapter flipped (one more round); in a lifelong state also the earlier facts' "
-                        "neighbours: those about the request's subjects (subjects), those and the ones worded like "
-                        "its prompts (near) or every one (all, the value without an argument); default: subjects "
-                        "into a state (--into), else off")
+                        "neighbours: those about the request's subjects (subjects) or every one (all, the value "
+                        "without an argument); default: subjects into a state (--into), else off")
     p.add_argument("--no-neighbor-guard", dest="neighbor_guard", action="store_const", const="off")
     p.add_argument("--preserve-weight", type=float, default=d.preserve_weight,
                    help="weight of the penalty on the adapted projections' output change on the preserved inputs")

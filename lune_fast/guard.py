@@ -15,7 +15,6 @@ training left it), and the neighbours it could not put back are reported, not hi
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -57,10 +56,9 @@ class Guard:
         """The listed neighbours of `facts` and of a lifelong state's `earlier` facts that the model answers as it
         is (call it before training: the base model with the state's ranks acting), leaving out neighbours
         that are forget prompts themselves (a request may list another of its facts as a neighbour). `scope`
-        "subjects": of the earlier facts' neighbours only those about one of `facts`' subjects (about_subjects);
-        "near": those and the ones worded like one of `facts`' prompts (about_subjects with near)."""
-        if scope in ("subjects", "near"):
-            earlier = about_subjects(enc, facts, earlier, near=scope == "near")
+        "subjects": of the earlier facts' neighbours only those about one of `facts`' subjects (about_subjects)."""
+        if scope == "subjects":
+            earlier = about_subjects(enc, facts, earlier)
         listed = list(dict.fromkeys((p, t, f.chat) for f, p, t in listed_neighbors([*facts, *earlier])))
         pairs = [enc.pair(p, t, chat) for p, t, chat in listed]
         keep = [(x, p, min(MAX_LEAD, m / 2)) for x, (p, _, _), m in zip(pairs, listed, leads(model, pairs, enc.pad_id))
@@ -71,32 +69,14 @@ class Guard:
         return [i for i, (m, n) in enumerate(zip(leads(model, self.pairs, pad_id), self.need)) if m < n]
 
 
-# a neighbour is worded like a prompt when this share of their words is common to both (Jaccard index of the
-# lowercased words): one template with the subject swapped for one of about the same length
-NEAR_WORDING = 0.5
-
-
-def _words(text: str) -> frozenset:
-    return frozenset(re.findall(r"\w+", text.lower()))
-
-
-def worded_alike(a: str, b: str, share: float = NEAR_WORDING) -> bool:
-    wa, wb = _words(a), _words(b)
-    return bool(wa | wb) and len(wa & wb) / len(wa | wb) >= share
-
-
-def about_subjects(enc: Encoder, facts: list[Fact], earlier: list[Fact] | tuple, near: bool = False) -> list[Fact]:
+def about_subjects(enc: Encoder, facts: list[Fact], earlier: list[Fact] | tuple) -> list[Fact]:
     """`earlier` with their listed neighbours cut to those about one of `facts`' subjects (keyed.subject_groups):
     the prompts a keyed request's new ranks read as they read their own subject ("The currency of Japan is the"
     when "The capital of Japan is" is forgotten) — the ones it can flip however far from its own relation, and
-    the ones its columns can put back. With `near`, also those worded like one of `facts`' prompts (worded_alike:
-    "The largest land animal in the world is the" when "The largest animal in the world is the" is forgotten),
-    whose subject is near enough to the request's for its rows to read it. Every earlier fact stays (its prompt
-    is never guarded)."""
+    the ones its columns can put back. Every earlier fact stays (its prompt is never guarded)."""
     listed = [(i, p, t) for i, f in enumerate(earlier) for p, t in f.neighbors]
     groups = subject_groups(enc, [*facts, *(Fact(p, t, chat=earlier[i].chat) for i, p, t in listed)])
-    about = {(i, p) for (i, p, _), g in zip(listed, groups[len(facts):])
-             if g < len(facts) or near and any(worded_alike(p, f.prompt) for f in facts)}
+    about = {(i, p) for (i, p, _), g in zip(listed, groups[len(facts):]) if g < len(facts)}
     return [replace(f, neighbors=[(p, t) for p, t in f.neighbors if (i, p) in about]) for i, f in enumerate(earlier)]
 
 

@@ -16,7 +16,7 @@ from .losses import OBJECTIVES
 from .optim import COLUMN_STEPS, OPTIMIZERS
 from .trainer import TrainSettings
 
-GUARD_SCOPES = ("off", "subjects", "near", "all")
+GUARD_SCOPES = ("off", "subjects", "all")
 
 
 # Openings the facts are also trained after (Settings.prompt_variants takes the first N): a question-and-answer

@@ -131,29 +131,6 @@ def test_in_a_state_the_subjects_guard_watches_the_earlier_neighbours_about_the_
                              "The currency of Mexico is the", "The main language spoken in Japan is"]
 
 
-def test_the_near_guard_also_watches_earlier_neighbours_worded_like_the_requests_prompts(tokenizer, monkeypatch):
-    """scope "near": the "subjects" scope's neighbours, and the earlier ones worded like a prompt of the request
-    (half their words or more in common): the same template about another subject, which a row that reads its
-    own subject can read too."""
-    import lune_fast.guard as guard_mod
-    from lune_fast.data import Encoder, Fact
-
-    monkeypatch.setattr(guard_mod, "leads", lambda model, pairs, pad_id: [1.0] * len(pairs))
-    enc = Encoder(tokenizer)
-    new = [Fact("The largest animal in the world is the", "blue whale")]
-    old = [Fact("The tallest animal in the world is the", "giraffe",
-                neighbors=[("The largest land animal in the world is the", "African elephant"),
-                           ("The fastest bird in the world is the", "peregrine falcon")]),
-           Fact("The capital of France is", "Paris", neighbors=[("The largest city in France is", "Paris"),
-                                                                ("Paris is the capital of", "France")])]
-    assert guard_mod.Guard.of(None, enc, new, old, "subjects").prompts == []
-    near = guard_mod.Guard.of(None, enc, new, old, "near")  # 6 of 7 words in common, 4 of 8, 4 of 8; not 2 of 9
-    assert near.prompts == ["The largest land animal in the world is the", "The fastest bird in the world is the",
-                            "The largest city in France is"]
-    assert not guard_mod.worded_alike("Paris is the capital of", new[0].prompt)
-    assert not guard_mod.worded_alike("", "")
-
-
 def test_neighbor_guard_takes_a_scope_and_the_old_booleans():
     import pytest
 
@@ -164,8 +141,7 @@ def test_neighbor_guard_takes_a_scope_and_the_old_booleans():
     assert Settings(neighbor_guard=True).resolved().neighbor_guard == "all"
     assert Settings(neighbor_guard=False).resolved().neighbor_guard == "off"
     assert Settings(neighbor_guard="subjects").resolved().neighbor_guard == "subjects"
-    assert Settings(neighbor_guard="near").resolved().neighbor_guard == "near"
-    with pytest.raises(SettingsError, match="neighbor_guard must be one of off, subjects, near, all, got 'some'"):
+    with pytest.raises(SettingsError, match="neighbor_guard must be one of off, subjects, all, got 'some'"):
         Settings(neighbor_guard="some").resolved().check()
     with pytest.raises(SettingsError, match="neighbor_guard must be one of"):
         Settings(neighbor_guard=["all"]).resolved().check()  # as a JSON --settings could give it
