@@ -3,19 +3,25 @@
     lune-fast bench latency [--model default] [--prefill 512] [--decode 32] [--rank 16] [--targets all]
                             [--layers all] [--dtype auto] [--repeats 7] [--json OUT]
 
-Same process, same weights: the base model, the model with a (random, non-zero) adapter left unmerged, and
-the same adapter merged into the weights. Prefill: one forward of --prefill tokens (batch 1). Decode: greedy
+Same process, same weights: the base model, the model with a (random, non-zero) adapter left unmerged, the
+same adapter merged into the weights, and the base model with lune_fast's CPU decoding ops switched off (the
+few-rows product, the one-op decoding attention and RMSNorm: the torch path they replace; "base, torch ops"). Prefill: one forward of --prefill tokens (batch 1). Decode: greedy
 tokens one at a time with the KV cache, batch 1, per token. Overheads are relative to the base model
 (goals on CUDA: prefill ≤ 3%, decode ≤ 5%, merged = base ± 1%).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 
 import torch
 
 from .harness import median_seconds, report
+
+
+def _none(*args):
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,14 +70,27 @@ def main(argv: list[str] | None = None) -> int:
             if variant == "merged":
                 lora.merge(model)
 
-    # rounds over the three variants (A B C A B C ...) so that the machine's drifting load hits each alike;
+    @contextlib.contextmanager
+    def torch_ops(on: bool):
+        import lune_fast.kernels.frozen_linear as fl
+        import lune_fast.model as model_module
+
+        saved = fl.FEW_ROWS, model_module.decode_attention, model_module.rms_norm_op
+        if on:
+            fl.FEW_ROWS, model_module.decode_attention, model_module.rms_norm_op = 0, _none, _none
+        try:
+            yield
+        finally:
+            fl.FEW_ROWS, model_module.decode_attention, model_module.rms_norm_op = saved
+
+    # rounds over the variants (A B C A B C ...) so that the machine's drifting load hits each alike;
     # each figure is the median over rounds of a median over repeats
-    variants = ("base", "unmerged", "merged")
+    variants = ("base", "unmerged", "merged", "base, torch ops")
     samples = {v: ([], []) for v in variants}
     for _ in range(a.rounds):
         for v in variants:
-            set_variant(v)
-            with torch.inference_mode():
+            set_variant(v.split(",")[0])
+            with torch.inference_mode(), torch_ops(v.endswith("torch ops")):
                 samples[v][0].append(median_seconds(prefill, a.repeats, 1, sync))
                 samples[v][1].append(median_seconds(decode, max(2, a.repeats // 3), 1, sync))
     lora.detach(model)
