@@ -13,9 +13,9 @@ the check's decoding of a request's prompts, 1.5x in all at 8 rows; the head at 
 
 At one to FEW_ROWS rows in bf16 with no gradient (a decoding step: a request's check decodes one row a fact)
 the product is lune_fast._C's few_rows_linear instead, on a CPU with AVX512-BF16: a dot product per output
-that streams W in its own row-major layout at ~30-39 GB/s where oneDNN's packed read runs at ~12-21 GB/s
-(1.6-2.9x a projection at one row; the head 1.1x; at 8 rows only some shapes gain: `lune-fast bench
-frozen-linear`, RESULTS.md section 11).
+that streams W in its own row-major layout. With every weight coming from memory it reads 18-28 GB/s at one row
+where oneDNN's packed product reads 10-24 (1.35-1.8x a projection, the head 1.2x; at 4 rows 1.05-1.6x, the head
+0.93x; at 8 rows no faster: `lune-fast bench frozen-linear`, RESULTS.md section 11); this VM streams ~23 GB/s.
 
 `frozen_linear(x, w, b, pack=True)` is the one dispatch point; `reference` is plain torch. The backward of
 the packed product (training reads the gradient of x through every frozen layer) is the one F.linear's

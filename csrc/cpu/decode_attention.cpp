@@ -2,8 +2,8 @@
 // KV cache, one query per head against the cache (grouped heads, a key mask, a sliding window).
 //
 // The model's torch path for it is ~20 ATen calls a layer (views, rotate_half's chunk/neg/cat, four products
-// and a sum for the rope, two cache writes, slices, SDPA, a transpose): ~130 us of a ~570 us layer step of the
-// default model at one row, where the few-rows products read the weights in ~330 us. The rope is that path's
+// and a sum for the rope, two cache writes, slices, SDPA, a transpose); this op takes ~14 us a layer, and a
+// decoded token of the default model 17.3 against 19.2 ms (AMX Xeon, 2 cores). The rope is that path's
 // arithmetic in x's dtype (q*cos and rotate_half(q)*sin each rounded, then their sum); the attention sums in
 // float32 and rounds the output once.
 #include <ATen/ATen.h>
