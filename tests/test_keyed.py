@@ -624,3 +624,35 @@ def test_kept_sums_files_are_named_by_how_the_forward_rounds(default_dir, monkey
     with torch.no_grad():
         model.layers[2].mlp.up_proj.weight.mul_(1.5)
     assert forward_digest(model, settings) != first  # weights changed: read again
+
+
+@pytest.mark.parametrize("n", [1, 5, 383, 384, 385, 1000])
+def test_cholesky_by_blocks_is_lapacks_factor(n):
+    """keyed.cholesky_lower (blocks of CHOLESKY_BLOCK rows) against torch's LAPACK factor: within float64
+    rounding, the upper triangle exactly zero, across block boundaries."""
+    from lune_fast.keyed import cholesky_lower
+
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(n + 50, n, generator=g, dtype=torch.float64)
+    M = X.t() @ X / (n + 50) + 1e-3 * torch.eye(n, dtype=torch.float64)
+    L, info = cholesky_lower(M)
+    assert info == 0 and torch.equal(L, L.tril())
+    assert rel_err(L, torch.linalg.cholesky(M)) < 1e-12
+    assert rel_err(L @ L.t(), M) < 1e-13
+
+
+@pytest.mark.parametrize("k", [0, 200, 383, 384, 700])
+def test_a_matrix_that_is_not_positive_definite_is_named(k):
+    """The first leading minor that is not positive definite, as LAPACK counts it, wherever it falls among the
+    blocks; spd_solve then raises an AdapterError naming what was solved, before anything is written."""
+    from lune_fast.keyed import cholesky_lower, spd_solve
+    from lune_fast.lora import AdapterError
+
+    g = torch.Generator().manual_seed(k)
+    X = torch.randn(900, 800, generator=g, dtype=torch.float64)
+    M = X.t() @ X / 900
+    M[k, k] = -1.0
+    assert cholesky_lower(M)[1] == int(torch.linalg.cholesky_ex(M).info) == k + 1
+    with pytest.raises(AdapterError, match=r"down_proj \(keys\): the keyed solve's 800x800 matrix is not positive "
+                                           rf"definite \(leading minor {k + 1}\)"):
+        spd_solve(M, torch.ones(800, 2, dtype=torch.float64), "down_proj (keys)")
