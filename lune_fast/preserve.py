@@ -131,11 +131,14 @@ def group_moments(model: Transformer, settings: lora.LoraSettings, seqs: list[li
     taken = [(chunks[owner[p]], p - starts[owner[p]]) for p in minus]
     acc = _kept_sums(model, settings, chunks, pad_id, pack, cache, key, whole(stable), whole(provisional), files,
                      "listed")
+    if not taken:  # nothing to take out: no sums to keep either
+        if cache is not None:
+            cache[("minus", key)] = []
+        return {k: v / max(acc.n, 1) for k, v in acc.sums.items()}, acc.n
     out = _kept_sums(model, settings, taken, pad_id, pack, cache, ("minus", key), minus_stable, minus_provisional,
                      files, "minus")
-    if out.n:
-        acc = Sums(acc.seqs, {n: v - out.sums[n] for n, v in acc.sums.items()}, acc.n - out.n)
-    return {k: v / max(acc.n, 1) for k, v in acc.sums.items()}, acc.n
+    n = acc.n - out.n
+    return {k: torch.sub(v, out.sums[k]).div_(max(n, 1)) for k, v in acc.sums.items()}, n
 
 
 def _add_items(model, settings, items: list, acc: Sums, pad_id: int, pack: int, kind: str) -> None:
@@ -157,16 +160,20 @@ def _kept_sums(model: Transformer, settings: lora.LoraSettings, items: list, pad
     if kept is None and files is not None and cache is not None:
         kept = files.load(kind, items[:stable], model.device)
         kept = kept if kept is not None and set(kept.sums) == set(linears) else None
-    acc = kept.copy() if kept is not None else Sums([], {n: torch.zeros(m.in_features, m.in_features,
-                                                                         device=model.device)
-                                                         for n, m in linears.items()}, 0)
+    if kept is not None and len(kept.seqs) == len(items):
+        acc = kept  # nothing to add: the kept sums as they are (no caller changes them)
+    else:  # sums are added in place: a kept entry is copied first
+        acc = kept.copy() if kept is not None else Sums([], {n: torch.zeros(m.in_features, m.in_features,
+                                                                             device=model.device)
+                                                             for n, m in linears.items()}, 0)
     if cache is not None:
         entries = {len(k.seqs): k for k in fits + ([kept] if kept is not None else [])}  # never changed
         ends = sorted({stable, provisional})
         for n in ends:
             if n > len(acc.seqs):
                 _add_items(model, settings, items[len(acc.seqs):n], acc, pad_id, pack, kind)
-                entries[n] = acc.copy()  # never changed after: the file may be written later
+                # never changed after (the file may be written later): the last addition needs no copy
+                entries[n] = acc.copy() if n < len(items) else acc
                 if files is not None and n <= stable:
                     files.save(kind, entries[n])
         # the sums the next call starts with: the stable prefix's, or with this request's part should it land
@@ -405,8 +412,11 @@ def combine(model: Transformer, settings: lora.LoraSettings, groups: list[tuple[
     linears = lora.frozen_linears(model, settings)
     moments, energy = {}, {}
     for name, m in linears.items():
-        moments[name] = sum(g[0][name] for g in groups) / len(groups)
-        energy[name] = float((moments[name] * gram(m.weight)).sum())
+        c = groups[0][0][name] / len(groups)  # one new matrix, the other groups added into it
+        for g in groups[1:]:
+            c.add_(g[0][name], alpha=1 / len(groups))
+        moments[name] = c
+        energy[name] = float(torch.dot(c.reshape(-1), gram(m.weight).reshape(-1)))
     return Preserved(moments, energy, sum(g[1] for g in groups))
 
 
