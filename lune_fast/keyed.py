@@ -122,7 +122,7 @@ def cholesky_lower(M: torch.Tensor, block: int = CHOLESKY_BLOCK) -> tuple[torch.
         if e < n:
             P = torch.linalg.solve_triangular(Ld, A[e:, s:e].t(), upper=False).t()  # A21 L11⁻ᵀ
             A[e:, s:e] = P
-            A[e:, e:] -= P @ P.t()
+            A[e:, e:].addmm_(P, P.t(), alpha=-1)
     return A.tril_(), 0
 
 
@@ -245,7 +245,7 @@ def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settin
     their digest)."""
     prompts = [enc.prompt_ids(p, f.chat) for f, ps in zip(facts, other_subject_prompts(facts, n_prompts, seed))
                for p in ps]
-    groups = [group_moments(model, settings, prompts, enc.pad_id)]
+    groups = [group_moments(model, settings, prompts, enc.pad_id, mean=False)]  # sums: combine scales them
     fold = folded.key if folded is not None else None
     listed, sizes, stable, minus, minus_stable = listed_inputs(enc, facts, earlier, lifelong) if neighbors \
         else ([], [], 0, [], 0)
@@ -258,7 +258,7 @@ def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settin
                                     key=(settings.targets, settings.layers, fold), stable=stable, minus=minus,
                                     minus_stable=minus_stable, files=files, sizes=sizes,
                                     provisional=len(listed) if lifelong else stable,
-                                    minus_provisional=len(minus) if lifelong else minus_stable))
+                                    minus_provisional=len(minus) if lifelong else minus_stable, mean=False))
     key = (settings.targets, settings.layers, text, fold)
     if key in text_cache:
         text_cache[key] = text_cache.pop(key)  # the most recently used last
@@ -280,7 +280,7 @@ def preserved_inputs(model: Transformer, enc: Encoder, facts: list[Fact], settin
         kept = [k for k in text_cache if isinstance(k, tuple)]
         for old in kept[:-TEXTS_KEPT]:  # the least recently used (66 MB a layer window on the default model)
             del text_cache[old]
-    return combine(model, settings, groups + [text_cache[key]])
+    return combine(model, settings, groups + [text_cache[key]], summed=len(groups))
 
 
 # A keyed lr is a step on B measured for projections that write values of rms about 1, as the default model's first

@@ -93,10 +93,11 @@ def group_moments(model: Transformer, settings: lora.LoraSettings, seqs: list[li
                   pack: int = 256, cache: dict | None = None, key=None, stable: int = 0,
                   minus: list[int] = (), minus_stable: int = 0, files: "SumsFiles | None" = None,
                   chunk: int | None = None, provisional: int | None = None, minus_provisional: int | None = None,
-                  sizes: list[int] | None = None) -> tuple[dict[str, torch.Tensor], int]:
+                  sizes: list[int] | None = None, mean: bool = True) -> tuple[dict[str, torch.Tensor], int]:
     """E[x xᵀ] over every token of `seqs` of the inputs of each projection `settings` adapts, on the frozen
     model (packed rows, one forward per chunk: `sizes` sequences each, else `chunk` (CHUNK); only the layers up
-    to the last adapted one run), and the token count.
+    to the last adapted one run), and the token count; with mean=False the sums Σ x xᵀ instead (for combine,
+    which scales them as it adds them; they may be kept sums: not to be changed).
 
     With `cache` (a dict this function owns: it keeps the entries of one `key`): the first `stable` sequences are
     ones the next call will start with too (a lifelong state's earlier neighbours), and the first `provisional`
@@ -134,11 +135,12 @@ def group_moments(model: Transformer, settings: lora.LoraSettings, seqs: list[li
     if not taken:  # nothing to take out: no sums to keep either
         if cache is not None:
             cache[("minus", key)] = []
-        return {k: v / max(acc.n, 1) for k, v in acc.sums.items()}, acc.n
+        return ({k: v / max(acc.n, 1) for k, v in acc.sums.items()} if mean else acc.sums), acc.n
     out = _kept_sums(model, settings, taken, pad_id, pack, cache, ("minus", key), minus_stable, minus_provisional,
                      files, "minus")
     n = acc.n - out.n
-    return {k: torch.sub(v, out.sums[k]).div_(max(n, 1)) for k, v in acc.sums.items()}, n
+    left = {k: torch.sub(v, out.sums[k]) for k, v in acc.sums.items()}
+    return ({k: v.div_(max(n, 1)) for k, v in left.items()} if mean else left), n
 
 
 def _add_items(model, settings, items: list, acc: Sums, pad_id: int, pack: int, kind: str) -> None:
@@ -404,17 +406,20 @@ def prune_store(store: Path, keep: Path, limit: float) -> None:
             f.unlink(missing_ok=True)
 
 
-def combine(model: Transformer, settings: lora.LoraSettings, groups: list[tuple[dict[str, torch.Tensor], int]]
-            ) -> Preserved:
+def combine(model: Transformer, settings: lora.LoraSettings, groups: list[tuple[dict[str, torch.Tensor], int]],
+            summed: int = 0) -> Preserved:
     """The groups' moments averaged, each group weighing the same whatever its token count (a few sentences of
-    text are not drowned by hundreds of prompts), with each projection's output energy tr(W C Wᵀ)."""
-    groups = [g for g in groups if g[1] > 0]
+    text are not drowned by hundreds of prompts), with each projection's output energy tr(W C Wᵀ). The first
+    `summed` groups hold sums over their tokens (group_moments with mean=False), the others moments."""
+    kept = [(g, i < summed) for i, g in enumerate(groups) if g[1] > 0]
+    groups = [g for g, _ in kept]
+    weights = [1 / (len(kept) * (g[1] if is_sum else 1)) for g, is_sum in kept]
     linears = lora.frozen_linears(model, settings)
     moments, energy = {}, {}
     for name, m in linears.items():
-        c = groups[0][0][name] / len(groups)  # one new matrix, the other groups added into it
-        for g in groups[1:]:
-            c.add_(g[0][name], alpha=1 / len(groups))
+        c = groups[0][0][name] * weights[0]  # one new matrix, the other groups added into it
+        for g, w in zip(groups[1:], weights[1:]):
+            c.add_(g[0][name], alpha=w)
         moments[name] = c
         energy[name] = float(torch.dot(c.reshape(-1), gram(m.weight).reshape(-1)))
     return Preserved(moments, energy, sum(g[1] for g in groups))

@@ -656,3 +656,19 @@ def test_a_matrix_that_is_not_positive_definite_is_named(k):
     with pytest.raises(AdapterError, match=r"down_proj \(keys\): the keyed solve's 800x800 matrix is not positive "
                                            rf"definite \(leading minor {k + 1}\)"):
         spd_solve(M, torch.ones(800, 2, dtype=torch.float64), "down_proj (keys)")
+
+
+def test_combine_weighs_summed_and_mean_groups_alike(tiny):
+    """combine over group sums (group_moments with mean=False, scaled as they are added) equals combine over the
+    groups' means: each group weighs the same whatever its token count."""
+    settings = lora.LoraSettings(targets=("down",), layers=(1,))
+    g = torch.Generator().manual_seed(3)
+    groups = [[torch.randint(3, 200, (n,), generator=g).tolist() for n in sizes] for sizes in ((5, 9), (30,), (4, 4, 4))]
+    means = [group_moments(tiny, settings, s) for s in groups]
+    sums = [group_moments(tiny, settings, s, mean=False) for s in groups[:2]]
+    want = combine(tiny, settings, means)
+    got = combine(tiny, settings, sums + means[2:], summed=2)
+    for name in want.moments:
+        assert rel_err(got.moments[name], want.moments[name]) < 1e-6
+        assert got.energy[name] == pytest.approx(want.energy[name], rel=1e-5)
+    assert got.tokens == want.tokens == 5 + 9 + 30 + 12
