@@ -12,7 +12,8 @@ from torch.utils import cpp_extension
 
 ROOT = Path(__file__).parent
 CPU_SOURCES = ["csrc/ops.cpp", "csrc/linear_logprob.cpp", "csrc/cpu/rows.cpp", "csrc/cpu/rms_norm.cpp",
-               "csrc/cpu/few_rows_linear.cpp", "csrc/cpu/decode_attention.cpp"]
+               "csrc/cpu/few_rows_linear.cpp", "csrc/cpu/decode_attention.cpp",
+               "csrc/cpu/decode_layer.cpp"]
 CUDA_SOURCES = ["csrc/cuda/rows.cu", "csrc/cuda/rows_cuda.cpp"]
 
 

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "decode_attention.h"
+#include "decode_layer.h"
 #include "few_rows_linear.h"
 #include "linear_logprob.h"
 #include "rms_norm.h"
@@ -17,6 +18,11 @@ TORCH_LIBRARY(lune_fast, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) cache_k,"
       " Tensor(b!) cache_v, int start, Tensor? allowed, int window, float scale) -> Tensor");
+  m.def(
+      "decode_layer(Tensor x, Tensor ln1, Tensor wq, Tensor? bq, Tensor wk, Tensor? bk, Tensor wv, Tensor? bv,"
+      " Tensor wo, Tensor ln2, Tensor wg, Tensor wu, Tensor wd, Tensor cos, Tensor sin, Tensor(a!) cache_k,"
+      " Tensor(b!) cache_v, int start, Tensor? allowed, int window, float scale, float eps, int n_heads,"
+      " int n_kv) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lune_fast, CPU, m) {
@@ -24,6 +30,7 @@ TORCH_LIBRARY_IMPL(lune_fast, CPU, m) {
   m.impl("rms_norm", &lune_fast::rms_norm);
   m.impl("few_rows_linear", &lune_fast::few_rows_linear);
   m.impl("decode_attention", &lune_fast::decode_attention);
+  m.impl("decode_layer", &lune_fast::decode_layer);
 }
 
 #ifdef LUNE_FAST_WITH_CUDA

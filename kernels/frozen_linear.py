@@ -65,7 +65,8 @@ def _packable(x: torch.Tensor, w: torch.Tensor) -> bool:
                  or (w.numel() >= FLOAT32_MIN and x.numel() <= FLOAT32_ROWS * x.shape[-1])))
 
 
-def _few_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
+def few_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Does x Wᵀ take the few-rows product (the model's decoding step asks, for its one-op layer)?"""
     return (x.dtype is torch.bfloat16 and w.dtype is torch.bfloat16 and w.device.type == "cpu"
             and x.numel() <= FEW_ROWS * x.shape[-1] and not (torch.is_grad_enabled() and x.requires_grad)
             and not w.requires_grad and w.dim() == 2 and few_rows_supported())
@@ -111,7 +112,7 @@ def frozen_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     """x Wᵀ (+ b) for a frozen W; with `pack`, from W's prepacked copy where that is supported."""
     if b is not None and b.requires_grad or not pack:
         return F.linear(x, w, b)
-    if _few_rows(x, w):
+    if few_rows(x, w):
         return torch.ops.lune_fast.few_rows_linear(x, w, b)
     if not _packable(x, w):
         return F.linear(x, w, b)

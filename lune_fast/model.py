@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels.frozen_linear import frozen_linear
-from .ops import decode_attention
+from .kernels.frozen_linear import few_rows, frozen_linear
+from .ops import decode_attention, decode_layer
 from .ops import rms_norm as rms_norm_op
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma3_text")
@@ -368,6 +368,10 @@ class Block(nn.Module):
             self.post_feedforward_layernorm = rms_norm(cfg)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        if cache is not None and x.shape[1] == 1:  # a decoding step: one C++ op where it computes the same
+            out = self.decode_step(x, cos, sin, mask, cache, layer)
+            if out is not None:
+                return out
         a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         if not self.sandwich:  # Llama: post_attention_layernorm is the MLP's input norm
             x = x + a
@@ -375,6 +379,26 @@ class Block(nn.Module):
         # Gemma: attention and MLP outputs are normed too, before they join the residual
         x = x + self.post_attention_layernorm(a)
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+    def decode_step(self, x, cos, sin, mask, cache, layer):
+        """This layer's decoding step as one op (ops.decode_layer: the same kernels as the modules, called from
+        C++) for a Llama-family layer whose seven projections are plain frozen Linears taking the few-rows
+        product; None elsewhere (an adapter on the layer, Gemma's norms, a bias the op does not take)."""
+        a, f = self.self_attn, self.mlp
+        projections = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, f.gate_proj, f.up_proj, f.down_proj)
+        if (self.sandwich or hasattr(a, "q_norm") or f.act is not F.silu or "project_qkv" in vars(a)
+                or "project_gate_up" in vars(f) or self.input_layernorm.offset
+                or not all(type(m) is Linear and m.pack for m in projections)
+                or any(m.bias is not None for m in projections[3:])
+                or not (x.dtype is torch.bfloat16 and few_rows(x, a.q_proj.weight))):
+            return None
+        return decode_layer(x, self.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight,
+                            a.k_proj.bias, a.v_proj.weight, a.v_proj.bias, a.o_proj.weight,
+                            self.post_attention_layernorm.weight, f.gate_proj.weight, f.up_proj.weight,
+                            f.down_proj.weight, cos, sin, cache.k[layer], cache.v[layer], cache.length,
+                            None if mask.causal_only else mask.allowed.view(x.shape[0], -1), a.window or 0,
+                            a.scale or a.head_dim ** -0.5, self.input_layernorm.eps, a.n_heads, a.n_kv)
 
 
 class Transformer(nn.Module):

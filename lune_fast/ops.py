@@ -61,6 +61,10 @@ def _register_python_side() -> None:
     def _fake_decode(q, k, v, cos, sin, cache_k, cache_v, start, allowed, window, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake("lune_fast::decode_layer")
+    def _fake_layer(x, *rest):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
     @torch.library.register_fake("lune_fast::few_rows_linear")
     def _fake_few_rows(x, w, b):
         return x.new_empty(*x.shape[:-1], w.shape[0])
@@ -93,6 +97,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
         return None
     return torch.ops.lune_fast.decode_attention(q, k, v, cos, sin, cache_k, cache_v, start, allowed, window or 0,
                                                 scale)
+
+
+def decode_layer(*args) -> torch.Tensor:
+    """One decoding step through a Llama-family layer (csrc/cpu/decode_layer.cpp; Block.decode_step says when it
+    applies and passes the arguments): the modules' kernels, called from C++."""
+    return torch.ops.lune_fast.decode_layer(*args)
 
 
 def chunk_sizes(n: int, v: int, elem_bytes: int, budget_mb: float = DEFAULT_CHUNK_MB) -> tuple[int, int]:
