@@ -5,7 +5,8 @@
 
 Same process, same weights: the base model, the model with a (random, non-zero) adapter left unmerged, the
 same adapter merged into the weights, and the base model with lune_fast's CPU decoding ops switched off (the
-few-rows product, the one-op decoding attention and RMSNorm: the torch path they replace; "base, torch ops"). Prefill: one forward of --prefill tokens (batch 1). Decode: greedy
+few-rows product, and with it the one-op layer; the one-op decoding attention and RMSNorm: the torch path they
+replace; "base, torch ops"). Prefill: one forward of --prefill tokens (batch 1). Decode: greedy
 tokens one at a time with the KV cache, batch 1, per token. Overheads are relative to the base model
 (goals on CUDA: prefill ≤ 3%, decode ≤ 5%, merged = base ± 1%).
 """
