@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .kernels.frozen_linear import frozen_linear as frozen_product
 from .kernels.lora_linear import grouped_lora_linear, lora_linear, resolve_backend
 from .model import Transformer
 
@@ -172,9 +173,9 @@ class LoRALinear(nn.Module):
         a_t = self.lora_A.to(x.dtype).t()
         b_t = (self.lora_B * self.scale).to(x.dtype).t()
         y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ a_t, b_t)
-        if self.earlier_A is not None:
-            a_t, b_t = self._earlier_as(x.dtype)
-            y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ a_t, b_t)
+        if self.earlier_A is not None:  # the frozen-product path: at a decoding step's few rows, the few-rows op
+            a_t, b_t = self._earlier_as(x.dtype)  # (a state's hundreds of ranks: 49 against 11 µs at 100 ranks)
+            y.add_(frozen_product(frozen_product(x, a_t.t()), b_t.t()))
         return y
 
     def _earlier_as(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
