@@ -161,8 +161,8 @@ class LoRALinear(nn.Module):
             return self._inference(x)
         y = lora_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scale, self.backend)
         if self.earlier_A is not None:
-            a_t, b_t = self._earlier_as(x.dtype)
-            y = y + (x @ a_t) @ b_t
+            a, b = self._earlier_as(x.dtype)
+            y = y + (x @ a.t()) @ b.t()
         return y
 
     def _inference(self, x):
@@ -173,17 +173,18 @@ class LoRALinear(nn.Module):
         a_t = self.lora_A.to(x.dtype).t()
         b_t = (self.lora_B * self.scale).to(x.dtype).t()
         y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ a_t, b_t)
-        if self.earlier_A is not None:  # the frozen-product path: at a decoding step's few rows, the few-rows op
-            a_t, b_t = self._earlier_as(x.dtype)  # (a state's hundreds of ranks: 49 against 11 µs at 100 ranks)
-            y.add_(frozen_product(frozen_product(x, a_t.t()), b_t.t()))
+        if self.earlier_A is not None:  # as frozen products: at a decoding step's few rows the few-rows op (a
+            a, b = self._earlier_as(x.dtype)  # state's hundreds of ranks: 49 against 11 µs at 100), else packed
+            y.add_(frozen_product(frozen_product(x, a), b))
         return y
 
     def _earlier_as(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The earlier ranks' Aᵀ and Bᵀ in `dtype`, cast once per request (they are fixed; a state of hundreds
-        of ranks would otherwise cast a rank × in matrix per call, every decoded token)."""
+        """The earlier ranks' A and B in `dtype`, cast once per request (they are fixed; a state of hundreds of
+        ranks would otherwise cast a rank × in matrix per call, every decoded token; the same tensors each call
+        also keep their packed copies, kernels/frozen_linear.py)."""
         kept = self._earlier_cast.get(dtype)
         if kept is None:
-            kept = self._earlier_cast[dtype] = (self.earlier_A.to(dtype).t(), self.earlier_B.to(dtype).t())
+            kept = self._earlier_cast[dtype] = (self.earlier_A.to(dtype), self.earlier_B.to(dtype))
         return kept
 
     def set_earlier(self, A: torch.Tensor, B: torch.Tensor) -> None:

@@ -380,7 +380,6 @@ class Block(nn.Module):
         x = x + self.post_attention_layernorm(a)
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
-
     def decode_step(self, x, cos, sin, mask, cache, layer):
         """This layer's decoding step as one op (ops.decode_layer: the same kernels as the modules, called from
         C++) for a Llama-family layer whose seven projections are plain frozen Linears taking the few-rows

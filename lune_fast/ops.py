@@ -7,7 +7,8 @@ backward is an elementwise product. Targets equal to IGNORE_INDEX give 0 and no 
 `rms_norm(x, w, eps, offset)`: the model's RMSNorm in one CPU op, for forwards that take no gradient.
 
 `decode_attention(...)`: one decoding step's attention (rope, KV-cache write, one query against the cache) in one
-CPU op.
+CPU op; `decode_layer(...)` a Llama-family layer's whole decoding step from the CPU kernels (Block.decode_step).
+`few_rows_linear(x, w, b)` (through kernels/frozen_linear.py) is the bf16 product at a few rows.
 """
 from __future__ import annotations
 
