@@ -110,7 +110,7 @@ class _PackedLinear(torch.autograd.Function):
 def frozen_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, pack: bool = True
                   ) -> torch.Tensor:
     """x Wᵀ (+ b) for a frozen W; with `pack`, from W's prepacked copy where that is supported."""
-    if b is not None and b.requires_grad or not pack:
+    if not pack or (b is not None and b.requires_grad):
         return F.linear(x, w, b)
     if few_rows(x, w):
         return torch.ops.lune_fast.few_rows_linear(x, w, b)

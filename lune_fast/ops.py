@@ -87,17 +87,16 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float) -> tor
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      cache_k: torch.Tensor, cache_v: torch.Tensor, start: int, allowed: torch.Tensor | None,
-                     window: int | None, scale: float) -> torch.Tensor | None:
+                     window: int, scale: float) -> torch.Tensor | None:
     """One query a row [B, H, D] (k, v [B, KVH, D], before the rope; cos/sin [B, D]): rope, k and v written into the
     caches [B, KVH, max_len, D] at `start`, attention over positions [0, start] (those `allowed` [B, start + 1]
-    lets through, the last `window` of them where given) with `scale`; [B, H, D] (csrc/cpu/decode_attention.cpp).
+    lets through, the last `window` of them where > 0) with `scale`; [B, H, D] (csrc/cpu/decode_attention.cpp).
     None where it does not apply — not CPU bf16/float32, a gradient needed, the extension missing — and nothing
     is written then (the caller's torch path runs)."""
     if (q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float32) or extension() is None
             or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
         return None
-    return torch.ops.lune_fast.decode_attention(q, k, v, cos, sin, cache_k, cache_v, start, allowed, window or 0,
-                                                scale)
+    return torch.ops.lune_fast.decode_attention(q, k, v, cos, sin, cache_k, cache_v, start, allowed, window, scale)
 
 
 def decode_layer(*args) -> torch.Tensor:

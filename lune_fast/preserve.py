@@ -132,15 +132,14 @@ def group_moments(model: Transformer, settings: lora.LoraSettings, seqs: list[li
     taken = [(chunks[owner[p]], p - starts[owner[p]]) for p in minus]
     acc = _kept_sums(model, settings, chunks, pad_id, pack, cache, key, whole(stable), whole(provisional), files,
                      "listed")
-    if not taken:  # nothing to take out: no sums to keep either
-        if cache is not None:
-            cache[("minus", key)] = []
-        return ({k: v / max(acc.n, 1) for k, v in acc.sums.items()} if mean else acc.sums), acc.n
-    out = _kept_sums(model, settings, taken, pad_id, pack, cache, ("minus", key), minus_stable, minus_provisional,
-                     files, "minus")
-    n = acc.n - out.n
-    left = {k: torch.sub(v, out.sums[k]) for k, v in acc.sums.items()}
-    return ({k: v.div_(max(n, 1)) for k, v in left.items()} if mean else left), n
+    sums, n = acc.sums, acc.n
+    if taken:
+        out = _kept_sums(model, settings, taken, pad_id, pack, cache, ("minus", key), minus_stable,
+                         minus_provisional, files, "minus")
+        sums, n = {k: v - out.sums[k] for k, v in sums.items()}, n - out.n
+    elif cache is not None:  # nothing taken out: no sums to keep for it either
+        cache[("minus", key)] = []
+    return ({k: v / max(n, 1) for k, v in sums.items()} if mean else sums), n
 
 
 def _add_items(model, settings, items: list, acc: Sums, pad_id: int, pack: int, kind: str) -> None:

@@ -43,7 +43,7 @@ def test_decode_step_is_the_torch_paths_rope_and_within_rounding_of_float64_atte
     if keys == "padded":
         allowed = torch.ones(B, start + 1, dtype=torch.bool)
         allowed[1, :6] = False  # the second row is left-padded
-    window = 7 if keys == "window" else None
+    window = 7 if keys == "window" else 0
     out = ops.decode_attention(q, k, v, cos.view(B, D), sin.view(B, D), ck, cv, start, allowed, window, D ** -0.5)
     assert out.shape == (B, H, D) and out.dtype == dtype and torch.isfinite(out).all()
     # the cache: the torch path's rope of k, bit for bit, and v as it is; nothing after `start` written
@@ -70,7 +70,7 @@ def test_decode_step_is_the_torch_paths_rope_and_within_rounding_of_float64_atte
 def test_where_the_op_does_not_apply_nothing_is_written():
     q, k, v, cos, sin, (ck, cv) = _case(torch.bfloat16)
     before = ck.clone()
-    assert ops.decode_attention(q.requires_grad_(), k, v, cos.view(2, -1), sin.view(2, -1), ck, cv, 29, None, None,
+    assert ops.decode_attention(q.requires_grad_(), k, v, cos.view(2, -1), sin.view(2, -1), ck, cv, 29, None, 0,
                                 0.125) is None
     assert torch.equal(ck.nan_to_num(), before.nan_to_num())
     with pytest.raises(RuntimeError, match="past the cache"):
