@@ -22,7 +22,7 @@ TORCH_LIBRARY(lune_fast, m) {
       "decode_layer(Tensor x, Tensor ln1, Tensor wq, Tensor? bq, Tensor wk, Tensor? bk, Tensor wv, Tensor? bv,"
       " Tensor wo, Tensor ln2, Tensor wg, Tensor wu, Tensor wd, Tensor cos, Tensor sin, Tensor(a!) cache_k,"
       " Tensor(b!) cache_v, int start, Tensor? allowed, int window, float scale, float eps, int n_heads,"
-      " int n_kv) -> Tensor");
+      " int n_kv, Tensor? down_a, Tensor? down_b) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lune_fast, CPU, m) {

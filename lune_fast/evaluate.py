@@ -112,8 +112,9 @@ def greedy(model: Transformer, enc: Encoder, prompts: list[list[int]], max_new_t
     stop = enc.line_stop(model.config.vocab_size, model.device)
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        gens, lps = generate(model, [prompts[i] for i in idx], max_new_tokens, eos_token_id=_eos(enc, model),
-                             pad_token_id=enc.pad_id, return_logprobs=True, stop=stop)
+        got = generate(model, [prompts[i] for i in idx], max_new_tokens, eos_token_id=_eos(enc, model),
+                       pad_token_id=enc.pad_id, return_logprobs=return_logprobs, stop=stop)
+        gens, lps = got if return_logprobs else (got, [None] * len(idx))  # no log-softmax a token when not asked
         for i, g, lp in zip(idx, gens, lps):
             out[i], logps[i] = g, lp
         if progress is not None:

@@ -145,6 +145,7 @@ class LoRALinear(nn.Module):
         self.earlier_A: torch.Tensor | None = None
         self.earlier_B: torch.Tensor | None = None
         self._earlier_cast: dict = {}  # their casts per dtype (_earlier_as)
+        self._ranks_cast = None  # all ranks acting, cast (ranks_as)
 
     @property
     def in_features(self):
@@ -166,22 +167,48 @@ class LoRALinear(nn.Module):
         return y
 
     def _inference(self, x):
-        """No autograd: the base product and one addmm (at batch 1 on a CPU the per-call overheads are most of
-        an adapter's cost). The adapter is cast afresh each call: a cached cast cannot see FSDP refilling the
-        unsharded parameters in place."""
+        """No autograd: the base product and all the ranks acting as two frozen products (at a decoding step's
+        few rows the few-rows op: per-call overheads are most of an adapter's cost at batch 1 on a CPU)."""
         y = self.base(x)
-        a_t = self.lora_A.to(x.dtype).t()
-        b_t = (self.lora_B * self.scale).to(x.dtype).t()
-        y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ a_t, b_t)
-        if self.earlier_A is not None:  # as frozen products: at a decoding step's few rows the few-rows op (a
-            a, b = self._earlier_as(x.dtype)  # state's hundreds of ranks: 49 against 11 µs at 100), else packed
-            y.add_(frozen_product(frozen_product(x, a), b))
-        return y
+        if not self.base.pack:  # FSDP refills the unsharded parameters in place: cast afresh, keep nothing
+            a_t = self.lora_A.to(x.dtype).t()
+            b_t = (self.lora_B * self.scale).to(x.dtype).t()
+            y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ a_t, b_t)
+            if self.earlier_A is not None:  # fixed: their casts are kept (_earlier_as)
+                a, b = self._earlier_as(x.dtype)
+                y.add_(frozen_product(frozen_product(x, a), b))
+            return y
+        a, b = self.ranks_as(x.dtype)
+        return y.add_(frozen_product(frozen_product(x, a), b))
+
+    def decode_ranks(self, dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+        """For the one-op decoding layer (Block.decode_step): (the frozen weight, A, B) whose product it adds as
+        _inference would (A, B None when the adapter is off or merged), or None where forward takes another path
+        (a gradient, another backend, FSDP)."""
+        if not self.enabled or self.merged:
+            return self.base.weight, None, None
+        if torch.is_grad_enabled() or self.backend != "torch" or not self.base.pack:
+            return None
+        return (self.base.weight, *self.ranks_as(dtype))
+
+    def ranks_as(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank acting — this adapter's, its scale folded into B, and a lifelong state's earlier ones — as
+        one A [R, in] and one B [out, R] in `dtype`, row-major, cast again only when A, B or the scale changed (a
+        decoded token reads them once per adapted layer: the casts and small products of each call took 150 µs
+        a layer at 100 earlier ranks; kept, the same tensors also keep their packed copies,
+        kernels/frozen_linear.py)."""
+        key = (dtype, self.lora_A._version, self.lora_B._version, self.scale)
+        kept = self._ranks_cast
+        if kept is None or kept[0] != key:
+            A, B = self.lora_A.detach(), self.lora_B.detach() * self.scale
+            if self.earlier_A is not None:
+                A, B = torch.cat([A, self.earlier_A]), torch.cat([B, self.earlier_B], dim=1)
+            kept = self._ranks_cast = (key, A.to(dtype).contiguous(), B.to(dtype).contiguous())
+        return kept[1], kept[2]
 
     def _earlier_as(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The earlier ranks' A and B in `dtype`, cast once per request (they are fixed; a state of hundreds of
-        ranks would otherwise cast a rank × in matrix per call, every decoded token; the same tensors each call
-        also keep their packed copies, kernels/frozen_linear.py)."""
+        ranks would otherwise cast a rank × in matrix per call)."""
         kept = self._earlier_cast.get(dtype)
         if kept is None:
             kept = self._earlier_cast[dtype] = (self.earlier_A.to(dtype), self.earlier_B.to(dtype))
@@ -194,7 +221,7 @@ class LoRALinear(nn.Module):
                                f"{self.out_features}x{self.in_features} projection")
         self.earlier_A = A.detach().float().to(self.lora_A.device)
         self.earlier_B = B.detach().float().to(self.lora_A.device)
-        self._earlier_cast = {}
+        self._earlier_cast, self._ranks_cast = {}, None
 
     def delta_weight(self) -> torch.Tensor:
         delta = (self.lora_B @ self.lora_A) * self.scale

@@ -391,7 +391,8 @@ class Block(nn.Module):
     def decode_step(self, x, cos, sin, mask, cache, layer):
         """This layer's decoding step as one op (ops.decode_layer: the same kernels as the modules, called from
         C++) for a Llama-family layer whose seven projections are plain frozen Linears taking the few-rows
-        product; None elsewhere (an adapter on the layer, Gemma's norms, a bias the op does not take)."""
+        product, down_proj's maybe with an adapter (its ranks added as its inference adds them); None elsewhere
+        (an adapter on another projection, Gemma's norms, a bias the op does not take)."""
         if not self.one_op:
             return None
         # submodules from _modules, not nn.Module.__getattr__: this runs for every layer of every decoded token
@@ -400,15 +401,19 @@ class Block(nn.Module):
         am, fm = a._modules, f._modules
         q, k, v, o = am["q_proj"], am["k_proj"], am["v_proj"], am["o_proj"]
         g, u, d = fm["gate_proj"], fm["up_proj"], fm["down_proj"]
-        if not (type(q) is type(k) is type(v) is type(o) is type(g) is type(u) is type(d) is Linear and q.pack
+        if not (type(q) is type(k) is type(v) is type(o) is type(g) is type(u) is Linear and q.pack
                 and "project_qkv" not in a.__dict__ and "project_gate_up" not in f.__dict__
                 and few_rows(x, q.weight)):
-            return None  # an adapter on the layer (LoRA modules or grouped ops), a sharded model, many rows
+            return None  # an adapter on the layer but for down_proj's, a sharded model, many rows
+        down = (d.weight, None, None) if type(d) is Linear else \
+            d.decode_ranks(x.dtype) if hasattr(d, "decode_ranks") and type(d.base) is Linear else None
+        if down is None:
+            return None  # down_proj's adapter takes another path (a gradient, another backend)
         allowed, window, scale = a.step_keys(mask, x.shape[0])
         n1, n2 = self._modules["input_layernorm"], self._modules["post_attention_layernorm"]
         return decode_layer(x, n1.weight, q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, o.weight, n2.weight,
-                            g.weight, u.weight, d.weight, cos, sin, cache.k[layer], cache.v[layer], cache.length,
-                            allowed, window, scale, n1.eps, a.n_heads, a.n_kv)
+                            g.weight, u.weight, down[0], cos, sin, cache.k[layer], cache.v[layer], cache.length,
+                            allowed, window, scale, n1.eps, a.n_heads, a.n_kv, down[1], down[2])
 
 
 class Transformer(nn.Module):

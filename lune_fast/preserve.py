@@ -75,7 +75,11 @@ def _add_chunks(model: Transformer, settings: lora.LoraSettings, chunks: list[li
     def read(name, x):
         x = x[valid["idx"]]
         x = x.float()  # float32 products: A = (KᵀC⁻¹K)⁻¹KᵀC⁻¹ amplifies any rounding of C
-        acc.sums[name].add_(x.t() @ x)
+        s = acc.sums.get(name)
+        if s is None:  # the first product is the sum: no zero matrix to fill and add to
+            acc.sums[name] = x.t() @ x
+        else:  # in place: no d × d product to allocate and add
+            s.addmm_(x.t(), x)
 
     with lora.reading_inputs(model, settings, read) as end:
         for i, chunk in enumerate(chunks):
@@ -164,9 +168,7 @@ def _kept_sums(model: Transformer, settings: lora.LoraSettings, items: list, pad
     if kept is not None and len(kept.seqs) == len(items):
         acc = kept  # nothing to add: the kept sums as they are (no caller changes them)
     else:  # sums are added in place: a kept entry is copied first
-        acc = kept.copy() if kept is not None else Sums([], {n: torch.zeros(m.in_features, m.in_features,
-                                                                             device=model.device)
-                                                             for n, m in linears.items()}, 0)
+        acc = kept.copy() if kept is not None else Sums([], {}, 0)
     if cache is not None:
         entries = {len(k.seqs): k for k in fits + ([kept] if kept is not None else [])}  # never changed
         ends = sorted({stable, provisional})
@@ -181,13 +183,17 @@ def _kept_sums(model: Transformer, settings: lora.LoraSettings, items: list, pad
         cache[key] = [entries[n] for n in ends if n in entries]
     if len(items) > len(acc.seqs):
         _add_items(model, settings, items[len(acc.seqs):], acc, pad_id, pack, kind)
+    for n, m in linears.items():
+        if n not in acc.sums:  # nothing read (no items): zero sums
+            acc.sums[n] = torch.zeros(m.in_features, m.in_features, device=model.device)
     return acc
 
 
 # Moments over a long text take tens of seconds (the replace default's 60,000 tokens: ~45 s on 2 cores); they are
 # kept on disk, keyed by everything they are computed from, so that only a machine's first request pays.
-# Part of every store file's name: raised when what a file holds changes (2: chunks and probes, SumsFiles)
-MOMENTS_FORMAT = 2
+# Part of every store file's name: raised when what a file holds changes (2: chunks and probes, SumsFiles; 3: a
+# chunk's products added in place, which rounds otherwise)
+MOMENTS_FORMAT = 3
 
 
 MOMENTS_STORE_MB = 1024  # ~15 layer windows of the default model (66 MB each)
@@ -406,17 +412,20 @@ def prune_store(store: Path, keep: Path, limit: float) -> None:
 
 
 def combine(model: Transformer, settings: lora.LoraSettings, groups: list[tuple[dict[str, torch.Tensor], int]],
-            summed: int = 0) -> Preserved:
+            summed: int = 0, own_first: bool = False) -> Preserved:
     """The groups' moments averaged, each group weighing the same whatever its token count (a few sentences of
     text are not drowned by hundreds of prompts), with each projection's output energy tr(W C Wᵀ). The first
-    `summed` groups hold sums over their tokens (group_moments with mean=False), the others moments."""
+    `summed` groups hold sums over their tokens (group_moments with mean=False), the others moments.
+    `own_first`: the first group's matrices are the caller's to overwrite (the sum is formed in them)."""
     kept = [(g, i < summed) for i, g in enumerate(groups) if g[1] > 0]
+    own_first = own_first and bool(kept) and kept[0][0] is groups[0]
     groups = [g for g, _ in kept]
     weights = [1 / (len(kept) * (g[1] if is_sum else 1)) for g, is_sum in kept]
     linears = lora.frozen_linears(model, settings)
     moments, energy = {}, {}
     for name, m in linears.items():
-        c = groups[0][0][name] * weights[0]  # one new matrix, the other groups added into it
+        first = groups[0][0][name]  # the other groups are added into it, or into a new matrix
+        c = first.mul_(weights[0]) if own_first else first * weights[0]
         for g, w in zip(groups[1:], weights[1:]):
             c.add_(g[0][name], alpha=w)
         moments[name] = c

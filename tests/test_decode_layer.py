@@ -1,7 +1,7 @@
 """A decoding step through a whole layer in one op (csrc/cpu/decode_layer.cpp, Block.decode_step): the same
 kernels as the modules, so the same bits — greedy tokens and their log-probabilities equal to the module path's
-on the embedded model and on a random Qwen2 (q/k/v biases, padded prompts); layers it does not cover (an adapter
-attached, Gemma 3) take the module path."""
+on the embedded model and on a random Qwen2 (q/k/v biases, padded prompts, an adapter on down_proj); layers it
+does not cover (an adapter on another projection, Gemma 3) take the module path."""
 import pytest
 import torch
 
@@ -50,8 +50,19 @@ def test_qwen2_biases_and_where_the_op_does_not_apply(tmp_path, monkeypatch):
     prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (4, 9)]
     fused, plain, calls = _decode_both(model, prompts, monkeypatch)
     assert fused == plain and all(calls)
-    # an adapter on a layer: that layer takes the modules (its LoRA), the others the op
-    lora.attach(model, lora.LoraSettings(rank=2, targets=("down",), layers=(1,)), seed=0)
+    # an adapter on down_proj (with a lifelong state's earlier ranks beside it): the op adds its ranks as
+    # LoRALinear's inference does, bit for bit; an adapter on another projection: that layer takes the modules
+    g = torch.Generator().manual_seed(3)
+    (m,) = lora.attach(model, lora.LoraSettings(rank=2, targets=("down",), layers=(1,)), seed=0).values()
+    with torch.no_grad():
+        m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g))
+    m.set_earlier(torch.randn(5, m.in_features, generator=g), torch.randn(m.out_features, 5, generator=g))
+    fused, plain, calls = _decode_both(model, prompts, monkeypatch)
+    assert fused == plain and all(calls)
+    with lora.disabled(model):
+        off, _, _ = _decode_both(model, prompts, monkeypatch)
+    assert off[0] != fused[0]  # the ranks change what is said: the op did add them
+    lora.attach(model, lora.LoraSettings(rank=2, targets=("up",), layers=(1,)), seed=0)
     fused, plain, calls = _decode_both(model, prompts, monkeypatch)
     assert fused == plain and calls.count(False) == len(calls) // 3
     lora.detach(model)

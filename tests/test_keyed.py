@@ -658,6 +658,49 @@ def test_a_matrix_that_is_not_positive_definite_is_named(k):
         spd_solve(M, torch.ones(800, 2, dtype=torch.float64), "down_proj (keys)")
 
 
+def test_a_factor_float32_cannot_take_is_taken_in_float64():
+    """spd_factor(single=True) factors in float32 and falls back to float64 where float32 rounding makes the
+    matrix indefinite (eigenvalues down to 1e-11 of the largest: positive definite in float64, not in float32)."""
+    from lune_fast.keyed import cholesky_lower, spd_factor
+
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(600, 600, generator=g, dtype=torch.float64))
+    M = (Q * torch.logspace(0, -11, 600, dtype=torch.float64)) @ Q.t()
+    M = (M + M.t()) / 2
+    assert cholesky_lower(M.float())[1] > 0 and cholesky_lower(M)[1] == 0
+    L = spd_factor(M, single=True)
+    assert L.dtype == torch.float64 and rel_err(L, torch.linalg.cholesky(M)) < 1e-9
+
+
+def test_keyed_rows_match_the_float64_formula_beside_earlier_keys(tiny):
+    """set_keyed (C factored in float32, only the new rows solved) against A = (KᵀC⁻¹K + μI)⁻¹KᵀC⁻¹ in float64
+    over [new, earlier] keys, on a C whose condition (9e4 after the ridge) is that of the default model's
+    moments: within 1e-3 relative (float32's 6e-8 times the condition is the worst case; 2e-5 measured on
+    real moments), and the new rows answer 1 to their own key and 0 to the earlier ones within 1e-6."""
+    settings = lora.LoraSettings(rank=2, alpha=2, targets=("down",), layers=(1,))
+    lora.attach(tiny, settings)
+    (name, m), = lora.adapters_of(tiny).items()
+    d = m.in_features
+    g = torch.Generator().manual_seed(5)
+    scale = torch.logspace(-3, 0, d)
+    scale[-1] *= 10  # one direction far above the rest, as the residual stream's massive activations
+    X = torch.randn(4 * d, d, generator=g) * scale
+    C = X.t() @ X / X.shape[0]
+    K, earlier = torch.randn(2, d, generator=g), torch.randn(5, d, generator=g)
+    ridge, overlap = 1e-3, 1e-9
+    set_keyed(tiny, {name: K}, Preserved({name: C}, {name: 1.0}, 0), ridge=ridge, overlap=overlap,
+              earlier={name: earlier})
+    Cd = C.double() + ridge * torch.trace(C.double()) / d * torch.eye(d, dtype=torch.float64)
+    Kd = torch.cat([K, earlier]).double().t()
+    CiK = torch.linalg.solve(Cd, Kd)
+    G = Kd.t() @ CiK
+    G += overlap * torch.trace(G) / 7 * torch.eye(7, dtype=torch.float64)
+    want = torch.linalg.solve(G, CiK.t())[:2]
+    A = m.lora_A.detach().double()
+    assert rel_err(A, want) < 1e-3
+    assert torch.allclose(A @ Kd, torch.eye(2, 7, dtype=torch.float64), atol=1e-6)
+
+
 def test_combine_weighs_summed_and_mean_groups_alike(tiny):
     """combine over group sums (group_moments with mean=False, scaled as they are added) equals combine over the
     groups' means: each group weighs the same whatever its token count."""
