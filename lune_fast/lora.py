@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .kernels.frozen_linear import frozen_linear as frozen_product
+from .kernels.frozen_linear import few_rows, frozen_linear as frozen_product
 from .kernels.lora_linear import grouped_lora_linear, lora_linear, resolve_backend
 from .model import Transformer
 
@@ -167,19 +167,21 @@ class LoRALinear(nn.Module):
         return y
 
     def _inference(self, x):
-        """No autograd: the base product and all the ranks acting as two frozen products (at a decoding step's
-        few rows the few-rows op: per-call overheads are most of an adapter's cost at batch 1 on a CPU)."""
+        """No autograd. At a decoding step's few rows every rank acting as two few-rows products (ranks_as: per-call
+        overheads are most of an adapter's cost at batch 1 on a CPU); else the base product and one addmm, a state's
+        earlier ranks as packed frozen products (fixed for the request: packed once)."""
         y = self.base(x)
-        if not self.base.pack:  # FSDP refills the unsharded parameters in place: cast afresh, keep nothing
-            a_t = self.lora_A.to(x.dtype).t()
-            b_t = (self.lora_B * self.scale).to(x.dtype).t()
-            y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ a_t, b_t)
-            if self.earlier_A is not None:  # fixed: their casts are kept (_earlier_as)
-                a, b = self._earlier_as(x.dtype)
-                y.add_(frozen_product(frozen_product(x, a), b))
-            return y
-        a, b = self.ranks_as(x.dtype)
-        return y.add_(frozen_product(frozen_product(x, a), b))
+        if self.base.pack and few_rows(x, self.base.weight):
+            a, b = self.ranks_as(x.dtype)
+            return y.add_(frozen_product(frozen_product(x, a), b))
+        # cast afresh each call: a kept cast cannot see FSDP refilling the unsharded parameters in place
+        a_t = self.lora_A.to(x.dtype).t()
+        b_t = (self.lora_B * self.scale).to(x.dtype).t()
+        y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ a_t, b_t)
+        if self.earlier_A is not None:
+            a, b = self._earlier_as(x.dtype)
+            y.add_(frozen_product(frozen_product(x, a), b))
+        return y
 
     def decode_ranks(self, dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
         """For the one-op decoding layer (Block.decode_step): (the frozen weight, A, B) whose product it adds as
@@ -187,7 +189,7 @@ class LoRALinear(nn.Module):
         (a gradient, another backend, FSDP)."""
         if not self.enabled or self.merged:
             return self.base.weight, None, None
-        if torch.is_grad_enabled() or self.backend != "torch" or not self.base.pack:
+        if torch.is_grad_enabled() or self.backend != "torch" or not self.base.pack:  # _inference's few-rows case
             return None
         return (self.base.weight, *self.ranks_as(dtype))
 
@@ -195,8 +197,7 @@ class LoRALinear(nn.Module):
         """Every rank acting — this adapter's, its scale folded into B, and a lifelong state's earlier ones — as
         one A [R, in] and one B [out, R] in `dtype`, row-major, cast again only when A, B or the scale changed (a
         decoded token reads them once per adapted layer: the casts and small products of each call took 150 µs
-        a layer at 100 earlier ranks; kept, the same tensors also keep their packed copies,
-        kernels/frozen_linear.py)."""
+        a layer at 100 earlier ranks)."""
         key = (dtype, self.lora_A._version, self.lora_B._version, self.scale)
         kept = self._ranks_cast
         if kept is None or kept[0] != key:
