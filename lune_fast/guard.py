@@ -41,7 +41,7 @@ def leads(model: Transformer, pairs: list[Pair], pad_id: int) -> list[float]:
         return []
     b = make_batch(pairs, pad_id).to(model.device)
     h = model(b.input_ids, return_hidden=True, select=b.sel)
-    return answer_margins(h, model.head_weight, b.targets, b.seq, b.n_seq).tolist()
+    return answer_margins(model.logits(h), b.targets, b.seq, b.n_seq).tolist()
 
 
 @dataclass

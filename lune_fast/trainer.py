@@ -362,7 +362,7 @@ class _StepTerms:
             return True
         part = self.retain.part
         b = part.batch
-        m = answer_margins(_hidden_at_answers(self.model, part, self.L0), self.model.head_weight, b.targets, b.seq,
+        m = answer_margins(self.model.logits(_hidden_at_answers(self.model, part, self.L0)), b.targets, b.seq,
                            b.n_seq)[:len(need)]
         return bool((m >= torch.tensor(need, device=m.device)).all())
 
@@ -488,12 +488,12 @@ def _hidden_at_answers(model: Transformer, part: _Part, L0: int) -> torch.Tensor
     return model.norm(h.reshape(-1, H)[part.batch.sel])
 
 
-def answer_margins(h: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, seq: torch.Tensor,
-                   n_seq: int) -> torch.Tensor:
-    """Per sequence [n_seq]: the smallest lead, over its answer tokens (hidden states h at the positions that
-    predict them), of the answer token's log-probability over the most likely other token. Positive: greedy
-    decoding says the answer (when it comes first); negative: some token is more likely."""
-    logits = (h @ head_weight.t()).float()
+def answer_margins(logits: torch.Tensor, targets: torch.Tensor, seq: torch.Tensor, n_seq: int) -> torch.Tensor:
+    """Per sequence [n_seq]: the smallest lead, over its answer tokens (`logits` at the positions that predict
+    them: Transformer.logits, the head's packed product), of the answer token's log-probability over the most
+    likely other token. Positive: greedy decoding says the answer (when it comes first); negative: some token is
+    more likely."""
+    logits = logits.float()
     target = logits.gather(-1, targets[:, None])[:, 0]
     gap = target - logits.scatter(-1, targets[:, None], float("-inf")).max(-1).values
     out = torch.full((n_seq,), float("inf"), device=gap.device)
