@@ -715,3 +715,9 @@ def test_combine_weighs_summed_and_mean_groups_alike(tiny):
         assert rel_err(got.moments[name], want.moments[name]) < 1e-6
         assert got.energy[name] == pytest.approx(want.energy[name], rel=1e-5)
     assert got.tokens == want.tokens == 5 + 9 + 30 + 12
+    # own_first: the first group's matrices become the result (no new matrix), the others stay as they were
+    second = {k: v.clone() for k, v in sums[1][0].items()}
+    owned = combine(tiny, settings, sums + means[2:], summed=2, own_first=True)
+    for name in want.moments:
+        assert torch.equal(owned.moments[name], got.moments[name])
+        assert owned.moments[name] is sums[0][0][name] and torch.equal(sums[1][0][name], second[name])
