@@ -133,8 +133,9 @@ def spd_factor(M: torch.Tensor, what: str = "matrix", single: bool = False, ridg
     """The lower Cholesky factor of M + ridge·I, symmetric positive definite (the ridges make C and G so), by
     blocks (cholesky_lower): in float64, or with `single` in float32 where that succeeds. A matrix that is not
     (moments gone indefinite: a bug) is an AdapterError naming `what`, raised before anything is written."""
-    L, info = cholesky_lower(M.float(), ridge=ridge) if single else (None, 1)
-    if info:  # float32 rounding can eat a small ridge: float64 decides
+    if single:
+        L, info = cholesky_lower(M.float(), ridge=ridge)
+    if not single or info:  # float32 rounding can eat a small ridge: float64 decides
         L, info = cholesky_lower(M.double(), ridge=ridge)
     if info:
         raise AdapterError(f"{what}: the keyed solve's {M.shape[0]}x{M.shape[0]} matrix is not positive definite "
@@ -183,7 +184,8 @@ def set_keyed(model: Transformer, keys: dict[str, torch.Tensor], preserved: Pres
         # solve, A K as near I, at 12.5 ms a layer instead of 26 (2 cores)
         L = spd_factor(C, f"{name} (preserved inputs)", single=True, ridge=ridge_c)
         Y = torch.linalg.solve_triangular(L, K.to(L.dtype), upper=False)  # L⁻¹ K
-        G = Y.double().t() @ Y.double()  # Kᵀ C⁻¹ K [n, n]
+        Yd = Y.double()
+        G = Yd.t() @ Yd  # Kᵀ C⁻¹ K [n, n]
         n = G.shape[0]
         G.diagonal().add_(max(overlap, 1e-9) * torch.trace(G) / n)
         if keys[name].shape[0] != m.lora_A.shape[0]:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .kernels.frozen_linear import few_rows, frozen_linear as frozen_product
 from .kernels.lora_linear import grouped_lora_linear, lora_linear, resolve_backend
-from .model import Transformer
+from .model import Linear, Transformer
 
 # short name -> (submodule of a block, PEFT / Hugging Face module name)
 TARGETS = {
@@ -186,7 +186,9 @@ class LoRALinear(nn.Module):
     def decode_ranks(self, dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
         """For the one-op decoding layer (Block.decode_step): (the frozen weight, A, B) whose product it adds as
         _inference would (A, B None when the adapter is off or merged), or None where forward takes another path
-        (a gradient, another backend, FSDP)."""
+        (a gradient, another backend, FSDP) or the base is not the model's frozen Linear."""
+        if type(self.base) is not Linear:  # a base the op cannot take
+            return None
         if not self.enabled or self.merged:
             return self.base.weight, None, None
         if torch.is_grad_enabled() or self.backend != "torch" or not self.base.pack:  # _inference's few-rows case

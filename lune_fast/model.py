@@ -406,7 +406,7 @@ class Block(nn.Module):
                 and few_rows(x, q.weight)):
             return None  # an adapter on the layer but for down_proj's, a sharded model, many rows
         down = (d.weight, None, None) if type(d) is Linear else \
-            d.decode_ranks(x.dtype) if hasattr(d, "decode_ranks") and type(d.base) is Linear else None
+            d.decode_ranks(x.dtype) if hasattr(d, "decode_ranks") else None
         if down is None:
             return None  # down_proj's adapter takes another path (a gradient, another backend)
         allowed, window, scale = a.step_keys(mask, x.shape[0])
