@@ -20,7 +20,10 @@ def _fingerprint(settings, lora_settings: lora.LoraSettings) -> dict:
     return json.loads(json.dumps({"train": d, "lora": lora.settings_dict(lora_settings)}))
 
 
-def save_checkpoint(folder: Path, step: int, model, opt, sched, settings, work: list | None = None) -> None:
+def save_checkpoint(folder: Path, step: int, model, opt, sched, settings, work: list | None = None,
+                    references: list[torch.Tensor] | None = None) -> None:
+    """references: each micro-batch's reference log-probs (the trainer's NPO reference, read off the run's first
+    forward: a resumed run cannot take them again)."""
     from safetensors.torch import save_file
 
     with atomic_output_dir(Path(folder), overwrite=True) as tmp:
@@ -35,9 +38,12 @@ def save_checkpoint(folder: Path, step: int, model, opt, sched, settings, work: 
                     tensors[f"{name}.{part}.{k}"] = v.detach().cpu().contiguous()
                 if kept:
                     opt_state[f"{name}.{part}"] = sorted(kept)
+        for i, ref in enumerate(references or []):
+            tensors[f"reference.{i}"] = ref.detach().cpu().contiguous()
         save_file(tensors, str(tmp / "state.safetensors"))
         meta = {"step": step, "opt_state": opt_state, "scheduler": sched.state_dict(),
-                "fingerprint": _fingerprint(settings, model.lora_settings), "work": work}
+                "fingerprint": _fingerprint(settings, model.lora_settings), "work": work,
+                "references": len(references) if references is not None else None}
         meta["scheduler"].pop("lr_lambdas", None)
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
 
@@ -46,8 +52,9 @@ class CheckpointMismatch(ValueError):
     pass
 
 
-def load_checkpoint(folder: Path, model, opt, sched, settings) -> tuple[int, list | None]:
-    """Restores adapter, optimiser and schedule; returns the step and the sequences still being trained."""
+def load_checkpoint(folder: Path, model, opt, sched, settings) -> tuple[int, list | None, list | None]:
+    """Restores adapter, optimiser and schedule; returns the step, the sequences still being trained and the
+    micro-batches' reference log-probs (None in a checkpoint without them)."""
     from safetensors.torch import load_file
 
     meta = json.loads((folder / "state.json").read_text())
@@ -74,4 +81,6 @@ def load_checkpoint(folder: Path, model, opt, sched, settings) -> tuple[int, lis
     for group, lr in zip(opt.param_groups, sched_state.get("_last_lr", [])):
         group["lr"] = lr
     sched._last_lr = [g["lr"] for g in opt.param_groups]
-    return int(meta["step"]), meta.get("work")
+    n_refs = meta.get("references")
+    refs = [tensors[f"reference.{i}"] for i in range(n_refs)] if n_refs is not None else None
+    return int(meta["step"]), meta.get("work"), refs

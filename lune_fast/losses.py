@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .ops import linear_logprob
 
 OBJECTIVES = ("npo", "npo_tok", "ga", "ul", "simnpo", "replace")
+REFERENCE_OBJECTIVES = ("npo", "npo_tok")  # the ones that read the reference log-probs
 
 
 def target_logprobs(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,7 @@ def per_sequence_loss(objective: str, tok_logp: torch.Tensor, seq: torch.Tensor,
         ul = -torch.log(-torch.expm1(tok_logp.clamp(max=-1e-6)))
         ul_sum, _ = per_sequence(ul, seq, n_seq)
         return ul_sum / counts
-    if objective in ("npo", "npo_tok") and ref_tok is None:
+    if objective in REFERENCE_OBJECTIVES and ref_tok is None:
         raise ValueError(f"{objective} needs the reference per-token log-probs")
     if objective == "npo":
         b = 0.1 if beta is None else beta

@@ -27,7 +27,7 @@ from . import lora
 from .checkpoints import load_checkpoint, save_checkpoint
 from .data import Batch
 from .distributed import Dist, reshard_blocks
-from .losses import forget_loss, per_sequence, retain_kl, retain_nll, target_logprobs
+from .losses import REFERENCE_OBJECTIVES, forget_loss, per_sequence, retain_kl, retain_nll, target_logprobs
 from .model import AttnMask, Transformer
 from .optim import Schedule, make_optimizer
 
@@ -142,7 +142,7 @@ def train(model: Transformer, data: TrainData, settings: TrainSettings, run: Run
     params = lora.trainable_parameters(model)
     L0 = min(model.lora_settings.layers) if model.lora_settings.layers else 0
 
-    # 2. precompute once, adapters off
+    # 2. precompute once: the prefix below the first adapted layer (no adapter acts there)
     parts = [_precompute(model, b, L0, source=i) for i, b in enumerate(data.batches)]
     retain = _Retain.of(model, data.retain, L0, settings)
     preserved = data.preserved if settings.preserve_weight > 0 else None
@@ -150,9 +150,20 @@ def train(model: Transformer, data: TrainData, settings: TrainSettings, run: Run
 
     opt = make_optimizer(settings.optimizer, params, settings.lr, settings.weight_decay)
     sched = Schedule(opt, _schedule(settings))
-    start, work_spec = 0, None
+    start, work_spec, references = 0, None, None
     if run.resume and run.checkpoint_dir is not None and (run.checkpoint_dir / "state.json").exists():
-        start, work_spec = load_checkpoint(run.checkpoint_dir, model, opt, sched, settings)
+        start, work_spec, references = load_checkpoint(run.checkpoint_dir, model, opt, sched, settings)
+    # the objectives with a reference (NPO) compare with the model as the run found it: where its trainable
+    # adapters write nothing yet (B = 0, a request's first training) the first step's own forward gives it (a
+    # lifelong state's earlier ranks acting), one whole forward fewer; else every adapter off; a resumed run
+    # takes the one its checkpoint kept
+    uses_reference = _uses_reference(settings)
+    if uses_reference and references is not None:
+        for part, ref in zip(parts, references):
+            part.ref_tok = ref.to(model.device)
+    elif uses_reference and not _at_rest(model):
+        for part in parts:
+            part.ref_tok = _reference(model, part, L0)
     last_good = [p.detach().clone() for p in params]
 
     bar = None
@@ -230,7 +241,8 @@ def train(model: Transformer, data: TrainData, settings: TrainSettings, run: Run
                 if run.checkpoint_dir is not None and (dist is None or dist.is_main) and \
                         (interrupt.requested or (every and step % every == 0)):
                     save_checkpoint(run.checkpoint_dir, step, model, opt, sched, settings,
-                                    [[p.source, p.origin] for p in work])
+                                    [[p.source, p.origin] for p in work],
+                                    [p.ref_tok for p in parts] if uses_reference else None)
                 if interrupt.requested:
                     raise TrainingInterrupted(step, run.checkpoint_dir)
             if outcome.stopped != "criterion":
@@ -255,6 +267,8 @@ def _forward(model, work: list[_Part], L0: int, settings: TrainSettings, train_a
     losses, probs, weights = [], [], []
     for part in work:
         tok = target_logprobs(_hidden_at_answers(model, part, L0), model.head_weight, part.batch.targets)
+        if part.ref_tok is None and _uses_reference(settings):  # the run's first forward, adapters at rest
+            part.ref_tok = tok.detach().clone()
         p = _mean_token_prob(tok, part.batch)
         w = (~_done(p, settings, settings.hold_margin if settings.hold_done else 1.0)).float() \
             if settings.per_example_stop and not train_all else torch.ones_like(p)
@@ -417,9 +431,11 @@ def _rebuild(model, parts: list[_Part], spec: list, L0: int) -> list[_Part]:
     return out
 
 
-def _ref_of(part: _Part, keep: list[int], sub: Batch) -> torch.Tensor:
+def _ref_of(part: _Part, keep: list[int], sub: Batch) -> torch.Tensor | None:
     """The reference log-probs of sequences `keep` of a part, in the token order of `sub`, its repacked subset
-    (a sequence's tokens stay contiguous and in order whatever the packing)."""
+    (a sequence's tokens stay contiguous and in order whatever the packing); None where the part has none."""
+    if part.ref_tok is None:
+        return None
     per_seq = [part.ref_tok[part.batch.seq.to(part.ref_tok.device) == i] for i in keep]
     out = torch.empty(sub.targets.shape[0], dtype=part.ref_tok.dtype, device=part.ref_tok.device)
     seq = sub.seq.to(out.device)
@@ -468,17 +484,30 @@ def copy_into(src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
 @torch.no_grad()
 def _precompute(model: Transformer, batch: Batch, L0: int, source: int = 0, origin: list[int] | None = None,
                 ref_tok: torch.Tensor | None = None) -> _Part:
+    """A micro-batch with its hidden states below layer L0 (they do not change: no adapter acts there)."""
     batch = batch.to(model.device)
     positions, mask = batch.layout()
     h0 = model.embed(batch.input_ids)
     if L0 > 0:
         h0 = model.run_layers(h0, positions, mask, start=0, end=L0)
-    part = _Part(batch, h0, ref_tok, positions, mask, source,
-                 list(range(batch.n_seq)) if origin is None else origin)
-    if ref_tok is None:
-        with lora.disabled(model):
-            part.ref_tok = target_logprobs(_hidden_at_answers(model, part, L0), model.head_weight, batch.targets)
-    return part
+    return _Part(batch, h0, ref_tok, positions, mask, source, list(range(batch.n_seq)) if origin is None else origin)
+
+
+@torch.no_grad()
+def _reference(model: Transformer, part: _Part, L0: int) -> torch.Tensor:
+    """The part's answer tokens' log-probs with every adapter off."""
+    with lora.disabled(model):
+        return target_logprobs(_hidden_at_answers(model, part, L0), model.head_weight, part.batch.targets)
+
+
+def _uses_reference(settings: TrainSettings) -> bool:
+    return not settings.replace and settings.objective in REFERENCE_OBJECTIVES
+
+
+def _at_rest(model: Transformer) -> bool:
+    """Do the trainable adapters write nothing yet (every trainable B zero: the model is as it was before them)?"""
+    trained = [m for m in lora.adapters_of(model).values() if m.lora_B.requires_grad]
+    return bool(trained) and not any(bool(m.lora_B.detach().any()) for m in trained)
 
 
 def _hidden_at_answers(model: Transformer, part: _Part, L0: int) -> torch.Tensor:

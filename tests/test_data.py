@@ -120,7 +120,7 @@ def test_packed_batch_matches_padded_log_probs(tmp_path):
         part = trainer._precompute(model, b, L0=1)
         tok = trainer.target_logprobs(trainer._hidden_at_answers(model, part, 1), model.head_weight, b.targets)
         order = torch.argsort(b.seq * 1000 + torch.arange(len(b.seq)), stable=True)
-        out.append((tok[order], part.ref_tok[order]))
+        out.append((tok[order], trainer._reference(model, part, 1)[order]))
     assert torch.allclose(out[0][0], out[1][0], atol=1e-5) and torch.allclose(out[0][1], out[1][1], atol=1e-5)
 
 

@@ -48,7 +48,7 @@ def test_objective_gradients_match_float64(tiny_llama, objective, monkeypatch):
     m32, ad32 = _adapted(tiny_llama, torch.float32)
     part = trainer._precompute(m32, batch, L0=1)
     tok = trainer.target_logprobs(trainer._hidden_at_answers(m32, part, 1), m32.head_weight, batch.targets)
-    loss = trainer.forget_loss(objective, tok, batch.seq, batch.n_seq, part.ref_tok)
+    loss = trainer.forget_loss(objective, tok, batch.seq, batch.n_seq, trainer._reference(m32, part, 1))
     loss.backward()
 
     # reference: float64, plain LoRA ops, full forward and full log_softmax

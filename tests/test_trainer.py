@@ -112,6 +112,40 @@ def test_resume_with_other_settings_is_refused(tiny_llama, tmp_path):
         _run(tiny_llama, checkpoint_dir=ckpt, resume=True, settings={"lr": 1e-4})
 
 
+@pytest.mark.parametrize("objective", ["npo", "npo_tok"])
+def test_reference_at_rest_is_the_first_forward_and_equals_the_adapters_off_one(tiny_llama, monkeypatch, objective):
+    """A run whose adapters write nothing yet (B = 0) takes the NPO reference from its first step's forward, with
+    no forward of its own; it is the adapters-off reference to float32 rounding. A run that starts from trained
+    adapters (a recall round) takes the adapters-off one, one forward a micro-batch."""
+    seen, offs = [], []
+    real_forward, real_reference = trainer._forward, trainer._reference
+    monkeypatch.setattr(trainer, "_forward", lambda m, work, *a, **k: (
+        seen.append(work[0]) if not seen else None) or real_forward(m, work, *a, **k))
+    monkeypatch.setattr(trainer, "_reference", lambda *a: offs.append(1) or real_reference(*a))
+    model = load_model(tiny_llama)
+    settings = TrainSettings(objective=objective, lr=5e-3, steps=3, stop_prob=1e-9)
+    lora.attach(model, LS, seed=0)
+    batch = make_batch(PAIRS)
+    part = trainer._precompute(model, batch, 1)
+    off = real_reference(model, part, 1)  # B = 0 here
+    train(model, TrainData([batch]), settings, RunOptions(progress=False))
+    assert offs == [] and seen[0].ref_tok is not None  # the first forward filled it in
+    assert (seen[0].ref_tok - off).abs().max() <= 1e-5 * off.abs().max()
+    seen.clear()
+    train(model, TrainData([batch]), settings, RunOptions(progress=False))  # trained adapters: B != 0
+    assert offs == [1]
+    assert torch.equal(seen[0].ref_tok, off)
+
+
+@pytest.mark.parametrize("objective", ["ga", "simnpo"])
+def test_objectives_without_a_reference_compute_none(tiny_llama, monkeypatch, objective):
+    offs = []
+    monkeypatch.setattr(trainer, "_reference", lambda *a: offs.append(1))
+    model, out = _run(tiny_llama, settings={"objective": objective, "steps": 2})
+    _train(model, PAIRS, TrainSettings(objective="replace", replace=True, lr=5e-3, steps=2))
+    assert out.steps == 2 and offs == []
+
+
 def test_nan_loss_keeps_last_good_adapter(tiny_llama, monkeypatch):
     real = trainer.forget_loss
     calls = {"n": 0}

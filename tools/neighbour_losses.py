@@ -5,7 +5,8 @@
 Trains the stream into a fresh state (default settings unless --settings) and, after every request, asks every
 listed neighbour of all the stream's facts (greedy, the state on the model). A neighbour the base model answers
 is "lost" at the first check it is not answered; it is charged to its own request when that is the request that
-just landed, to a later request when its fact was already in the state, or "before its fact" otherwise.
+just landed, to a later request when its fact was already in the state, or "before its fact" otherwise;
+"lost at the end" counts, by the same charges, those still lost after the last request.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def main() -> None:
         return [answers_with(enc.decode(s), owner[p][1]) for p, s in zip(prompts, said)]
 
     base = answered()
-    lost_at = {}
+    lost_at, now = {}, base
     for r, _, st, _ in each_request(u, records, a):
         with st.on(u.model):
             now = answered()
@@ -50,8 +51,13 @@ def main() -> None:
     for p, r in lost_at.items():
         own = owner[p][0]
         charge["own request" if r == own else "a later request" if r > own else "before its fact"] += 1
+    last = dict(zip(prompts, now))
+    at_end = Counter("own request" if r == owner[p][0] else "a later request" if r > owner[p][0] else "before its fact"
+                     for p, r in lost_at.items() if not last[p])
     summary = {"neighbours answered by the base model": sum(base), "ever lost": len(lost_at), **charge,
-               "lost": [{"prompt": p, "own_request": owner[p][0] + 1, "lost_after": r + 1} for p, r in lost_at.items()]}
+               "lost at the end": dict(at_end),
+               "lost": [{"prompt": p, "own_request": owner[p][0] + 1, "lost_after": r + 1, "at_end": not last[p]}
+                        for p, r in lost_at.items()]}
     print(json.dumps({k: v for k, v in summary.items() if k != "lost"}))
     if a.out:
         Path(a.out).write_text(json.dumps(summary, indent=1) + "\n")
