@@ -71,11 +71,32 @@ def test_interrupt_then_resume_is_bit_identical(tiny_llama, tmp_path, settings, 
     with pytest.raises(TrainingInterrupted, match=r"interrupted at step 3: a checkpoint .* --resume"):
         _run(tiny_llama, checkpoint_dir=ckpt, on_step=ctrl_c, settings=settings)
     assert (ckpt / "state.json").exists() and (ckpt / "state.safetensors").exists()
+    # NPO's reference was read off the first forward: the checkpoint keeps it for the resumed run
+    from safetensors.torch import load_file
+    assert ("reference.0" in load_file(str(ckpt / "state.safetensors"))) == (settings.get("objective") is None)
     model, out = _run(tiny_llama, checkpoint_dir=ckpt, resume=True, settings=settings)
     assert out.steps == ref.steps
     got = lora.adapter_state(model)
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_checkpoint_without_references_resumes_with_the_adapters_off_ones(tiny_llama, tmp_path):
+    """A checkpoint written before references were kept resumes: its reference is taken adapters off."""
+    import json
+
+    ref_model, ref = _run(tiny_llama)
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(TrainingInterrupted):
+        _run(tiny_llama, checkpoint_dir=ckpt, on_step=lambda step: step == 3 and os.kill(os.getpid(), signal.SIGINT))
+    meta = json.loads((ckpt / "state.json").read_text())
+    assert meta["references"] == 1
+    meta.pop("references")
+    (ckpt / "state.json").write_text(json.dumps(meta))
+    model, out = _run(tiny_llama, checkpoint_dir=ckpt, resume=True)
+    assert out.steps == ref.steps
+    want, got = lora.adapter_state(ref_model), lora.adapter_state(model)
+    assert all(torch.allclose(want[k], got[k], rtol=1e-4, atol=1e-7) for k in want)
 
 
 def test_a_subset_and_the_whole_set_that_never_agree_still_end(tiny_llama, monkeypatch):
