@@ -2,8 +2,9 @@
 
     1. the caller attaches the adapters (lune_fast.lora.attach: A random, B zero, so the adapted model starts as
        the base; or lune_fast.keyed: A fixed, only B trains) and, under FSDP, shards the blocks;
-    2. precompute with adapters off: reference answer log-probs (NPO) and, when the first adapted layer L0 is
-       above 0, the hidden states entering L0 — layers below L0 never run again;
+    2. precompute, when the first adapted layer L0 is above 0, the hidden states entering L0 — layers below L0
+       never run again — and for NPO the reference answer log-probs: read off the first step's forward where
+       the trainable adapters write nothing yet (B = 0), else with every adapter off;
     3. each step: layers L0.. with adapters -> final norm at answer positions only -> fused head log-prob ->
        objective (+ retain term, + key-preservation penalty) -> backward (per micro-batch) -> clip -> optimiser
        step on the adapter parameters;
@@ -156,12 +157,14 @@ def train(model: Transformer, data: TrainData, settings: TrainSettings, run: Run
     # the objectives with a reference (NPO) compare with the model as the run found it: where its trainable
     # adapters write nothing yet (B = 0, a request's first training) the first step's own forward gives it (a
     # lifelong state's earlier ranks acting), one whole forward fewer; else every adapter off; a resumed run
-    # takes the one its checkpoint kept
+    # takes the one its checkpoint kept. Under data parallel one rank writes the checkpoint of all, and each rank
+    # has its own sequences: there the reference is every adapter off, taken again on resume
     uses_reference = _uses_reference(settings)
-    if uses_reference and references is not None:
+    from_first_forward = uses_reference and (dist is None or run.checkpoint_dir is None)
+    if from_first_forward and references is not None:
         for part, ref in zip(parts, references):
             part.ref_tok = ref.to(model.device)
-    elif uses_reference and not _at_rest(model):
+    elif uses_reference and not (from_first_forward and _at_rest(model)):
         for part in parts:
             part.ref_tok = _reference(model, part, L0)
     last_good = [p.detach().clone() for p in params]
@@ -242,7 +245,7 @@ def train(model: Transformer, data: TrainData, settings: TrainSettings, run: Run
                         (interrupt.requested or (every and step % every == 0)):
                     save_checkpoint(run.checkpoint_dir, step, model, opt, sched, settings,
                                     [[p.source, p.origin] for p in work],
-                                    [p.ref_tok for p in parts] if uses_reference else None)
+                                    [p.ref_tok for p in parts] if from_first_forward else None)
                 if interrupt.requested:
                     raise TrainingInterrupted(step, run.checkpoint_dir)
             if outcome.stopped != "criterion":
