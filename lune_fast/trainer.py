@@ -243,8 +243,11 @@ def train(model: Transformer, data: TrainData, settings: TrainSettings, run: Run
                 every = settings.checkpoint_every
                 if run.checkpoint_dir is not None and (dist is None or dist.is_main) and \
                         (interrupt.requested or (every and step % every == 0)):
+                    # rank 0 writes the checkpoint of all: its sequences still to train are its own, so under
+                    # data parallel none are kept (a resumed run starts from the whole set, and the finished
+                    # answers drop out again at its first step)
                     save_checkpoint(run.checkpoint_dir, step, model, opt, sched, settings,
-                                    [[p.source, p.origin] for p in work],
+                                    [[p.source, p.origin] for p in work] if dist is None else None,
                                     [p.ref_tok for p in parts] if from_first_forward else None)
                 if interrupt.requested:
                     raise TrainingInterrupted(step, run.checkpoint_dir)

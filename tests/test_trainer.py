@@ -158,9 +158,12 @@ def test_reference_at_rest_is_the_first_forward_and_equals_the_adapters_off_one(
     assert torch.equal(seen[0].ref_tok, off)
 
 
-def test_data_parallel_checkpoints_take_the_adapters_off_reference(tiny_llama, tmp_path, monkeypatch):
+def test_data_parallel_checkpoints_keep_nothing_per_rank(tiny_llama, tmp_path, monkeypatch):
     """Under data parallel one rank writes the checkpoint of all and each rank holds its own sequences: there the
-    reference is the adapters-off one, and no checkpoint holds one (a one-process group stands for the ranks)."""
+    reference is the adapters-off one, and a checkpoint holds neither references nor the sequences still to
+    train (a one-process group stands for the ranks)."""
+    import json
+
     import torch.distributed as td
     from safetensors.torch import load_file
 
@@ -172,11 +175,13 @@ def test_data_parallel_checkpoints_take_the_adapters_off_reference(tiny_llama, t
     td.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         ckpt = tmp_path / "run.ckpt"
-        _run(tiny_llama, checkpoint_dir=ckpt, dist=Dist(0, 1), settings={"checkpoint_every": 2})
+        _run(tiny_llama, checkpoint_dir=ckpt, dist=Dist(0, 1), settings={**SHRINKING, "objective": "npo",
+                                                                          "checkpoint_every": 2})
     finally:
         td.destroy_process_group()
     assert offs == [1]
     assert not any(k.startswith("reference.") for k in load_file(str(ckpt / "state.safetensors")))
+    assert json.loads((ckpt / "state.json").read_text())["work"] is None
 
 
 @pytest.mark.parametrize("objective", ["ga", "simnpo"])
