@@ -161,12 +161,13 @@ def train(model: Transformer, data: TrainData, settings: TrainSettings, run: Run
     # has its own sequences: there the reference is every adapter off, taken again on resume
     uses_reference = _uses_reference(settings)
     from_first_forward = uses_reference and (dist is None or run.checkpoint_dir is None)
-    if from_first_forward and references is not None:
-        for part, ref in zip(parts, references):
-            part.ref_tok = ref.to(model.device)
-    elif uses_reference and not (from_first_forward and _at_rest(model)):
-        for part in parts:
-            part.ref_tok = _reference(model, part, L0)
+    if uses_reference:
+        if from_first_forward and references is not None:
+            for part, ref in zip(parts, references):
+                part.ref_tok = ref.to(model.device)
+        elif not (from_first_forward and _at_rest(model)):  # else _forward takes it at the first step
+            for part in parts:
+                part.ref_tok = _reference(model, part, L0)
     last_good = [p.detach().clone() for p in params]
 
     bar = None

@@ -47,13 +47,13 @@ def main() -> None:
                 lost_at[p] = r
         print(f"after request {r + 1}: {sum(b and not n for b, n in zip(base, now))} of {sum(base)} lost now",
               flush=True)
-    charge = Counter()
-    for p, r in lost_at.items():
+    def charged(p: str, r: int) -> str:  # to which request a neighbour lost after request r goes
         own = owner[p][0]
-        charge["own request" if r == own else "a later request" if r > own else "before its fact"] += 1
+        return "own request" if r == own else "a later request" if r > own else "before its fact"
+
     last = dict(zip(prompts, now))
-    at_end = Counter("own request" if r == owner[p][0] else "a later request" if r > owner[p][0] else "before its fact"
-                     for p, r in lost_at.items() if not last[p])
+    charge = Counter(charged(p, r) for p, r in lost_at.items())
+    at_end = Counter(charged(p, r) for p, r in lost_at.items() if not last[p])
     summary = {"neighbours answered by the base model": sum(base), "ever lost": len(lost_at), **charge,
                "lost at the end": dict(at_end),
                "lost": [{"prompt": p, "own_request": owner[p][0] + 1, "lost_after": r + 1, "at_end": not last[p]}
