@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, lora, plan, recall, state as lifelong
+from . import distributed, lora, plan, recall, repair, state as lifelong
 from .anchors import build_anchors
 from .assets import asset
 from .data import DataError, Encoder, read_facts, read_lines
@@ -60,6 +60,8 @@ class ForgetResult:
     still_known: list[str] = field(default_factory=list)
     facts: list = field(default_factory=list, repr=False)  # the facts trained (after skipping)
     keys: dict | None = field(default=None, repr=False)  # a keyed adapter's subject keys
+    # into a state: the listed neighbours' leads before training, where under ln 2 (lune_fast.repair.watched)
+    watch: dict = field(default_factory=dict, repr=False)
 
     def report(self) -> dict:
         return {"model": self.model, "config": self.config, "before": self.before, "after": self.after,
@@ -121,6 +123,7 @@ class Unlearner:
         self.defaults = replace(Settings(), **defaults)
         self._base_evals: dict[str, object] = {}
         self._text_moments: dict[tuple, tuple] = {}
+        self._base_leads: dict[tuple[str, str], float] = {}  # listed neighbours' leads on the base model
         # what the preserved text's moments are computed from, for keeping them on disk (one process: under
         # torchrun each rank's model may be a shard)
         self._origin = None if self.dist is not None else \
@@ -149,10 +152,12 @@ class Unlearner:
             if self.dist is not None:
                 raise SettingsError("a lifelong state (into=) is updated by one process; run without torchrun")
             with lifelong.locked(into):
-                st = lifelong.State.open(into)
+                st, revoked = self._revoke_repairs(lifelong.State.open(into), records)
                 result = run(st)
+                if revoked:
+                    result.cost["neighbor_repair"] = {"revoked": revoked}
                 if result.error is None:
-                    self._commit_request(st, result)
+                    self._repair_neighbours(self._commit_request(st, result), result)
                 return result
 
     def _forget(self, records, mode, retain, evaluate_before, evaluate_after, retain_texts, progress,
@@ -184,9 +189,10 @@ class Unlearner:
                 folds.enter_context(self._folded(st, job.layout, leave_off))
             try:
                 asked = replace(self.defaults, **overrides)
-                rounds, keys, guarded = self._train(job, run, st, earlier, preserved, scale_lr=asked.lr is None,
-                                                    own_optimizer=asked.optimizer is None,
-                                                    hold_off=hold_off, leave_off=leave_off)
+                rounds, keys, guarded, watch = self._train(job, run, st, earlier, preserved,
+                                                           scale_lr=asked.lr is None,
+                                                           own_optimizer=asked.optimizer is None,
+                                                           hold_off=hold_off, leave_off=leave_off)
                 train_seconds = time.perf_counter() - t_train
                 after = evaluate(self.model, self.encoder, job.facts, texts, s.mode == "replace", s.max_new_tokens,
                                  progress, self.dist) if evaluate_after else None
@@ -203,7 +209,7 @@ class Unlearner:
         if guarded is not None:
             cost["neighbor_guard"] = guarded
         result = self._result(job, read.skipped, before, after, rounds, state, cost)
-        result.keys = keys
+        result.keys, result.watch = keys, watch
         return result
 
     def _check_state(self, st: lifelong.State, job: plan.Plan) -> tuple[int, ...]:
@@ -211,15 +217,55 @@ class Unlearner:
         return st.check_request(job.layout, str(self.model_dir), self.model.config.num_hidden_layers,
                          job.settings.adapter == "keyed", room, len(job.facts))
 
-    def _commit_request(self, st: lifelong.State, result: ForgetResult) -> None:
-        """Append the request to the state: its ranks after the earlier ones, its keys, its ledger line."""
-        entry = {"id": st.next_id(), "op": "forget", "time": lifelong.now(),
+    def _revoke_repairs(self, st: lifelong.State, records) -> tuple[lifelong.State, list[str]]:
+        """Revoke the neighbour repairs (lune_fast.repair) that hold a prompt the request asks to forget, before it
+        trains: a repair writes that very answer back. Returns the state and the repairs revoked."""
+        asked = {f.prompt for f in read_facts(records).facts}
+        revoked = []
+        for e in st.repairs():
+            if any(r["prompt"] in asked for r in e["records"]):
+                entry = {"id": st.next_id(), "op": "revoke", "request": e["id"], "time": lifelong.now(),
+                         "rank": e["rank"], "records": e["records"], "reason": "a repaired prompt is now forgotten"}
+                st = st.without_request(e["id"], entry)
+                st.commit()
+                revoked.append(e["id"])
+        return st, revoked
+
+    def _repair_neighbours(self, st: lifelong.State, result: ForgetResult) -> None:
+        """After `result`'s request landed in `st`: a repair request for the listed neighbours the state had flipped
+        before it trained (lune_fast.repair), added to the state; result.cost["neighbor_repair"] says what was
+        repaired, by which request, or why not (the request's own ledger line stays as it was written)."""
+        lost = repair.lost(self.model, self.encoder, result.watch, self._base_leads)
+        if not lost:
+            return
+        done = {**result.cost.get("neighbor_repair", {}), "repaired": [p for p, _ in lost]}
+        c = result.config
+        try:
+            fixes = self._forget(repair.repair_records(lost), "replace", None, False, False, None, False, None,
+                                 False, st, {**repair.REPAIR_SETTINGS, "layers": c["layers_spec"],
+                                             "targets": ",".join(c["targets"]), "seed": c["seed"],
+                                             "steps": c["steps"]})
+            if fixes.error is None:
+                self._commit_request(st, fixes, repair=True, **{"for": result.request_id})
+                done["request"] = fixes.request_id
+            else:
+                done["error"] = fixes.error
+        except (lifelong.StateError, DataError, SettingsError) as e:  # e.g. no layer window has room left
+            done["error"] = str(e)
+        result.cost = {**result.cost, "neighbor_repair": done}
+
+    def _commit_request(self, st: lifelong.State, result: ForgetResult, **extra) -> lifelong.State:
+        """Append the request to the state: its ranks after the earlier ones, its keys, its ledger line (with
+        `extra` fields). Returns the new state."""
+        entry = {"id": st.next_id(), "op": "forget", "time": lifelong.now(), **extra,
                  "records": [lifelong.fact_record(f) for f in result.facts], "skipped": result.skipped,
                  "settings": result.config, "rank": result.adapter_config["r"], "before": result.before,
                  "after": result.after, "cost": result.cost, "stopped": result.stopped,
                  "still_known": result.still_known}
-        st.with_request(entry, result.adapter, result.adapter_config, result.keys).commit()
+        new = st.with_request(entry, result.adapter, result.adapter_config, result.keys)
+        new.commit()
         result.request_id = entry["id"]
+        return new
 
     def revoke(self, into: str | Path, request_id: str, evaluate_after: bool = True,
                retain_texts: list[str] | str | None = None, progress: bool = False) -> dict:
@@ -305,14 +351,16 @@ class Unlearner:
 
     def _train(self, job: plan.Plan, run: RunOptions, st: lifelong.State | None, earlier: list,
                preserved: Preserved | None, scale_lr: bool = True, own_optimizer: bool = False,
-               hold_off: list[bool] | None = None, leave_off: frozenset = frozenset()) -> tuple[recall.Rounds, dict | None, dict | None]:
+               hold_off: list[bool] | None = None, leave_off: frozenset = frozenset()
+               ) -> tuple[recall.Rounds, dict | None, dict | None, dict]:
         """Attach the adapter (keyed: its A from the preserved inputs, away from a state's earlier keys; under
         FSDP it is on already) beside a state's earlier ranks, train, in suppress mode check again and continue
         (the recall rounds), and with the neighbour guard put back listed neighbours that flipped. scale_lr: the
         lr is the default one, to be scaled to this model (a given lr is used as it is); own_optimizer: so is the
         optimiser (column steps give way to AdamW where the step is scaled); earlier: the state's facts;
-        preserved: _preserved's; hold_off and leave_off: _subjects'. Returns the rounds, the keyed adapter's keys
-        and the guard's report (None without the guard)."""
+        preserved: _preserved's; hold_off and leave_off: _subjects'. Returns the rounds, the keyed adapter's keys,
+        the guard's report (None without the guard) and, into a state with repair on, the listed neighbours'
+        leads before training (lune_fast.repair.watched)."""
         s = job.settings
         keys = None
         if s.adapter == "keyed":
@@ -330,15 +378,21 @@ class Unlearner:
         # B is zero yet: the model answers as the base model with the state's ranks acting
         guard = Guard.of(self.model, self.encoder, job.facts, earlier, s.neighbor_guard) \
             if s.neighbor_guard != "off" and not self.fsdp else None
+        watch = {}
+        if st is not None and s.repair_neighbors:  # the listed neighbours' leads on the state as it serves them
+            skip = {f.prompt for f in [*earlier, *job.facts]} | {r["prompt"] for e in st.repairs()
+                                                                  for r in e["records"]}
+            watch = repair.watched(self.model, self.encoder, job.facts, skip,
+                                   guard.seen if guard is not None else {})
         data = job.train_data(self.model, dist=self.dist, preserved=preserved)
         outcome, error = train_keeping_last_good(self.model, data, train_settings(s, lr_scale=job.lr_scale), run)
         rounds = recall.Rounds(outcome, 0, error)
         if error is None and s.mode == "suppress":
             rounds = recall.recall_rounds(self.model, self.encoder, job, outcome, run, preserved)
         if guard is None:
-            return rounds, keys, None
+            return rounds, keys, None, watch
         rounds, report = guard_round(self.model, self.encoder, job, rounds, run, preserved, guard)
-        return rounds, keys, report
+        return rounds, keys, report, watch
 
     def _result(self, job: plan.Plan, skipped: list[str], before, after, rounds: recall.Rounds,
                 state: dict, cost: dict) -> ForgetResult:

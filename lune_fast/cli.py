@@ -110,6 +110,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "neighbours: those about the request's subjects (subjects) or every one (all, the value "
                         "without an argument); default: subjects into a state (--into), else off")
     p.add_argument("--no-neighbor-guard", dest="neighbor_guard", action="store_const", const="off")
+    p.add_argument("--neighbor-repair", dest="repair_neighbors", action=argparse.BooleanOptionalAction,
+                   default=d.repair_neighbors,
+                   help="into a state (--into), keyed suppress: after the request lands, put back the records' "
+                        "listed neighbours that the state's earlier requests had flipped, by a repair request of "
+                        "their own in the ledger (default: on)")
     p.add_argument("--preserve-weight", type=float, default=d.preserve_weight,
                    help="weight of the penalty on the adapted projections' output change on the preserved inputs")
     p.add_argument("--retain-loss", default=d.retain_loss, choices=["nll", "kl"])
@@ -260,7 +265,12 @@ def _unlearn_into(a) -> int:
     if result.error:
         print(f"lune-fast: {result.error}; the state in {a.into} is unchanged", file=sys.stderr)
         return EXIT_DIVERGED
-    _print_outcome(result, a, f"request {result.request_id} added to {a.into} ({len(result.facts)} facts)")
+    done = f"request {result.request_id} added to {a.into} ({len(result.facts)} facts)"
+    fix = result.cost.get("neighbor_repair") or {}
+    if fix.get("request"):
+        done += (f"; {len(fix['repaired'])} listed neighbour(s) that earlier requests had flipped were put back by "
+                 f"request {fix['request']}")
+    _print_outcome(result, a, done)
     return 0
 
 

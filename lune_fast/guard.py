@@ -15,7 +15,7 @@ training left it), and the neighbours it could not put back are reported, not hi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -49,6 +49,7 @@ class Guard:
     pairs: list[Pair]  # the neighbours the base model answers
     prompts: list[str]
     need: list[float]  # the lead each must keep: min(MAX_LEAD, half the base model's)
+    seen: dict = field(default_factory=dict)  # (prompt, answer) -> lead, for every listed neighbour checked
 
     @classmethod
     def of(cls, model: Transformer, enc: Encoder, facts: list[Fact], earlier: list[Fact] | tuple = (),
@@ -61,9 +62,10 @@ class Guard:
             earlier = about_subjects(enc, facts, earlier)
         listed = list(dict.fromkeys((p, t, f.chat) for f, p, t in listed_neighbors([*facts, *earlier])))
         pairs = [enc.pair(p, t, chat) for p, t, chat in listed]
-        keep = [(x, p, min(MAX_LEAD, m / 2)) for x, (p, _, _), m in zip(pairs, listed, leads(model, pairs, enc.pad_id))
-                if m > 0]
-        return cls([k[0] for k in keep], [k[1] for k in keep], [k[2] for k in keep])
+        got = leads(model, pairs, enc.pad_id)
+        keep = [(x, p, min(MAX_LEAD, m / 2)) for x, (p, _, _), m in zip(pairs, listed, got) if m > 0]
+        return cls([k[0] for k in keep], [k[1] for k in keep], [k[2] for k in keep],
+                   {(p, t): m for (p, t, _), m in zip(listed, got)})
 
     def flipped(self, model: Transformer, pad_id: int) -> list[int]:
         return [i for i, (m, n) in enumerate(zip(leads(model, self.pairs, pad_id), self.need)) if m < n]

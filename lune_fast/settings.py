@@ -126,6 +126,10 @@ class Settings:
     # into a lifelong state (facts-dev, 100 one-fact requests: neighbours kept .929 against .869 at 100, as many as
     # with "all" at half its time; RESULTS.md section 11), else "off" (one request alone: no change, section 9)
     neighbor_guard: str | bool | None = None
+    # after a keyed suppress request lands in a lifelong state, the neighbours it lists that the state's earlier
+    # requests had already flipped are put back by a repair request of their own (lune_fast.repair; RESULTS.md
+    # section 11, "Neighbour repair"). None: on for such requests
+    repair_neighbors: bool | None = None
     preserve_text: str | None = None
     preserve_weight: float = 0.0
     key_ridge: float = 1e-2  # keyed: ridge of the preserved-input moment, relative to its mean eigenvalue
@@ -151,7 +155,10 @@ class Settings:
         optimizer = self.optimizer or defaults.get("optimizer")
         if adapter == "keyed" and optimizer in KEYED_LR:
             defaults = {**defaults, "lr": KEYED_LR[optimizer][self.mode]}
-        return replace(self, adapter=adapter, neighbor_guard=guard,
+        repair = self.repair_neighbors
+        if repair is None:
+            repair = lifelong and adapter == "keyed" and self.mode == "suppress"
+        return replace(self, adapter=adapter, neighbor_guard=guard, repair_neighbors=repair,
                        **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def check(self) -> None:
@@ -180,6 +187,9 @@ class Settings:
             raise SettingsError(f"hold_margin must be in (0, 1], got {self.hold_margin}")
         if self.neighbor_guard not in GUARD_SCOPES:
             raise SettingsError(f"neighbor_guard must be one of {', '.join(GUARD_SCOPES)}, got {self.neighbor_guard!r}")
+        if self.repair_neighbors and (self.adapter != "keyed" or self.mode != "suppress"):
+            raise SettingsError("repair_neighbors puts back what a keyed suppress request's state flipped: use it "
+                                "with --adapter keyed in suppress mode")
         if self.recall_rounds < 0:
             raise SettingsError(f"recall_rounds must be non-negative, got {self.recall_rounds}")
         if self.robust_to is not None and self.robust_to not in QUANTS:

@@ -183,15 +183,22 @@ class State:
 
     @property
     def facts(self) -> int:
-        return sum(len(e["records"]) for e in self.active())
+        """The facts forgotten (or replaced): the active requests' records, not counting neighbour repairs."""
+        return sum(len(e["records"]) for e in self.active() if not e.get("repair"))
 
     def records(self, keyed: bool = False) -> list[dict]:
-        """The records of the active requests (keyed: of those with keys, in earlier_keys' row order)."""
-        return [r for e in self.active() if not keyed or e["id"] in self.keys for r in e["records"]]
+        """The records of the active requests, not the neighbour repairs' (keyed: of every request with keys,
+        repairs too, in earlier_keys' row order)."""
+        return [r for e in self.active() if (e["id"] in self.keys if keyed else not e.get("repair"))
+                for r in e["records"]]
+
+    def repairs(self) -> list[dict]:
+        """The active neighbour repairs (lune_fast.repair)."""
+        return [e for e in self.active() if e.get("repair")]
 
     def earlier_facts(self, keyed: bool = False) -> list[Fact]:
         """The active requests' facts (their neighbours are inputs a new request must leave alone; keyed: those
-        behind earlier_keys' rows)."""
+        behind earlier_keys' rows, neighbour repairs too)."""
         from .data import read_facts
 
         records = self.records(keyed)
@@ -427,7 +434,8 @@ def ledger_table(state: State) -> str:
             status = "" if e["id"] in active else " (revoked)"
             layers = e["settings"]["layers"]
             where = f"{layers[0]}-{layers[-1]}" if layers else "all"
-            rows.append(f"| {e['id']}{status} | {e['time']} | forget | {len(e['records'])} | {e['rank']} | {where} | "
+            op = "repair" if e.get("repair") else "forget"
+            rows.append(f"| {e['id']}{status} | {e['time']} | {op} | {len(e['records'])} | {e['rank']} | {where} | "
                         f"{rate(e.get('before'), 'forget_recall')} → {rate(e.get('after'), 'forget_recall')} | "
                         f"{rate(e.get('after'), 'neighbor_recall')} | {e['adapter_sha256'][:12]} |")
         else:

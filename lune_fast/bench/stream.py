@@ -172,6 +172,7 @@ def run(u, records: list[dict], per_request: int, requests: int, eval_every: int
         returned = [f.prompt for f, g in zip(done, gone) if not g and f.prompt in gone_once]
         gone_once.update(f.prompt for f, g in zip(done, gone) if g)
         row = {"requests": n_requests, "facts": len(done), **m, "returned": len(returned), "rank": st.rank,
+               "repairs": sum(len(e["records"]) for e in st.repairs()),
                "windows": len({tuple(e["settings"]["layers"]) for e in st.active()}),
                "request_s": round(seconds[-1], 3) if r is not None else None,
                "steps": r.cost["steps"] if r is not None else None, "stopped": r.stopped if r is not None else None,
