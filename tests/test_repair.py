@@ -142,3 +142,37 @@ def test_the_cli_says_what_it_repaired_and_the_ledger_lists_the_repair(tiny_lm, 
     _damaged_state(u, other)
     assert main(base + ["--into", str(other), "--no-neighbor-repair"]) == 0
     assert "put back" not in capsys.readouterr().out and State.open(other).repairs() == []
+
+
+def test_on_the_default_model_a_repair_puts_back_what_earlier_ranks_took_and_the_facts_stay_forgotten(tmp_path):
+    """Japan's capital forgotten, then that rank made 3x larger (as many requests' small writes add up): on
+    2026-12-02 (AMX Xeon, bf16) the state then no longer says Italy's and Germany's capitals. A request forgetting
+    iron's symbol that lists them as neighbours repairs those (and Russia's, whose lead fell under half), and every
+    listed neighbour is said again while both forgotten facts stay gone."""
+    from lune_fast.api import Unlearner, asset
+    from lune_fast.evaluate import answers_with, greedy
+
+    recs = [json.loads(x) for x in asset("facts.jsonl").read_text().splitlines()]
+    u, d = Unlearner("default"), tmp_path / "state"
+    enc, quiet = u.encoder, dict(progress=False, evaluate_before=False, evaluate_after=False)
+    japan = {"prompt": "The capital city of Japan is", "target": "Tokyo"}
+    iron = next({"prompt": r["prompt"], "target": r["target"]} for r in recs if "symbol for iron" in r["prompt"])
+    others = [(r["prompt"], r["target"]) for r in recs if r["prompt"] not in (japan["prompt"], iron["prompt"])]
+    base = leads(u.model, [enc.pair(p, t, False) for p, t in others], enc.pad_id)
+    listed = [x for x, b in zip(others, base) if b > 0.5][:14]  # neighbours the base model says clearly
+    u.forget([japan], into=d, **quiet)
+    st = State.open(d)
+    for name in st.B:
+        st.B[name] = st.B[name] * 3
+    st.commit()
+
+    def said(pairs):
+        with State.open(d).on(u.model):
+            out = greedy(u.model, enc, [enc.prompt_ids(p, False) for p, _ in pairs], 24)
+        return [answers_with(enc.decode(x), t) for (_, t), x in zip(pairs, out)]
+
+    assert not all(said(listed))  # the damaged state has taken some
+    r = u.forget([{**iron, "neighbors": [{"prompt": p, "target": t} for p, t in listed]}], into=d, **quiet)
+    assert r.cost["neighbor_repair"]["request"] == "r0003" and r.cost["neighbor_repair"]["repaired"]
+    assert all(said(listed))
+    assert said([(japan["prompt"], japan["target"]), (iron["prompt"], iron["target"])]) == [False, False]
