@@ -133,7 +133,7 @@ def held_records(folder: Path, records: list[dict]) -> tuple[list, int, int]:
                              f"records from record {pos + 1} on ({there}); a stream resumes only a state built "
                              f"from the same records, in their order")
         pos = at + 1
-    return held, len(st.active()), pos
+    return held, sum(1 for e in st.active() if not e.get("repair")), pos
 
 
 def run(u, records: list[dict], per_request: int, requests: int, eval_every: int, folder: Path,
