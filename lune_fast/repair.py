@@ -25,10 +25,12 @@ from .model import Transformer
 
 # the mean token probability a repaired answer is trained back to (replace mode's stop): over an answer of two
 # tokens, 0.75 puts each above 0.5, so that greedy decoding says it; at 0.5 a repair could stop with a first token
-# still behind (facts-dev, 100 one-fact requests: neighbours kept .951 at 100 against .927, the same perplexity)
+# still behind (facts-dev, 100 one-fact requests, repairs then made before the request: neighbours kept .951
+# at 100 against .927, the same perplexity)
 REPAIR_PROB = 0.75
 # the repair request's own settings: the suppress request's preserved text (its moments are cached for the
-# window already; replace mode's long text would cost a minute the first time), and no guard or repair of its own
+# window already; replace mode's long text, ~60,000 tokens, would be read once more per window), and no guard or
+# repair of its own
 REPAIR_SETTINGS = {"replace_prob": REPAIR_PROB, "preserve_text": "preserve_text.jsonl", "neighbor_guard": "off",
                    "repair_neighbors": False}
 
