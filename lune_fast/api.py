@@ -26,7 +26,7 @@ import torch
 from . import distributed, lora, plan, recall, repair, state as lifelong
 from .anchors import build_anchors
 from .assets import asset
-from .data import DataError, Encoder, read_facts, read_lines
+from .data import DataError, Encoder, ReadResult, read_facts, read_lines
 from .evaluate import evaluate, metrics_table, report_markdown
 from .guard import Guard, guard_round
 from .io import atomic_output_dir
@@ -143,16 +143,17 @@ class Unlearner:
         the state with a ledger line (result.request_id); `after` is the whole state's. A run that diverges
         leaves the state as it was."""
         def run(st: lifelong.State | None) -> ForgetResult:
-            return self._forget(records, mode, retain, evaluate_before, evaluate_after, retain_texts, progress,
+            return self._forget(read, mode, retain, evaluate_before, evaluate_after, retain_texts, progress,
                                 checkpoint_dir, resume, st, overrides)
 
+        read = read_facts(records)
         with self._lock:
             if into is None:
                 return run(None)
             if self.dist is not None:
                 raise SettingsError("a lifelong state (into=) is updated by one process; run without torchrun")
             with lifelong.locked(into):
-                st, revoked = self._revoke_repairs(lifelong.State.open(into), records)
+                st, revoked = self._revoke_repairs(lifelong.State.open(into), read.facts)
                 result = run(st)
                 if revoked:
                     result.cost["neighbor_repair"] = {"revoked": revoked}
@@ -160,9 +161,8 @@ class Unlearner:
                     self._repair_neighbours(self._commit_request(st, result), result)
                 return result
 
-    def _forget(self, records, mode, retain, evaluate_before, evaluate_after, retain_texts, progress,
+    def _forget(self, read: ReadResult, mode, retain, evaluate_before, evaluate_after, retain_texts, progress,
                 checkpoint_dir, resume, st: lifelong.State | None, overrides: dict) -> ForgetResult:
-        read = read_facts(records)
         s = self._settings(mode, overrides, chat=all(f.chat for f in read.facts), lifelong=st is not None)
         texts = self.retain_texts(retain_texts)
         t0 = time.perf_counter()
@@ -217,10 +217,10 @@ class Unlearner:
         return st.check_request(job.layout, str(self.model_dir), self.model.config.num_hidden_layers,
                          job.settings.adapter == "keyed", room, len(job.facts))
 
-    def _revoke_repairs(self, st: lifelong.State, records) -> tuple[lifelong.State, list[str]]:
-        """Revoke the neighbour repairs (lune_fast.repair) that hold a prompt the request asks to forget, before it
+    def _revoke_repairs(self, st: lifelong.State, facts) -> tuple[lifelong.State, list[str]]:
+        """Revoke the neighbour repairs (lune_fast.repair) that hold a prompt of the request's `facts`, before it
         trains: a repair writes that very answer back. Returns the state and the repairs revoked."""
-        asked = {f.prompt for f in read_facts(records).facts}
+        asked = {f.prompt for f in facts}
         revoked = []
         for e in st.repairs():
             if any(r["prompt"] in asked for r in e["records"]):
@@ -241,10 +241,10 @@ class Unlearner:
         done = {**result.cost.get("neighbor_repair", {}), "repaired": [p for p, _ in lost]}
         c = result.config
         try:
-            fixes = self._forget(repair.repair_records(lost), "replace", None, False, False, None, False, None,
-                                 False, st, {**repair.REPAIR_SETTINGS, "layers": c["layers_spec"],
-                                             "targets": ",".join(c["targets"]), "seed": c["seed"],
-                                             "steps": c["steps"]})
+            over = {**repair.REPAIR_SETTINGS, "layers": c["layers_spec"], "targets": ",".join(c["targets"]),
+                    "seed": c["seed"], "steps": c["steps"]}
+            fixes = self._forget(read_facts(repair.repair_records(lost)), "replace", None, False, False, None, False,
+                                 None, False, st, over)
             if fixes.error is None:
                 self._commit_request(st, fixes, repair=True, **{"for": result.request_id})
                 done["request"] = fixes.request_id

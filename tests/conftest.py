@@ -136,6 +136,20 @@ def tiny_lm(tmp_path_factory, default_dir):
                         tie_word_embeddings=True)
 
 
+# lifelong-state requests on tiny_lm (tests/test_state.py, tests/test_repair.py): a random model gives every answer
+# ~1/vocab, so a tiny stop threshold makes each request train its 3 steps
+TINY = dict(progress=False, evaluate_before=False, evaluate_after=False, steps=3, layers="1-2", recall_rounds=0,
+            stop_prob=1e-12)
+
+
+@pytest.fixture(scope="module")
+def tiny_unlearner(tiny_lm):
+    """An Unlearner on tiny_lm, float32 (one per test module)."""
+    from lune_fast.api import Unlearner
+
+    return Unlearner(str(tiny_lm), dtype="float32")
+
+
 def pytest_report_header(config):
     """Which kernels this run exercises: the CPU's bf16 features and any instruction-set limits in force."""
     try:

@@ -6,23 +6,14 @@ import math
 import pytest
 import torch
 
+from conftest import TINY
 from lune_fast.data import read_facts
 from lune_fast.guard import leads
 from lune_fast.repair import lost, watched
 from lune_fast.state import LEDGER, State
 
-# a random model gives every answer ~1/vocab: a tiny stop threshold makes each request train its 3 steps
-TINY = dict(progress=False, evaluate_before=False, evaluate_after=False, steps=3, layers="1-2", recall_rounds=0,
-            stop_prob=1e-12)
 SUBJECTS = ["France", "Japan", "Brazil", "Egypt", "Canada", "Norway", "Kenya", "Peru", "India", "Chile", "Spain",
             "Italy", "Mexico", "Ghana", "Nepal", "Cuba"]
-
-
-@pytest.fixture(scope="module")
-def tiny_unlearner(tiny_lm):
-    from lune_fast.api import Unlearner
-
-    return Unlearner(str(tiny_lm), dtype="float32")
 
 
 def _own_answers(u, prompts: list[str]) -> list[tuple[str, str, float]]:

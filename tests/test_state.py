@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, rel_err
+from conftest import REPO, TINY, rel_err
 from lune_fast import lora
 from lune_fast.state import ADAPTER, LEDGER, State, StateError, file_sha256, locked
 
@@ -24,16 +24,6 @@ RECORDS_2 = [{"prompt": "The largest planet is", "target": "Jupiter"},
 # the default-model tests measure forgetting: their records without paraphrases and neighbours, and one line of
 # retain text, keep the evaluations to the forget prompts (a few seconds instead of minutes on 2 cores)
 RETAIN = ["The river ran past the old mill, and the children walked along its bank to school every morning."]
-# a random model gives every answer ~1/vocab: a tiny stop threshold makes each request train its 3 steps
-TINY = dict(progress=False, evaluate_before=False, evaluate_after=False, steps=3, layers="1-2", recall_rounds=0,
-            stop_prob=1e-12)
-
-
-@pytest.fixture(scope="module")
-def tiny_unlearner(tiny_lm):
-    from lune_fast.api import Unlearner
-
-    return Unlearner(str(tiny_lm), dtype="float32")
 
 
 def _bare(path: Path) -> list[dict]:
