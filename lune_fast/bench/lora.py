@@ -14,7 +14,9 @@ layer: y = x Wᵀ + s (x Aᵀ) Bᵀ forward, then dx, dA, dB backward (W frozen:
 - chain: an Unsloth-style cuBLAS chain (addmm with the LoRA term folded in, in-place dx), written here.
 FLOPs counted: 4·N·in·out (forward + dgrad) + 12·N·r·(in+out)/2 for the rank-r products; bytes: x, W, y,
 dy, dx once each. The floor is the larger of FLOPs / measured matmul rate and bytes / measured bandwidth.
-On CUDA, fwd_vs_cublas / bwd_vs_cublas time each Triton kernel against the cuBLAS product it replaces.
+On CUDA, fwd_vs_cublas / dx_vs_cublas time each Triton GEMM against the cuBLAS product it replaces,
+plain_vs_cublas the same persistent TMA GEMM without the rank-r term, *_us the memory-bound launches; a second
+table times grouped q+k+v and gate+up as one op (the trainer's grouping with the Triton backend).
 """
 from __future__ import annotations
 
@@ -121,18 +123,66 @@ VARIANTS = {"base": _base, "lune_fast": _lune("auto"), "peft_default": _peft(tor
 
 
 def kernel_split(x, w, A, B, s, dy, repeats: int) -> dict:
-    """On CUDA: the Triton forward and backward kernels each against the one cuBLAS product it replaces
-    (x·Wᵀ; dy·W), so a gap can be placed in one kernel."""
+    """On CUDA: each launch of the Triton path timed alone. The two GEMMs against the cuBLAS product each
+    replaces (x·Wᵀ; dy·W), the plain Triton GEMM (no rank-r term) against x·Wᵀ, and the three memory-bound
+    launches (shrink, dy pass, dA) as microseconds, so a gap can be placed in one kernel."""
     from ..kernels import lora_linear as K
 
-    sync = torch.cuda.synchronize
-    a, b_s = A.detach().to(x.dtype), (B.detach() * s).to(x.dtype)
-    _, xa = K.forward(x, w, a, b_s)
-    times = {"fwd": median_seconds(lambda: K.forward(x, w, a, b_s), repeats, 2, sync),
-             "fwd_cublas": median_seconds(lambda: x @ w.t(), repeats, 2, sync),
-             "bwd": median_seconds(lambda: K.backward(dy, x, xa, w, a, b_s), repeats, 2, sync),
-             "bwd_cublas": median_seconds(lambda: dy @ w, repeats, 2, sync)}
-    return {"fwd_vs_cublas": times["fwd"] / times["fwd_cublas"], "bwd_vs_cublas": times["bwd"] / times["bwd_cublas"]}
+    sync = torch.cuda.synchronize if x.is_cuda else None  # None: tests run it under the interpreter
+    a, b_s = K.pad_rank(A.detach(), B.detach() * s, x.dtype)
+    _, S = K.forward(x, w, a, b_s)
+    ds, _ = K.dy_pass(dy, b_s, S)
+    fns = {"shrink": lambda: K.shrink(x, a), "fwd": lambda: K.gemm(x, w, S, b_s), "plain": lambda: K.gemm(x, w),
+           "fwd_cublas": lambda: x @ w.t(), "dy": lambda: K.dy_pass(dy, b_s, S),
+           "dx": lambda: K.gemm(dy, w, ds, a, trans_b=False, trans_q=False), "dx_cublas": lambda: dy @ w,
+           "ds_x": lambda: K.ds_x(ds, x)}
+    t = {k: median_seconds(f, repeats, 2, sync) for k, f in fns.items()}
+    return {"fwd_vs_cublas": t["fwd"] / t["fwd_cublas"], "dx_vs_cublas": t["dx"] / t["dx_cublas"],
+            "plain_vs_cublas": t["plain"] / t["fwd_cublas"],
+            "shrink_us": 1e6 * t["shrink"], "dy_us": 1e6 * t["dy"], "ds_x_us": 1e6 * t["ds_x"]}
+
+
+def grouped_rows(cfg: dict, n: int, r: int, dtype, dev: str, repeats: int, sync) -> list[dict]:
+    """q/k/v and gate/up as the trainer runs them with the Triton backend: one op over the stacked weights
+    (one read of x for every adapter), against the stacked frozen linear and against the torch chain run per
+    projection (what backend "torch" does)."""
+    from ..kernels.lora_linear import grouped_lora_linear, lora_linear
+
+    h, m = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    rows = []
+    for name, outs in (("q+k+v", (h, kv, kv)), ("gate+up", (m, m))):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(n, h, generator=g).to(dev, dtype)
+        ws = [(torch.randn(o, h, generator=g) * h ** -0.5).to(dev, dtype) for o in outs]
+        w_cat = torch.cat(ws)
+        As = [(torch.randn(r, h, generator=g) * 0.01).to(dev).requires_grad_() for _ in outs]
+        Bs = [(torch.randn(o, r, generator=g) * 0.01).to(dev).requires_grad_() for o in outs]
+        dys = [torch.randn(n, o, generator=g).to(dev, dtype) for o in outs]
+        dy_cat = torch.cat(dys, 1)
+
+        def base():
+            xx = x.detach().requires_grad_()
+            torch.nn.functional.linear(xx, w_cat).backward(dy_cat)
+
+        def grouped(backend):
+            def step():
+                xx = x.detach().requires_grad_()
+                ys = grouped_lora_linear(xx, w_cat, None, As, Bs, [2.0] * len(outs), outs, backend=backend)
+                torch.autograd.backward(ys, dys)
+            return step
+
+        def separate():
+            xx = x.detach().requires_grad_()
+            ys = [lora_linear(xx, w, None, A, B, 2.0, backend="torch") for w, A, B in zip(ws, As, Bs)]
+            torch.autograd.backward(ys, dys)
+
+        t = {k: median_seconds(f, repeats, 2, sync) for k, f in
+             (("base", base), ("triton", grouped("triton")), ("chain", separate))}
+        rows.append({"proj": name, "in": h, "out": sum(outs), "N": n, "r": r, "base_ms": 1e3 * t["base"],
+                     "triton_vs_base": t["triton"] / t["base"], "chain_vs_base": t["chain"] / t["base"],
+                     "chain_over_triton": t["chain"] / t["triton"]})
+    return rows
 
 
 def measure_rates(device: str, dtype) -> tuple[float, float]:
@@ -186,10 +236,14 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"proj": name, "in": din, "out": dout, "N": n, "r": r,
                              "lune_ms": 1e3 * t, "base_ms": 1e3 * times["base"],
                              "vs_base": t / times["base"], "TFLOP/s": flops / t / 1e12, "vs_floor": t / floor,
+                             "triton_vs_base": times["lune_triton"] / times["base"] if "lune_triton" in times
+                             else None,
                              "triton_x": times["lune_triton"] / t if "lune_triton" in times else None,
                              "peft_default_x": times["peft_default"] / t,
                              "peft_bf16_x": times["peft_bf16"] / t, "chain_x": times["chain"] / t}
                             | (kernel_split(x, w, A, B, 2.0, dy, a.repeats) if dev == "cuda" else {}))
+    grouped = [row for n in map(int, a.n.split(",")) for r in map(int, a.r.split(","))
+               for row in grouped_rows(cfg, n, r, dtype, dev, a.repeats, sync)] if dev == "cuda" else []
     info = machine()
     print(info)
     print(f"device {dev}, {a.dtype}; measured matmul {flops_rate / 1e12:.2f} TFLOP/s, copy {bw / 1e9:.0f} GB/s. "
@@ -197,7 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     if dev != "cuda":
         print("GPU columns not measured: on CPU 'lune_fast' is the torch autograd.Function, not the Triton kernels")
     print(markdown_table(rows))
+    if grouped:
+        print("\ngrouped projections (one op over the stacked weights): triton_vs_base, chain_vs_base (per "
+              "projection torch chain) and chain_over_triton (> 1: the kernels win)")
+        print(markdown_table(grouped))
     if a.json:
         write_json(a.json, {"machine": info, "device": dev, "dtype": a.dtype, "shapes": a.shapes,
-                            "matmul_flops": flops_rate, "bandwidth": bw, "rows": rows})
+                            "matmul_flops": flops_rate, "bandwidth": bw, "rows": rows, "grouped": grouped})
     return 0
