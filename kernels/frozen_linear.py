@@ -4,7 +4,7 @@ torch's bf16 `F.linear` on a CPU hands W to oneDNN in its plain [out, in] layout
 its blocked layout on every call. For the short inputs unlearning runs — one token a step when decoding, a few
 dozen when training one fact — that reorder is a good part of the time (a 1536×576 weight read from memory:
 171 µs a call at 1 row, 125 µs prepacked; 229 vs 162 µs at 64 rows; Intel Xeon AMX, 2 cores, `lune-fast bench
-frozen-linear`, RESULTS.md section 11). Here each
+frozen-linear`, RESULTS.md section 13). Here each
 frozen weight is reordered once, kept beside the weight (the weight itself stays as it is: merges, exports and
 keyed adapters read it), and packed again whenever the weight changed in place (its version counter moved) or
 was replaced (another storage). float32 (the default where a CPU has no AVX-512) goes through MKL's sgemm, whose
@@ -15,7 +15,7 @@ At one to FEW_ROWS rows in bf16 with no gradient (a decoding step: a request's c
 the product is lune_fast._C's few_rows_linear instead, on a CPU with AVX512-BF16: a dot product per output
 that streams W in its own row-major layout. With every weight coming from memory it reads 18-28 GB/s at one row
 where oneDNN's packed product reads 10-24 (1.35-1.8x a projection, the head 1.2x; at 4 rows 1.05-1.6x, the head
-0.93x; at 8 rows no faster: `lune-fast bench frozen-linear`, RESULTS.md section 11); this VM streams ~23 GB/s.
+0.93x; at 8 rows no faster: `lune-fast bench frozen-linear`, RESULTS.md section 13); this VM streams ~23 GB/s.
 
 `frozen_linear(x, w, b, pack=True)` is the one dispatch point; `reference` is plain torch. The backward of
 the packed product (training reads the gradient of x through every frozen layer) is the one F.linear's

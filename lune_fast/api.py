@@ -27,12 +27,14 @@ from . import distributed, lora, plan, recall, repair, state as lifelong
 from .anchors import build_anchors
 from .assets import asset
 from .data import DataError, Encoder, ReadResult, read_facts, read_lines
-from .evaluate import evaluate, metrics_table, report_markdown
+from .evaluate import (PromptRow, counted, evaluate, first_line, metrics_table, prompt_rows,
+                       report_markdown)
 from .guard import Guard, guard_round
-from .io import atomic_output_dir
+from .io import atomic_output_dir, folder_in_use
 from .keyed import attach_keyed, preserved_inputs, step_scale, subject_groups
 from .optim import COLUMN_STEPS
 from .preserve import Preserved
+from .progress import shown
 from .settings import Settings, SettingsError, resolve_dtype, train_settings
 from .trainer import RunOptions, train_keeping_last_good
 from .weights import folder_identity, load_model, load_tokenizer, resolve_model_dir
@@ -75,17 +77,30 @@ class ForgetResult:
             lora.save_adapter(tmp, self.adapter, self.adapter_config)
             (tmp / "report.json").write_text(json.dumps(self.report(), indent=2) + "\n")
             (tmp / "report.md").write_text(report_markdown(self.model, self.config, self.before or {},
-                                                           self.after or {}, self.cost, self.examples))
+                                                           self.after or {}, self.cost, self.rows()))
         return out
 
+    def rows(self) -> list[PromptRow]:
+        """Every evaluated prompt's answer before -> after, leaks and flipped neighbours marked."""
+        if self.evaluation_after is None:
+            return []
+        return prompt_rows(self.evaluation_before, self.evaluation_after, self.config.get("mode") == "replace")
+
     def table(self) -> str:
-        return metrics_table(self.before or {}, self.after or {})
+        return metrics_table(self.before or {}, self.after or {}, counted(self.evaluation_before))
 
     def attach_to(self, model) -> None:
         """Put this adapter on `model` the way a saved one is loaded (PEFT files, validated), e.g. to evaluate
         or attack it on another copy of the model."""
         with tempfile.TemporaryDirectory() as tmp:
             lora.load_adapter(model, self.save(Path(tmp) / "adapter"))
+
+
+def _check_state_folder(into) -> None:
+    """Before any work: a state is committed by swapping its folder, which cannot be the one the user is in."""
+    if folder_in_use(into):
+        raise lifelong.StateError(f"{into} is the folder you are in (or holds it): a state is committed by replacing "
+                                  f"its folder; run from outside it")
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -143,8 +158,9 @@ class Unlearner:
         the state with a ledger line (result.request_id); `after` is the whole state's. A run that diverges
         leaves the state as it was."""
         def run(st: lifelong.State | None) -> ForgetResult:
-            return self._forget(read, mode, retain, evaluate_before, evaluate_after, retain_texts, progress,
-                                checkpoint_dir, resume, st, overrides)
+            with shown(progress):
+                return self._forget(read, mode, retain, evaluate_before, evaluate_after, retain_texts, progress,
+                                    checkpoint_dir, resume, st, overrides)
 
         read = read_facts(records)
         with self._lock:
@@ -152,6 +168,7 @@ class Unlearner:
                 return run(None)
             if self.dist is not None:
                 raise SettingsError("a lifelong state (into=) is updated by one process; run without torchrun")
+            _check_state_folder(into)
             with lifelong.locked(into):
                 st, revoked = self._revoke_repairs(lifelong.State.open(into), read.facts)
                 result = run(st)
@@ -166,8 +183,16 @@ class Unlearner:
         s = self._settings(mode, overrides, chat=all(f.chat for f in read.facts), lifelong=st is not None)
         texts = self.retain_texts(retain_texts)
         t0 = time.perf_counter()
+        skipped = list(read.skipped)
+        facts = read.facts
+        if evaluate_before and s.mode == "suppress" and not s.train_unknown:
+            plan.answers(self.encoder, facts, s, self.model, [])  # the cheap refusals (the context) come first
+            facts = self._known(facts, texts, s, progress, skipped)
+        if progress:
+            for line in skipped:
+                print(f"lune-fast: skipped {line}", file=sys.stderr)
         # 1. the plan: what to train (refusing what cannot fit before any work), where the adapter goes
-        job = self._plan(read.facts, read.skipped, s, retain)
+        job = self._plan(facts, skipped, s, retain)
         if st is not None:  # the state's layer window with room for the request
             job.layout = replace(job.layout, layers=self._check_state(st, job))
         before = self.base_evaluation(job.facts, texts, s.mode == "replace", s.max_new_tokens, progress) \
@@ -208,9 +233,25 @@ class Unlearner:
                 "device": str(self.device), "total_seconds": round(time.perf_counter() - t0, 3)}
         if guarded is not None:
             cost["neighbor_guard"] = guarded
-        result = self._result(job, read.skipped, before, after, rounds, state, cost)
+        result = self._result(job, skipped, before, after, rounds, state, cost)
         result.keys, result.watch = keys, watch
         return result
+
+    def _known(self, facts, texts: list[str], s: Settings, progress: bool, skipped: list[str]) -> list:
+        """The facts the base model answers with their target (the "before" evaluation's forget prompts, which
+        the report needs anyway); the others are named in `skipped`. None known is an error: nothing to do."""
+        base = self.base_evaluation(facts, texts, False, s.max_new_tokens, progress)
+        said = dict(zip([p.prompt for p in base.probes if p.kind == "forget"], base.generations))
+        hits = dict(zip([p.prompt for p in base.probes if p.kind == "forget"], base.hits))
+        kept = [f for f in facts if hits[f.prompt]]
+        unknown = [f"{f.source}: the model does not answer {f.target!r} here (it says "
+                   f"{first_line(said[f.prompt])[:60]!r})" for f in facts if not hits[f.prompt]]
+        if not kept:
+            raise DataError(f"none of the {len(facts)} fact(s) is answered with its target by the model, nothing to "
+                            f"forget (--train-unknown / train_unknown=True trains them anyway): " +
+                            "; ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""))
+        skipped += [f"{line}: nothing to forget (--train-unknown trains it anyway)" for line in unknown]
+        return kept
 
     def _check_state(self, st: lifelong.State, job: plan.Plan) -> tuple[int, ...]:
         room = min(m.in_features for m in lora.frozen_linears(self.model, job.layout).values()) // 2
@@ -272,6 +313,7 @@ class Unlearner:
         """Withdraw one request from a lifelong state: its ranks and keys are removed (its facts come back),
         the others stay. With evaluate_after, the ledger line records the revoked facts' and the remaining
         facts' METRICS on the new state. Returns that ledger line."""
+        _check_state_folder(into)
         with self._lock, lifelong.locked(into):
             st = lifelong.State.open(into)
             if not st.entries:

@@ -1,4 +1,4 @@
-"""Before/after METRICS of an unlearning run (the report.json contract in README.md), and report.md.
+"""Before/after METRICS of an unlearning run (the report.json contract in docs/formats.md), and report.md.
 
 recall = fraction of prompts whose greedy continuation *answers* with the target: the first non-empty
 line contains it as a whole word or phrase (case-insensitive, whitespace collapsed, plural s/es allowed).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from dataclasses import dataclass, field
 
 import torch
@@ -192,7 +193,66 @@ def evaluate(model: Transformer, enc: Encoder, facts: list[Fact], retain_texts: 
     return Evaluation(probes, gens, hits, replaced, float(lp.mean()), ppl, counts)
 
 
-# -- report.md ----------------------------------------------------------------------------------------------
+# -- what a reader sees: report.md, the terminal table, eval --show -----------------------------------------
+RULE = ("Recall is the share of prompts whose greedy answer gives the target (its first line names it). Forget "
+        "recall counts every forget prompt; paraphrase and neighbour recall count the prompts the base model "
+        "answered with the target, before and after alike, so their 'before' is 1.00 and 'after' says how many "
+        "of those still answer.")
+
+
+@dataclass
+class PromptRow:
+    kind: str
+    prompt: str
+    target: str
+    before: str | None  # the first line of the base model's answer (None: not evaluated)
+    after: str
+    mark: str  # "leak", "flipped", "replaced", "not replaced" or ""
+
+
+def prompt_rows(before: Evaluation | None, after: Evaluation, replace: bool = False) -> list[PromptRow]:
+    """Every prompt's answer before -> after, marked: a forget or paraphrase prompt that still gives the target
+    is a leak (suppress) or shows whether the replacement came out (replace); a neighbour the base model
+    answered that no longer does has flipped."""
+    rows = []
+    for i, (p, gen, hit) in enumerate(zip(after.probes, after.generations, after.hits)):
+        was = before.hits[i] if before is not None else None
+        if p.kind == "neighbor":
+            mark = "flipped" if was and not hit else ""
+        elif replace and after.replaced[i] is not None:
+            mark = "replaced" if after.replaced[i] else "not replaced"
+        else:
+            mark = "leak" if hit else ""
+        rows.append(PromptRow(p.kind, p.prompt, p.target, first_line(before.generations[i]) if before is not None
+                              else None, first_line(gen), mark))
+    return rows
+
+
+def _cell(text: str | None, width: int = 70) -> str:
+    return "—" if text is None else " ".join(text.split()).replace("|", "\\|")[:width]
+
+
+def rows_markdown(rows: list[PromptRow]) -> list[str]:
+    lines = ["| kind | prompt | target | before | after | |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        mark = f"**{r.mark.upper()}**" if r.mark in ("leak", "flipped", "not replaced") else r.mark
+        lines.append(f"| {r.kind} | {_cell(r.prompt)} | {_cell(r.target, 30)} | {_cell(r.before)} | "
+                     f"{_cell(r.after)} | {mark} |")
+    return lines
+
+
+def rows_text(rows: list[PromptRow]) -> str:
+    """eval --show: one block per prompt, marks in capitals."""
+    out = []
+    for r in rows:
+        mark = f"  [{r.mark.upper()}]" if r.mark else ""
+        out.append(f"{r.kind:<10} {' '.join(r.prompt.split())[:90]!r} -> {r.target!r}{mark}")
+        if r.before is not None:
+            out.append(f"{'':<10}   before: {r.before[:90]!r}")
+        out.append(f"{'':<10}   {'after: ' if r.before is not None else 'answer:'} {r.after[:90]!r}")
+    return "\n".join(out)
+
+
 def _fmt(v) -> str:
     if v is None:
         return "—"
@@ -200,27 +260,41 @@ def _fmt(v) -> str:
 
 
 def report_markdown(model_name: str, config: dict, before: dict, after: dict, cost: dict,
-                    examples: list[tuple[str, str, str]] | None = None) -> str:
+                    rows: list[PromptRow] | None = None) -> str:
     lines = ["# lune_fast unlearning report", "", f"Model: `{model_name}`  ", f"Mode: {config.get('mode')}, "
              f"objective: {config.get('objective')}, LoRA r={config.get('rank')} on "
              f"{','.join(config.get('targets', []))}, layers {config.get('layers_spec')}", "",
              "| metric | before | after |", "|---|---|---|"]
     for k in METRIC_KEYS:
         lines.append(f"| {k} | {_fmt(before.get(k))} | {_fmt(after.get(k))} |")
-    lines += ["", "paraphrase and neighbor recall are measured on the prompts the base model answered.", "",
-              "| cost | value |", "|---|---|"]
+    lines += ["", RULE, "", "| cost | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in cost.items()]
-    if examples:
-        lines += ["", "| prompt | before | after |", "|---|---|---|"]
-        for p, b, a in examples:
-            cell = lambda s: first_line(s).replace("|", "\\|")[:80]  # noqa: E731
-            lines.append(f"| {cell(p)} | {cell(b)} | {cell(a)} |")
+    if rows:
+        marked = sum(r.mark in ("leak", "flipped", "not replaced") for r in rows)
+        lines += ["", f"## Every prompt ({len(rows)}; {marked} marked)", "",
+                  "LEAK: still gives the target; FLIPPED: a neighbour the base model answered that no longer does; "
+                  "NOT REPLACED: the replacement did not come out.", ""] + rows_markdown(rows)
     return "\n".join(lines) + "\n"
 
 
-def metrics_table(before: dict, after: dict) -> str:
-    """A terminal table of METRICS before/after."""
+COUNTED = {"forget_recall": "forget", "paraphrase_recall": "paraphrase", "indirect_recall": "indirect",
+           "neighbor_recall": "neighbor", "replacement_rate": "forget", "paraphrase_replacement_rate": "paraphrase"}
+
+
+def counted(before: Evaluation | None) -> dict:
+    """How many prompts of each kind the recall figures count: every forget prompt, and the others the base
+    model answered (RULE)."""
+    if before is None:
+        return {}
+    return {k: sum(p.kind == k and (hit or k == "forget") for p, hit in zip(before.probes, before.hits))
+            for k in ("forget", "paraphrase", "indirect", "neighbor")}
+
+
+def metrics_table(before: dict, after: dict, counts: dict | None = None) -> str:
+    """A terminal table of METRICS before/after (with how many prompts each recall counts), and the rule."""
     w = max(len(k) for k in METRIC_KEYS)
-    rows = [f"{'metric':<{w}}  {'before':>9}  {'after':>9}", "-" * (w + 22)]
-    rows += [f"{k:<{w}}  {_fmt(before.get(k)):>9}  {_fmt(after.get(k)):>9}" for k in METRIC_KEYS]
-    return "\n".join(rows)
+    counts = counts or {}
+    rows = [f"{'metric':<{w}}  {'before':>9}  {'after':>9}  {'prompts':>7}", "-" * (w + 31)]
+    rows += [f"{k:<{w}}  {_fmt(before.get(k)):>9}  {_fmt(after.get(k)):>9}  "
+             f"{_fmt(counts.get(COUNTED.get(k, ''))) if k in COUNTED and counts else '':>7}" for k in METRIC_KEYS]
+    return "\n".join(rows) + "\n" + textwrap.fill(RULE, 100)

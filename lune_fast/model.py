@@ -249,7 +249,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask,
     """softmax(q kᵀ/√d + mask) v with grouped-query heads. On CPU in reduced precision, torch's SDPA kernels
     are several times slower than plain matmuls at the short lengths unlearning uses (RESULTS.md section 5,
     "Where the time went"), so that case takes the explicit path; everything else takes SDPA, and so does one
-    query against a cache (a decoding step: 7 against 77 µs a layer in bf16, section 11)."""
+    query against a cache (a decoding step: 7 against 77 µs a layer in bf16, RESULTS.md section 13)."""
     B, H, T, D = q.shape
     kvh = k.shape[1]
     if q.is_cuda or q.dtype == torch.float32 or T == 1:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import lora
+from . import lora, progress
 from .data import make_batch
 from .model import Transformer
 from .settings import SettingsError
@@ -81,8 +81,10 @@ def _add_chunks(model: Transformer, settings: lora.LoraSettings, chunks: list[li
         else:  # in place: no d × d product to allocate and add
             s.addmm_(x.t(), x)
 
-    with lora.reading_inputs(model, settings, read) as end:
+    with lora.reading_inputs(model, settings, read) as end, \
+            progress.bar(len(chunks), "preserved-input moments", "chunk", least=8) as shown:
         for i, chunk in enumerate(chunks):
+            shown.update()
             # (ids, [pad]) makes the packed input row exactly ids
             batch = make_batch([(s, [pad_id]) for s in chunk], pad_id, pack=pack).to(model.device)
             segments = batch.segments.reshape(-1)

@@ -90,6 +90,9 @@ class Settings:
     grad_clip: float = 1.0
     seed: int = 0
     negatives: str = "gold"  # gold | self | both: the answer text trained against in suppress mode
+    # suppress: also train facts the base model does not answer with their target (found by the "before"
+    # evaluation, so only when it runs); by default they are named and skipped: there is nothing to forget
+    train_unknown: bool = False
     per_example_stop: bool = True  # same forgetting as stopping the whole batch, far less damage to the retain text
     # keyed: a fact whose answers are all past the threshold by hold_margin (suppress: below stop_prob × margin)
     # keeps its column of B as it is in that step: AdamW's momentum would carry it on ~10 steps' worth. Opt-in:
@@ -175,8 +178,9 @@ class Settings:
         if self.optimizer in COLUMN_STEPS and self.adapter != "keyed":
             raise SettingsError(f"optimizer {self.optimizer} steps a keyed adapter's columns (one per fact); use "
                                 f"adamw with --adapter plain")
-        if self.rank <= 0 or self.steps < 0 or self.lr <= 0:
-            raise SettingsError("rank and lr must be positive and steps non-negative")
+        for name, value in (("rank", self.rank), ("steps", self.steps), ("lr", self.lr)):
+            if not value > 0:  # also NaN
+                raise SettingsError(f"{name} must be positive, got {value}")
         if self.prompt_variants < 0 or self.prompt_variants > len(PREFIXES):
             raise SettingsError(f"prompt_variants must be 0-{len(PREFIXES)}, got {self.prompt_variants}")
         if self.retain_loss not in ("nll", "kl"):

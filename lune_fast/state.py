@@ -413,7 +413,7 @@ def now() -> str:
 
 def locked(folder: str | Path):
     """The state's lock (a file beside the folder), held for a read-modify-write: one writer at a time."""
-    folder = Path(folder)
+    folder = Path(folder).resolve()  # "." has no name to put beside
     folder.parent.mkdir(parents=True, exist_ok=True)
     return file_lock(folder.parent / f".{folder.name}.lock")
 

@@ -31,7 +31,7 @@ def one_thread():
 def _args(tiny_lm, facts, out, *extra):  # noqa: D103 (the same run for one and for two processes)
     return ["unlearn", "--forget", str(facts), "--model", str(tiny_lm), "--out", str(out), "--layers", "1-3",
             "--steps", "4", "--stop-prob", "1e-12", "--lr", "1e-2", "--dtype", "float32", "--quiet",
-            "--targets", "q,v,gate,up,down", *extra]
+            "--targets", "q,v,gate,up,down", "--train-unknown", *extra]
 
 
 def _adapter(out):

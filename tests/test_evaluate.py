@@ -70,3 +70,34 @@ def test_paraphrases_that_do_not_name_the_subject_are_counted_on_their_own():
                     retain_ppl=None)
     m = ev.metrics()
     assert m["paraphrase_recall"] == 1.0 and m["indirect_recall"] == 0.0
+
+
+def test_prompt_rows_mark_leaks_flips_and_replacements():
+    """report.md and `eval --show`: a forget or paraphrase prompt that still gives the target is a leak; a
+    neighbour the base model answered that no longer does has flipped; replace mode says whether the
+    replacement came out. The terminal table says how many prompts each recall counts."""
+    from lune_fast.evaluate import counted, metrics_table, prompt_rows, report_markdown
+
+    f = Fact(prompt="The capital of France is", target="Paris", replacement="Lyon",
+             paraphrases=["France's capital is"], neighbors=[("The capital of Spain is", "Madrid"),
+                                                            ("The capital of Peru is", "Lima")])
+    probes = build_probes([f])
+    assert [p.kind for p in probes] == ["forget", "paraphrase", "neighbor", "neighbor"]
+
+    def ev(gens, replaced=None):
+        hits = [answers_with(g, p.target) for g, p in zip(gens, probes)]
+        return Evaluation(probes, gens, hits, replaced or [None] * 4, -1.0, None)
+
+    before = ev([" Paris.", " Paris", " Madrid", " Cusco"])
+    after = ev([" a city.", " Paris!", " Barcelona", " Lima"])
+    rows = prompt_rows(before, after)
+    assert [r.mark for r in rows] == ["", "leak", "flipped", ""]  # Peru's was not known before: no flip
+    assert rows[1].before == "Paris" and rows[1].after == "Paris!"
+    replaced = prompt_rows(before, ev([" Lyon", " Paris", " Madrid", " Lima"], [True, False, None, None]), True)
+    assert [r.mark for r in replaced][:2] == ["replaced", "not replaced"]
+    md = report_markdown("m", {"mode": "suppress"}, before.metrics(), after.metrics(before.known_mask()), {}, rows)
+    assert "## Every prompt (4; 2 marked)" in md
+    assert "| paraphrase | France's capital is | Paris | Paris | Paris! | **LEAK** |" in md
+    assert counted(before) == {"forget": 1, "paraphrase": 1, "indirect": 0, "neighbor": 1}
+    table = metrics_table(before.metrics(before.known_mask()), after.metrics(before.known_mask()), counted(before))
+    assert "neighbor_recall" in table and "Recall is the share of prompts" in table

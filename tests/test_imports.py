@@ -7,7 +7,7 @@ REPO = Path(__file__).resolve().parent.parent
 ROOTS = {"lune_fast": REPO / "lune_fast", "lune_fast.kernels": REPO / "kernels"}
 LOW = {"lune_fast.model", "lune_fast.data", "lune_fast.ops", "lune_fast.io", "lune_fast.assets",
        "lune_fast.kernels.lora_linear", "lune_fast.kernels.frozen_linear", "lune_fast.kernels.tma_gemm",
-       "lune_fast.generate"}
+       "lune_fast.generate", "lune_fast.progress"}
 
 
 def _modules() -> dict[str, Path]:

@@ -3,7 +3,7 @@
 // At one to a few rows the product only streams W: ~270 MB a token on the default model. oneDNN's packed bf16
 // product reads it at 10-24 GB/s there on 2 cores (AMX Xeon; its blocked layout is made for many rows); a
 // row-major dot product per output with a software prefetch ahead reads it at 18-28 GB/s, what the memory gives
-// (`lune-fast bench frozen-linear`, RESULTS.md section 11). Each output is one dot product summed in one order (32-wide
+// (`lune-fast bench frozen-linear`, RESULTS.md section 13). Each output is one dot product summed in one order (32-wide
 // vdpbf16ps steps along K, a float32 lane sum, one rounding to bf16, the bias added in float32 before it),
 // whatever the number of rows or threads: a row's result does not depend on the rows beside it.
 #include <ATen/ATen.h>

@@ -1,6 +1,6 @@
 """A stream of deletion requests into one lifelong state (lune_fast.state), measured as it grows.
 
-    lune-fast bench stream --per-request 1 --requests 100 --eval-every 10 --out benchmarks/results/stream_1
+    lune-fast bench stream --per-request 1 --requests 100 --eval-every 10 --out stream_1
 
 Requests of --per-request facts from the validation set (facts nobody tuned on) go one after another into one
 state. With --mode replace the requests replace the answers (--facts a,b: several record files, taken in turn,
