@@ -306,6 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _load(a, **kw):
+    """The Unlearner of a command, saying so first: loading (and, the first time, converting) takes a while."""
+    from .api import Unlearner
+
+    if not getattr(a, "quiet", False):
+        print(f"lune-fast: loading the model ({a.model}, {a.dtype}, {a.device}) ...", file=sys.stderr, flush=True)
+    return Unlearner(a.model, dtype=a.dtype, device=a.device, **kw)
+
+
 def _settings_from_args(a) -> dict:
     from .settings import Settings
 
@@ -332,7 +341,6 @@ def _print_outcome(result, a, done: str | None) -> None:
 
 
 def cmd_unlearn(a) -> int:
-    from .api import Unlearner
     from .io import OutputExistsError, check_output_dir, folder_in_use
 
     if a.into:
@@ -344,7 +352,7 @@ def cmd_unlearn(a) -> int:
     if ckpt.exists() and not a.resume:
         raise OutputExistsError(f"{ckpt} holds the checkpoint of an interrupted run; pass --resume to continue "
                                 f"it, or remove the folder to start again")
-    u = Unlearner(a.model, dtype=a.dtype, device=a.device, fsdp=a.fsdp)
+    u = _load(a, fsdp=a.fsdp)
     result = _forget(u, a, checkpoint_dir=ckpt, resume=a.resume)
     if u.dist is not None and not u.dist.is_main:
         u.dist.close()  # rank 0 writes; the others wait so that the job ends together
@@ -364,13 +372,12 @@ def cmd_unlearn(a) -> int:
 
 
 def _unlearn_into(a) -> int:
-    from .api import Unlearner
     from .settings import SettingsError
 
     if a.resume or a.fsdp or a.overwrite:
         raise SettingsError("--into updates a state in place, one process: --resume, --fsdp and --overwrite do not "
                             "apply (a request that fails leaves the state as it was)")
-    result = _forget(Unlearner(a.model, dtype=a.dtype, device=a.device), a, into=a.into)
+    result = _forget(_load(a), a, into=a.into)
     if result.error:
         print(f"lune-fast: {result.error}; the state in {a.into} is unchanged", file=sys.stderr)
         return EXIT_DIVERGED
@@ -395,9 +402,8 @@ def _warn_unmet(result, a) -> None:
 
 
 def cmd_revoke(a) -> int:
-    from .api import Unlearner
 
-    u = Unlearner(a.model, dtype=a.dtype, device=a.device)
+    u = _load(a)
     entry = u.revoke(a.into, a.request, evaluate_after=not a.no_eval, retain_texts=a.retain_text, progress=True)
     print(f"request {a.request} revoked from {a.into} ({len(entry['records'])} facts, {entry['rank']} ranks): "
           f"ledger line {entry['id']}")
@@ -424,12 +430,11 @@ def cmd_ledger(a) -> int:
 
 def cmd_eval(a) -> int:
     from . import lora
-    from .api import Unlearner
     from .data import read_facts
     from .evaluate import counted, evaluate, metrics_table, prompt_rows, rows_text
     from .io import atomic_write_text
 
-    u = Unlearner(a.model, dtype=a.dtype, device=a.device)
+    u = _load(a)
     read = read_facts(a.facts)
     for line in read.skipped:
         print(f"lune-fast: skipped {line}", file=sys.stderr)
@@ -501,7 +506,6 @@ def cmd_bench(a) -> int:
 def cmd_demo(a) -> int:
     import json as _json
 
-    from .api import Unlearner
     from .assets import asset
 
     records = [_json.loads(line) for line in asset("facts.jsonl").read_text().splitlines()]
@@ -511,7 +515,7 @@ def cmd_demo(a) -> int:
     print(f"lune_fast demo: forgetting {len(chosen)} facts the default model knows:")
     for r in chosen:
         print(f"  - {r['prompt']} {r['target']}")
-    u = Unlearner(a.model, dtype=a.dtype, device=a.device)
+    u = _load(a)
     result = u.forget(chosen)
     print()
     print(result.table())

@@ -1,16 +1,18 @@
-"""How many CPU threads to run: --threads, else LUNE_FAST_THREADS, else the cores no other process is using.
+"""How many CPU threads to run: --threads, else LUNE_FAST_THREADS, else OMP_NUM_THREADS (torch's own reading),
+else the cores no other process is using.
 
-Measured on 2 cores (RESULTS.md, "A small or busy machine"): `lune-fast demo` took 12.5 s idle with 2 threads;
-with one core kept busy by another process, 156 s with 2 threads that sleep while they wait (OMP_WAIT_POLICY
-PASSIVE), 36 s with 2 spinning ones (OpenMP's default) and 15 s with 1; beside a 2-thread torch job, 40 s, 30 s and
-18.5 s. Every parallel region waits for its slowest thread, and a thread that shares its core with a busy
-process is slow. So the default counts the cores other processes kept busy while the command started (torch
-loading: about a second) and leaves them out.
+Measured on 2 cores (RESULTS.md section 5, "A small or busy machine"): `lune-fast demo` took 11.4-12.9 s idle
+with 2 threads; with one core kept busy by another process, 156 s with 2 threads that sleep while they wait
+(OMP_WAIT_POLICY PASSIVE), 36 s with 2 spinning ones (OpenMP's default) and 15 s with 1; beside a 2-thread torch
+job, 40 s, 30 s and 18.5 s. Every parallel region waits for its slowest thread, and a thread that shares its
+core with a busy process is slow. So the default counts the cores other processes kept busy while the command
+started (torch loading: about a second) and leaves them out.
 """
 from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 
 # a core counts as taken when other processes used more than this share of it
@@ -36,10 +38,13 @@ def _own_ticks() -> int:
 
 class Sample:
     """Start at the beginning of the command; `spare()` after torch has loaded (at least `window` seconds
-    later) says how many of the cores the others left free."""
+    later) says how many of the cores the others left free. `auto` is off where the count is not the command's
+    to choose: OMP_NUM_THREADS is set (by the user, or by torchrun: one thread a rank), or torch was imported
+    before the command started (main() called from a program or a test, whose threads are its own)."""
 
     def __init__(self, window: float = 0.1):
         self.window, self.t0 = window, time.monotonic()
+        self.auto = "OMP_NUM_THREADS" not in os.environ and "torch" not in sys.modules
         self.cpu0, self.own0 = _cpu_ticks(), _own_ticks()
 
     def spare(self, cores: int) -> int:
@@ -64,7 +69,7 @@ def configure(n: int | None, sample: Sample | None) -> int:
     Returns the count in force."""
     import torch
 
-    if n is None and sample is not None:
+    if n is None and sample is not None and sample.auto:
         n = min(torch.get_num_threads(), sample.spare(os.cpu_count() or 1))
     if n is not None and n != torch.get_num_threads():
         torch.set_num_threads(n)
