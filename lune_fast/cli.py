@@ -201,6 +201,7 @@ BENCHMARKS = {  # what each `lune-fast bench` measures (its --help has the optio
     "latency": "prefill and decoding latency with an unmerged adapter attached",
     "quality": "forgetting, paraphrases, neighbours, perplexity and time over settings (--relearn: an attack)",
     "stream": "a stream of requests into one lifelong state: what stays forgotten and what is kept",
+    "llamacpp": "the GGUF exports served by llama-server: adapter over Q4_1/Q8_0 bases, merged q4, Gemma 3",
 }
 
 
@@ -276,13 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .export import QUANTS
 
-    x = _sub(sub, "export", "write the model, with an adapter merged, as a GGUF for llama.cpp/Ollama",
-             "Write a GGUF file llama.cpp and Ollama load: the model with an adapter (or a state) merged, or as "
-             "it is.", "example:\n  lune-fast export --adapter out/ --gguf model-q4_1.gguf --quant q4_1")
+    x = _sub(sub, "export", "write a GGUF for llama.cpp/Ollama: the model (adapter merged) or the adapter alone",
+             "Write a GGUF file llama.cpp and Ollama load: the model with an adapter (or a state) merged, or as it "
+             "is (--gguf); or the adapter alone as a GGUF LoRA adapter (--lora-gguf), which llama.cpp applies at "
+             "run time over any base file of the same model, quantized or not (`llama-cli -m BASE.gguf --lora "
+             "ADAPTER.gguf`): the base stays untouched, and removing the adapter undoes the edit.",
+             "examples:\n  lune-fast export --adapter out/ --lora-gguf forget.gguf\n"
+             "  lune-fast export --adapter out/ --gguf model-q4_1.gguf --quant q4_1")
     which = x.add_mutually_exclusive_group()
     which.add_argument("--adapter", help="adapter folder (PEFT format); without it, the model as it is")
     which.add_argument("--into", help="a state folder that holds one PEFT adapter (the same as --adapter DIR)")
-    x.add_argument("--gguf", required=True, help="output .gguf file")
+    kind = x.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--gguf", help="output .gguf file: the model, the adapter merged")
+    kind.add_argument("--lora-gguf", help="output .gguf file: the adapter alone, as llama.cpp's LoRA adapters are")
     x.add_argument("--quant", default="f16", choices=list(QUANTS),
                    help="the blocks' type (q4_*: the embedding at q8_0, as llama.cpp's own quantizer does)")
     x.add_argument("--name", help="general.name in the file (default: the model folder's name)")
@@ -480,19 +487,32 @@ def cmd_merge(a) -> int:
 
 def cmd_export(a) -> int:
     from . import lora
-    from .export import write_gguf
+    from .export import ExportError, write_gguf
     from .io import OutputExistsError
     from .weights import load_model, resolve_model_dir
 
-    if Path(a.gguf).exists() and not a.overwrite:  # before any work
-        raise OutputExistsError(f"{a.gguf} already exists; pass --overwrite to replace it")
+    target = Path(a.gguf or a.lora_gguf)
+    if target.exists() and not a.overwrite:  # before any work
+        raise OutputExistsError(f"{target} already exists; pass --overwrite to replace it")
+    if a.lora_gguf:
+        if not (a.adapter or a.into):
+            raise ExportError("--lora-gguf writes an adapter: give it with --adapter DIR or --into STATE")
+        from .export import write_lora_gguf
+
+        out = write_lora_gguf(Path(a.adapter or a.into), target, name=a.name, overwrite=a.overwrite)
+        print(f"LoRA adapter GGUF written to {out} ({out.stat().st_size / 2**20:.2f} MiB); load it in llama.cpp "
+              f"with --lora {out}")
+        return 0
     folder = resolve_model_dir(a.model)
     model = load_model(folder)  # float32: each tensor is rounded once, to the file's type
+    edited = frozenset()
     if a.adapter or a.into:
         lora.load_adapter(model, a.adapter or a.into)
+        edited = frozenset(lora.adapters_of(model))
         lora.merge_and_unload(model)
-    out = write_gguf(model, folder, Path(a.gguf), a.quant, name=a.name, overwrite=a.overwrite)
-    print(f"{a.quant} GGUF written to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    out = write_gguf(model, folder, Path(a.gguf), a.quant, name=a.name, overwrite=a.overwrite, edited=edited)
+    kept = f"; the {len(edited)} matrices the adapter changed at q8_0" if edited and a.quant.startswith("q4") else ""
+    print(f"{a.quant} GGUF written to {out} ({out.stat().st_size / 2**20:.1f} MiB{kept})")
     return 0
 
 

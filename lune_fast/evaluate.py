@@ -295,6 +295,9 @@ def metrics_table(before: dict, after: dict, counts: dict | None = None) -> str:
     w = max(len(k) for k in METRIC_KEYS)
     counts = counts or {}
     rows = [f"{'metric':<{w}}  {'before':>9}  {'after':>9}  {'prompts':>7}", "-" * (w + 31)]
-    rows += [f"{k:<{w}}  {_fmt(before.get(k)):>9}  {_fmt(after.get(k)):>9}  "
-             f"{_fmt(counts.get(COUNTED.get(k, ''))) if k in COUNTED and counts else '':>7}" for k in METRIC_KEYS]
+    def n(k):  # how many prompts a recall figure counts, where it has one
+        measured = k in COUNTED and counts and (before.get(k) is not None or after.get(k) is not None)
+        return _fmt(counts.get(COUNTED[k])) if measured else ""
+
+    rows += [f"{k:<{w}}  {_fmt(before.get(k)):>9}  {_fmt(after.get(k)):>9}  {n(k):>7}" for k in METRIC_KEYS]
     return "\n".join(rows) + "\n" + textwrap.fill(RULE, 100)

@@ -84,15 +84,29 @@ def test_the_file_reads_back_as_the_merged_weights(quant, default_dir, tmp_path)
 
 def test_quantize_in_place_gives_what_a_reader_of_the_file_gets(default_dir, tmp_path):
     """The robustness probe runs our model on the weights a GGUF reader would get: the same values as the
-    file's dequantized tensors, for a 4-bit type."""
+    file's dequantized tensors, for a 4-bit type. The matrices an adapter was merged into stay at q8_0 in a
+    4-bit file (an edit under half a 4-bit step would round away); the probe, with the adapter still on, knows
+    them the same way."""
     folder = _tiny("llama", tmp_path / "m", default_dir)
-    model = _merged(folder)
-    out = write_gguf(model, folder, tmp_path / "m.gguf", "q4_1")
+    model = load_model(folder)
+    lora.attach(model, lora.LoraSettings(rank=4, alpha=8, targets=("down",), layers=(1,)), seed=0)
+    with torch.no_grad():
+        for m in lora.adapters_of(model).values():
+            m.lora_B.copy_(0.05 * torch.randn(m.lora_B.shape))
+        lora.merge(model)
+    edited = frozenset(lora.adapters_of(model))
+    merged = load_model(folder)
+    merged.load_state_dict({k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k})
+    out = write_gguf(merged, folder, tmp_path / "m.gguf", "q4_1", edited=edited)
     quantize_in_place(model, "q4_1")
+    lora.merge_and_unload(model)  # merged already: the weights as they are
     probed = gguf_tensors(model)
+    types = {}
     for t in gguf.GGUFReader(out).tensors:
         back = gguf.quants.dequantize(t.data, t.tensor_type).reshape(probed[t.name].shape)
         assert np.array_equal(back.astype(np.float32), probed[t.name].numpy()), t.name
+        types[t.name] = t.tensor_type.name
+    assert types["blk.1.ffn_down.weight"] == "Q8_0" and types["blk.0.ffn_down.weight"] == "Q4_1"
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])  # mistral exports as llama
@@ -185,8 +199,9 @@ def test_quantized_view_runs_the_export_and_puts_everything_back(default_dir, tm
         for m in lora.adapters_of(model).values():
             m.lora_B.copy_(0.05 * torch.randn(m.lora_B.shape))
     export = copy.deepcopy(model)
-    lora.merge_and_unload(export)
-    quantize_in_place(export, "q4_0")
+    with torch.no_grad():
+        lora.merge(export)
+    quantize_in_place(export, "q4_0")  # with the adapter merged in but still on: its matrices at q8_0
     ids = torch.tensor([[504, 414, 46682, 18669, 314, 3807]])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -199,3 +214,136 @@ def test_quantized_view_runs_the_export_and_puts_everything_back(default_dir, tm
     assert torch.equal(after, plain)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not any(m.merged for m in lora.adapters_of(model).values())
+
+
+# -- the adapter alone, as llama.cpp's LoRA adapters are (export --lora-gguf) ---------------------------------
+ALL = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _peft_adapter(model_dir, out, settings, seed=0):
+    """A PEFT adapter folder with random A and B of `settings`' shapes (per-module ranks included)."""
+    from lune_fast.model import ModelConfig
+
+    cfg = ModelConfig.from_file(model_dir / "config.json")
+    g = torch.Generator().manual_seed(seed)
+    model = load_model(model_dir)
+    state = {}
+    for m in settings.modules(cfg.num_hidden_layers):
+        lin = lora.frozen_linears(model, settings)[m]
+        r = settings.rank_of(m)
+        state[lora.peft_key(m, "lora_A")] = torch.randn(r, lin.in_features, generator=g)
+        state[lora.peft_key(m, "lora_B")] = torch.randn(lin.out_features, r, generator=g)
+    out.mkdir()
+    lora.save_adapter(out, state, lora.peft_config(settings, str(model_dir), cfg.num_hidden_layers))
+    return state
+
+
+def _read_back(path, model_dir):
+    """The GGUF adapter's tensors under PEFT names (B's q/k rows back in Hugging Face's order, a folded scale
+    divided out: alpha 0 with modules of other scales) and its metadata, through the gguf package's reader."""
+    from lune_fast.export import ARCHITECTURES, rope_rows
+    from lune_fast.model import ModelConfig
+
+    cfg = ModelConfig.from_file(model_dir / "config.json")
+    reader = gguf.GGUFReader(str(path))
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    arch, rope_order = ARCHITECTURES[cfg.model_type]
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch), cfg.num_hidden_layers)
+    back = {}
+    for m in lora.LoraSettings(targets=ALL).modules(cfg.num_hidden_layers):
+        back[names.get_name(f"model.{m}.weight", try_suffixes=(".weight",))] = m
+    state = {}
+    for t in reader.tensors:
+        base, part = t.name.rsplit(".", 1)
+        m = back[base]
+        x = torch.from_numpy(np.array(t.data)).reshape(tuple(reversed([int(d) for d in t.shape])))
+        if part == "lora_b" and rope_order:
+            heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}.get(m.split(".")[-1])
+            if heads:  # rope_rows' inverse: the pairs apart again
+                h = x.shape[0] // heads
+                x = x.reshape(heads, h // 2, 2, -1).transpose(1, 2).reshape(x.shape)
+        state[lora.peft_key(m, "lora_A" if part == "lora_a" else "lora_B")] = x
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32
+    return meta, state
+
+
+@pytest.mark.parametrize("case", ["plain", "keyed_state", "alpha_pattern", "gemma3"])
+def test_lora_gguf_reads_back_as_the_peft_adapter(case, default_dir, tmp_path):
+    """Every tensor read back exactly, with llama.cpp's metadata; per-module ranks kept. llama.cpp scales a pair
+    by alpha / its rank: one alpha where it gives every module PEFT's scale, else alpha 0 and each scale in B.
+    Llama's q/k rows go to llama.cpp's rope order (in B); Gemma 3's stay."""
+    model_dir = make_tiny_lm("gemma3_text", tmp_path / "m", default_dir) if case == "gemma3" else \
+        _tiny("llama", tmp_path / "m", default_dir)
+    settings = lora.LoraSettings(rank=4, alpha=8, targets=ALL)
+    if case == "keyed_state":  # a lifelong state: scale 1, and a window of other rank
+        settings = lora.LoraSettings(rank=3, alpha=3, targets=("down",), rank_pattern={"layers.1.mlp.down_proj": 5},
+                                     alpha_pattern={"layers.1.mlp.down_proj": 5.0})
+    elif case == "alpha_pattern":
+        settings = lora.LoraSettings(rank=4, alpha=8, targets=ALL, alpha_pattern={"layers.0.self_attn.q_proj": 3.0})
+    state = _peft_adapter(model_dir, tmp_path / "a", settings)
+    out = tmp_path / "a.gguf"
+    assert main(["export", "--adapter", str(tmp_path / "a"), "--lora-gguf", str(out)]) == 0
+    meta, back = _read_back(out, model_dir)
+    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
+    assert meta["general.architecture"] == ("gemma3" if case == "gemma3" else "llama")
+    alpha = meta["adapter.lora.alpha"]
+    assert set(back) == set(state)
+    for key, t in state.items():
+        got = back[key]
+        if key.endswith("lora_B.weight") and alpha == 0:
+            module = lora.split_peft_key(key)[0]
+            got = got / settings.scale_of(module)
+        else:
+            assert torch.equal(got, t), key
+        assert got.shape == t.shape and torch.allclose(got, t, rtol=1e-6, atol=0), key
+    if case in ("plain", "gemma3"):
+        assert alpha == 8.0  # llama.cpp: 8 / rank 4 = PEFT's scale 2, B as it is
+    elif case == "keyed_state":
+        assert alpha == 0.0 and back["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].shape[0] == 5
+    else:
+        assert alpha == 0.0  # q_proj of layer 0 has scale 0.75, the others 2: each B carries its own
+
+
+def test_lora_gguf_refuses_what_it_cannot_write(tiny_lm, tmp_path, capsys):
+    out = tmp_path / "a.gguf"
+    out.write_text("keep")
+    assert main(["export", "--adapter", str(tmp_path), "--lora-gguf", str(out)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err and out.read_text() == "keep"
+    assert main(["export", "--lora-gguf", str(tmp_path / "b.gguf")]) == 2
+    assert "give it with --adapter DIR or --into STATE" in capsys.readouterr().err
+    assert main(["export", "--adapter", str(tmp_path / "nothing"), "--lora-gguf", str(tmp_path / "c.gguf")]) == 2
+    assert "not a readable PEFT adapter folder" in capsys.readouterr().err
+    assert not (tmp_path / "b.gguf").exists() and not (tmp_path / "c.gguf").exists()
+
+
+def test_gemma3_merged_export_loads_in_transformers_as_our_model(tmp_path):
+    """A Gemma 3 model exported f32 (norms as llama.cpp stores them, (1 + w); the SentencePiece tokenizer of the
+    embedded Gemma's GGUF) is read by transformers' GGUF loader as the same model: logits within 1e-4 of ours.
+    A small random model with the real vocabulary and what a GGUF reader assumes of Gemma 3 where the file does
+    not say it (transformers 5 reads neither key_length nor the layer pattern): head_dim and the query scale 256,
+    layers 5 windowed then one full."""
+    from conftest import make_tiny_hf
+    from transformers import AutoModelForCausalLM
+
+    from lune_fast.export import embedded_source_gguf
+    from lune_fast.weights import WeightsError, resolve_model_dir
+
+    try:
+        gemma_dir = resolve_model_dir("gemma3-270m")
+    except WeightsError as e:
+        pytest.skip(f"Gemma 3 270M cannot be installed here: {e}")
+    folder = tmp_path / "g"
+    make_tiny_hf("gemma3_text", folder, vocab_size=262144, hidden_size=32, intermediate_size=48,
+                 num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1, head_dim=256,
+                 query_pre_attn_scalar=256, sliding_window=512, layer_types=None, tie_word_embeddings=True)
+    model = load_model(folder)
+    out = tmp_path / "g.gguf"
+    with embedded_source_gguf(gemma_dir) as src:
+        write_gguf(model, folder, out, "f32", tokenizer_from=src)
+    reader = gguf.GGUFReader(str(out))
+    assert reader.fields["general.architecture"].contents() == "gemma3"
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="g.gguf", dtype=torch.float32).eval()
+    ids = torch.tensor([[2, 651, 6037, 576, 6081, 603, 9411, 17, 1009, 46]])
+    with torch.no_grad():
+        assert rel_err(model(ids), hf(ids).logits) <= 1e-4
