@@ -32,10 +32,11 @@ from .evaluate import (PromptRow, counted, evaluate, first_line, metrics_table, 
 from .guard import Guard, guard_round
 from .io import atomic_output_dir
 from .keyed import attach_keyed, preserved_inputs, step_scale, subject_groups
+from .model import Transformer
 from .optim import COLUMN_STEPS
 from .preserve import Preserved
 from .progress import shown
-from .settings import Settings, SettingsError, resolve_dtype, train_settings
+from .settings import Settings, SettingsError, check_dtypes, resolve_dtype, train_settings
 from .state import State
 from .trainer import RunOptions, train_keeping_last_good
 from .weights import folder_identity, load_model, load_tokenizer, resolve_model_dir
@@ -138,6 +139,24 @@ class Unlearner:
         self._origin = None if self.dist is not None else \
             repr((folder_identity(self.model_dir), str(self.dtype), self.device.type))
         self._lock = threading.RLock()
+        self._twins: dict[torch.dtype, Transformer] = {}  # the model in other dtypes, for the recall rounds
+
+    def checked_in(self, s: Settings) -> list[torch.dtype]:
+        """The dtypes the recall rounds ask the model in besides its own (Settings.check_dtypes; none under FSDP,
+        whose blocks are sharded, nor without recall rounds)."""
+        if self.fsdp or s.mode != "suppress" or s.recall_rounds == 0:
+            return []
+        return check_dtypes(s, self.dtype)
+
+    def twins(self, s: Settings) -> dict[str, Transformer]:
+        """The model loaded in each of checked_in(s) (once, kept; not packed: it only checks a few answers a
+        round)."""
+        out = {}
+        for d in self.checked_in(s):
+            if d not in self._twins:
+                self._twins[d] = load_model(self.model_dir, dtype=d, device=self.device, pack=False)
+            out[str(d).replace("torch.", "")] = self._twins[d]
+        return out
 
     # -- the one call ----------------------------------------------------------------------------------------
     def forget(self, records, mode: str | None = None, retain=None, evaluate_before: bool = True,
@@ -343,7 +362,7 @@ class Unlearner:
         outcome, error = train_keeping_last_good(self.model, data, train_settings(s, lr_scale=job.lr_scale), run)
         rounds = recall.Rounds(outcome, 0, error)
         if error is None and s.mode == "suppress":
-            rounds = recall.recall_rounds(self.model, self.encoder, job, outcome, run, preserved)
+            rounds = recall.recall_rounds(self.model, self.encoder, job, outcome, run, preserved, self.twins(s))
         if guard is None:
             return rounds, keys, None, watch
         rounds, report = guard_round(self.model, self.encoder, job, rounds, run, preserved, guard)
@@ -356,7 +375,10 @@ class Unlearner:
         config = {**asdict(s), "rank": layout.rank, "alpha": layout.alpha, "targets": list(layout.targets),
                   "layers": list(layout.layers), "layers_spec": s.layers, "anchors_built": len(job.anchors),
                   "lr_scale": job.lr_scale,
-                  "dtype": str(self.dtype).replace("torch.", ""), "facts": len(job.facts)}
+                  "dtype": str(self.dtype).replace("torch.", ""), "facts": len(job.facts),
+                  # the dtypes the recall rounds asked the model in (the training one first)
+                  "checked_in": [str(d).replace("torch.", "") for d in (self.dtype, *self.checked_in(s))]
+                  if s.mode == "suppress" and s.recall_rounds else []}
         examples = [] if before is None or after is None else [
             (p.prompt, b, a) for p, b, a in zip(before.probes, before.generations, after.generations)
             if p.kind == "forget"][:8]

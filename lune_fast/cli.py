@@ -66,8 +66,9 @@ def _add_threads_arg(p: argparse.ArgumentParser) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help=MODEL_HELP)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="frozen weights' dtype; auto = bfloat16 where the hardware runs it natively")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="frozen weights' dtype; auto = bfloat16 where the hardware runs it natively (float16 runs "
+                        "on a CPU too, slower: to check an adapter as GPU serving reads it)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     _add_threads_arg(p)
 
@@ -148,6 +149,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--robust-to", choices=list(QUANTS), default=None,
                    help="suppress: the recall rounds check the model as its GGUF export at this type answers, so "
                         "that the forgetting survives `lune-fast export --quant` (use with --recall-rounds >= 1)")
+    p.add_argument("--check-dtypes", default=None, metavar="LIST",
+                   help="suppress: the recall rounds also ask the model loaded in these dtypes (comma-separated "
+                        "float32,float16,bfloat16, or none), so that the forgetting holds however the model is "
+                        "loaded; report.json's config.checked_in lists them (default: float32 when training in "
+                        "bfloat16 or float16)")
     p.add_argument("--preserve-text", help="texts whose activations the adapter should leave alone: a file, or "
                                            "preserve_text.jsonl / preserve_text_long.jsonl, the package's short and "
                                            "long texts (default: the long one for keyed replace, else the short)")

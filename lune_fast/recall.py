@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import lora
 from .data import Encoder, Fact, make_batch
 from .distributed import Dist, shard, unshard
 from .evaluate import answer_logprobs, answers_with, greedy
@@ -27,19 +28,51 @@ from .settings import train_settings
 from .trainer import RunOptions, TrainOutcome, train_keeping_last_good
 
 
+def answers(model: Transformer, enc: Encoder, facts: list[Fact], max_new_tokens: int = 24,
+            dist: Dist | None = None) -> list[list[int]]:
+    """The model's greedy answer tokens to each fact's prompt (its first line). Under data parallel each rank
+    answers its share; under FSDP every rank answers all of them (the sharded blocks must run the same forwards
+    everywhere)."""
+    split = dist if dist is not None and not dist.fsdp else None
+    mine = shard(facts, split)
+    return unshard(greedy(model, enc, [enc.prompt_ids(f.prompt, f.chat) for f in mine], max_new_tokens),
+                   len(facts), split)
+
+
+def up_to_target(enc: Encoder, f: Fact, said: list[int]) -> list[int] | None:
+    """An answer's tokens up to and including the target, or None where it does not say the target."""
+    cut = next((k for k in range(1, len(said) + 1) if answers_with(enc.decode(said[:k]), f.target)), None)
+    return said[:cut] if cut else None
+
+
 def self_negatives(model: Transformer, enc: Encoder, facts: list[Fact], max_new_tokens: int = 24,
                    dist: Dist | None = None) -> list[list[int] | None]:
     """The model's own greedy answer tokens up to and including the target, or None where it does not say the
-    target. Under data parallel each rank answers its share; under FSDP every rank answers all of them (the
-    sharded blocks must run the same forwards everywhere)."""
-    split = dist if dist is not None and not dist.fsdp else None
-    mine = shard(facts, split)
-    said = unshard(greedy(model, enc, [enc.prompt_ids(f.prompt, f.chat) for f in mine], max_new_tokens),
-                   len(facts), split)
+    target."""
+    return [up_to_target(enc, f, g) for f, g in zip(facts, answers(model, enc, facts, max_new_tokens, dist))]
+
+
+@torch.no_grad()
+def answers_alike(twin: Transformer, enc: Encoder, facts: list[Fact], said: list[list[int]],
+                  chunk: int = 8) -> list[bool]:
+    """Whether `twin` (the model in another dtype) would answer each fact greedily with exactly the tokens
+    `said`: one teacher-forced forward over prompt + answer instead of a decode (greedy is a function of its
+    prefix, so the same argmax at every answer position is the same answer, and the same first-line stop).
+    Right padding leaves the real positions as they are under the causal mask."""
     out = []
-    for f, g in zip(facts, said):
-        cut = next((k for k in range(1, len(g) + 1) if answers_with(enc.decode(g[:k]), f.target)), None)
-        out.append(g[:cut] if cut else None)
+    for c in range(0, len(facts), chunk):
+        seqs = [(enc.prompt_ids(f.prompt, f.chat), g) for f, g in zip(facts[c:c + chunk], said[c:c + chunk])]
+        width = max(len(p) + len(g) for p, g in seqs)
+        ids = torch.full((len(seqs), width), enc.pad_id, dtype=torch.long)
+        pick = torch.zeros(len(seqs), width, dtype=torch.bool)
+        for i, (p, g) in enumerate(seqs):
+            ids[i, :len(p) + len(g)] = torch.tensor(p + g)
+            pick[i, len(p) - 1:len(p) + len(g) - 1] = True  # the positions that predict each answer token
+        chosen = twin(ids.to(twin.device), select=pick.to(twin.device)).argmax(-1).cpu()
+        at = 0
+        for p, g in seqs:
+            out.append(chosen[at:at + len(g)].tolist() == g)
+            at += len(g)
     return out
 
 
@@ -60,10 +93,10 @@ def route_to(enc: Encoder, f: Fact, said: list[int] | None) -> tuple[list[int], 
     return enc.prompt_ids(f.prompt, f.chat) + said[:start], said[start:]
 
 
-# the stop threshold of round k is Settings.stop_prob × ROUND_FACTOR^k; with Settings.robust_to, also at most
-# ROUND_FACTOR × the lowest probability the routes have now at full precision: a target the quantized export
-# still says can be far below the schedule's threshold before the update moves the weights by half a
-# quantization step, and a round whose threshold is already met trains nothing
+# the stop threshold of round k is Settings.stop_prob × ROUND_FACTOR^k; with Settings.robust_to (or a route only
+# another dtype took), also at most ROUND_FACTOR × the lowest probability the routes have now in the training
+# model: a target the quantized export (or the float32 model) still says can be far below the schedule's
+# threshold here, and a round whose threshold is already met trains nothing
 ROUND_FACTOR = 0.25
 
 
@@ -75,8 +108,9 @@ class Rounds:
 
 
 def recall_rounds(model: Transformer, enc: Encoder, plan: Plan, outcome: TrainOutcome, run: RunOptions,
-                  preserved=None) -> Rounds:
-    """Check and continue, up to plan.settings.recall_rounds times, after a first run that ended in `outcome`."""
+                  preserved=None, twins: dict[str, Transformer] | None = None) -> Rounds:
+    """Check and continue, up to plan.settings.recall_rounds times, after a first run that ended in `outcome`.
+    twins: the same model in other dtypes (Settings.check_dtypes), asked too with the adapter shared."""
     s = plan.settings
     rounds, error = 0, None
     for _ in range(s.recall_rounds):
@@ -84,21 +118,33 @@ def recall_rounds(model: Transformer, enc: Encoder, plan: Plan, outcome: TrainOu
         if left <= 0:
             break
         with quantized(model, s.robust_to):  # as the export at that type answers, when asked for
-            said = self_negatives(model, enc, plan.facts, s.max_new_tokens, run.dist)
-        found = [route_to(enc, f, x) for f, x in zip(plan.facts, said)]
-        routes = [r for r in found if r is not None]
+            said = answers(model, enc, plan.facts, s.max_new_tokens, run.dist)
+        found = [route_to(enc, f, up_to_target(enc, f, x)) for f, x in zip(plan.facts, said)]
+        elsewhere = []  # routes only another dtype takes: asked once this dtype says none (the last gate)
+        for twin in (twins or {}).values() if not any(found) else ():
+            lora.mirror(model, twin)
+            # decoded again only where the twin's argmax leaves this dtype's answer
+            differ = [i for i, same in enumerate(answers_alike(twin, enc, plan.facts, said)) if not same]
+            redone = answers(twin, enc, [plan.facts[i] for i in differ], s.max_new_tokens)
+            for i, x in zip(differ, redone):
+                if (r := route_to(enc, plan.facts[i], up_to_target(enc, plan.facts[i], x))) is not None:
+                    found[i] = r
+                    elsewhere.append(r)
+        hits = [(i, r) for i, r in enumerate(found) if r is not None]
+        routes = [r for _, r in hits]
         if not routes:
             break
         # a plain adapter's weights are shared: every pair trains again; a keyed one's column, by the facts on it
-        out = {plan.column(i) for i, r in enumerate(found) if r is not None}
+        out = {plan.column(i) for i, _ in hits}
         again = [(p, i) for p, i in zip(plan.pairs, plan.owners) if s.adapter == "plain" or plan.column(i) in out]
-        owners = [i for _, i in again] + [i for i, r in enumerate(found) if r is not None]
+        owners = [i for _, i in again] + [i for i, _ in hits]
         data = plan.train_data(model, [p for p, _ in again] + routes, run.dist, preserved, owners=owners)
         # a target can still come out while its probability is under the stop threshold (nothing else is more
         # likely): each round asks for a quarter of the last round's threshold, so that it trains at all
         stop = s.stop_prob * ROUND_FACTOR ** (rounds + 1)
-        if s.robust_to:
-            stop = min(stop, ROUND_FACTOR * lowest_probability(model, enc, routes))
+        # a route the quantized export or another dtype takes can be far below the threshold in this one
+        if s.robust_to or elsewhere:
+            stop = min(stop, ROUND_FACTOR * lowest_probability(model, enc, routes if s.robust_to else elsewhere))
         settings = replace(train_settings(s, steps=left, lr_scale=plan.lr_scale), stop_prob=stop)
         more, error = train_keeping_last_good(model, data, settings, replace(run, checkpoint_dir=None, resume=False))
         outcome, rounds = outcome.then(more), rounds + 1

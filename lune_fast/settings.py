@@ -108,6 +108,12 @@ class Settings:
     # suppress: the recall rounds ask the model as its GGUF export at this type would answer (adapter folded
     # in, every weight rounded: lune_fast.export.quantized), so that the forgetting survives the quantization
     robust_to: str | None = None
+    # suppress: the recall rounds also ask the model loaded in these dtypes (comma-separated; the one it trains
+    # in is always asked), the adapter shared: a route that only another dtype's rounding takes ("...Notre-Dame de
+    # Paris" in float32 after a bf16 run) trains too. None = "float32" where the model trains in a lower
+    # precision (float16 follows float32 within 0.03 nats where bf16 is 0.2-0.45 away: RESULTS.md section 15),
+    # "none" = only the training dtype
+    check_dtypes: str | None = None
     # each fact is also trained after this many of PREFIXES, for paraphrases
     prompt_variants: int | None = None
     retain_weight: float = 1.0
@@ -198,6 +204,10 @@ class Settings:
             raise SettingsError(f"recall_rounds must be non-negative, got {self.recall_rounds}")
         if self.robust_to is not None and self.robust_to not in QUANTS:
             raise SettingsError(f"robust_to must be one of {', '.join(QUANTS)}, got {self.robust_to!r}")
+        for d in (self.check_dtypes or "none").split(","):
+            if d not in ("none", "float32", "bfloat16", "float16"):
+                raise SettingsError(f"check_dtypes: expected a comma-separated list of float32, bfloat16, float16 "
+                                    f"or 'none', got {self.check_dtypes!r}")
         if self.robust_to is not None and (self.mode != "suppress" or self.recall_rounds == 0):
             raise SettingsError("robust_to works through the recall rounds: suppress mode with recall_rounds > 0")
 
@@ -226,6 +236,14 @@ def native_bf16(device: torch.device) -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def check_dtypes(s: Settings, trained: torch.dtype) -> list[torch.dtype]:
+    """The dtypes the recall rounds ask besides the one the model trains in (Settings.check_dtypes)."""
+    spec = s.check_dtypes
+    if spec is None:
+        spec = "float32" if trained in (torch.bfloat16, torch.float16) else "none"
+    return [getattr(torch, d) for d in dict.fromkeys(spec.split(",")) if d != "none" and getattr(torch, d) != trained]
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

@@ -87,9 +87,11 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 
 
 def load_model(model: str | os.PathLike | None = "default", dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", rows_of: tuple[int, int] | None = None) -> Transformer:
+               device: str | torch.device = "cpu", rows_of: tuple[int, int] | None = None,
+               pack: bool = True) -> Transformer:
     """rows_of=(rank, world): read only this rank's FSDP2 row chunk of every block weight (the chunks
-    fully_shard will keep); the rest of those tensors stays unread and unwritten."""
+    fully_shard will keep); the rest of those tensors stays unread and unwritten. pack=False: no prepacked
+    copies of the frozen weights (a model that only checks answers now and then: half the memory)."""
     folder = resolve_model_dir(model)
     cfg = ModelConfig.from_file(folder / "config.json")
     files = safetensors_files(folder)
@@ -136,7 +138,7 @@ def load_model(model: str | os.PathLike | None = "default", dtype: torch.dtype =
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise WeightsError(f"{folder}: tensor(s) missing from the checkpoint: {shown}")
-    if rows_of is None and net.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32):
+    if pack and rows_of is None and net.device.type == "cpu" and dtype in (torch.bfloat16, torch.float32):
         # prepacked copies of the frozen weights (kernels/frozen_linear.py), where they fit a quarter of the memory
         weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
         net.pack_weights(weight_bytes <= available_bytes(net.device) // 4)

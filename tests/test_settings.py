@@ -65,7 +65,8 @@ def test_keyed_adapters_take_column_steps_and_asking_for_another_optimiser_gives
                                        ({"schedule": "linear"}, "schedule"), ({"prompt_variants": 9}, "0-3"),
                                        ({"recall_rounds": -1}, "recall_rounds"), ({"optimizer": "sgd"}, "optimizer"),
                                        ({"optimizer": "column", "adapter": "plain"}, "keyed adapter"),
-                                       ({"optimizer": "settle", "adapter": "plain"}, "keyed adapter")])
+                                       ({"optimizer": "settle", "adapter": "plain"}, "keyed adapter"),
+                                       ({"check_dtypes": "float32,fp8"}, "check_dtypes: expected")])
 def test_bad_values_are_refused(bad, match):
     with pytest.raises(SettingsError, match=match):
         Settings(**bad).resolved().check()
@@ -118,3 +119,16 @@ def test_keyed_data_names_each_sequence_s_column(tiny_llama, adapter):
     assert got == [(i, owners[i]) for i in range(6)]
     again = plan.train_data(model, pairs[4:], owners=[9, 8])
     assert [c for cols in again.columns for c in cols] == [9, 8]
+
+
+def test_check_dtypes_default_to_float32_below_float32_only():
+    import torch
+
+    from lune_fast.settings import check_dtypes
+
+    assert check_dtypes(Settings(), torch.bfloat16) == [torch.float32]
+    assert check_dtypes(Settings(), torch.float16) == [torch.float32]
+    assert check_dtypes(Settings(), torch.float32) == []
+    assert check_dtypes(Settings(check_dtypes="none"), torch.bfloat16) == []
+    both = Settings(check_dtypes="float16,float32,bfloat16")
+    assert check_dtypes(both, torch.bfloat16) == [torch.float16, torch.float32]  # never the training dtype

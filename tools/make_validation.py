@@ -51,14 +51,21 @@ def answers_first(generation: str, target: str, rivals: list[str], prompt: str) 
                    for r in rivals if r.lower() != target.lower() and r.lower() not in prompt.lower())
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def model_and_out(description: str, name: str) -> tuple[argparse.Namespace, Path]:
+    """A set builder's --model and --out; by default the set goes to the package's assets, as NAME.jsonl for the
+    default model and MODEL_NAME.jsonl for another."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default="default", help="'default', 'gemma3-270m' or a model folder")
-    ap.add_argument("--out", help="default: lune_fast/assets/validation.jsonl (default model) or "
-                                  "lune_fast/assets/MODEL_validation.jsonl")
+    ap.add_argument("--out", help=f"default: lune_fast/assets/{name}.jsonl (default model) or "
+                                  f"lune_fast/assets/MODEL_{name}.jsonl")
     args = ap.parse_args()
     out = Path(args.out) if args.out else ASSETS / (
-        "validation.jsonl" if args.model == "default" else f"{Path(args.model).name}_validation.jsonl")
+        f"{name}.jsonl" if args.model == "default" else f"{Path(args.model).name}_{name}.jsonl")
+    return args, out
+
+
+def main():
+    args, out = model_and_out(__doc__.split("\n\n")[0], "validation")
     model, tok = load_model(args.model), load_tokenizer(args.model)
     enc = Encoder(tok)
     cands = []

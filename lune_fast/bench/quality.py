@@ -115,42 +115,94 @@ class Bystanders:
         return sum(a for a, k in zip(after, self.known) if k), sum(self.known)
 
 
-class QuantizedProbe:
-    """Recall after the GGUF round trip at each type: the adapter folded into the weights and every weight
-    rounded as `lune-fast export --quant` writes it (lune_fast.export.quantized), run by our model. Paraphrases
-    and neighbours count over what the base model answers at that same type (the goal compares with the base
-    model at the precision it is served at)."""
+DTYPES = ("float32", "float16", "bfloat16")
 
-    def __init__(self, unlearner, records: list[dict], quants: list[str], replace: bool):
+
+class PrecisionProbe:
+    """Recall with the adapter read at other precisions than it was trained at. A GGUF type (q8_0, q4_1, ...):
+    the adapter folded into the weights and every weight rounded as `lune-fast export --quant` writes it
+    (lune_fast.export.quantized), on the unlearner's model. A dtype (float32, as transformers + PEFT load the
+    model by default; float16, as most GPU serving does; bfloat16): the model loaded afresh from its folder in
+    that dtype, the adapter attached as PEFT's files hold it. Paraphrases and neighbours count over what the base
+    model answers at that same precision (the goal compares with the base model as it is served)."""
+
+    def __init__(self, unlearner, records: list[dict], precisions: list[str], replace: bool):
+        import torch
+
         from ..data import read_facts
+        from ..weights import load_model
 
-        self.u, self.quants, self.replace = unlearner, quants, replace
+        self.u, self.precisions, self.replace = unlearner, precisions, replace
         self.facts = read_facts(records).facts
-        self.base = {q: self._evaluate(q) for q in quants}  # the frozen model, no adapter on
+        self.twins = {p: load_model(unlearner.model_dir, dtype=getattr(torch, p)) for p in precisions if p in DTYPES}
+        self._base: dict = {}  # (precision, fact indices) -> the base model's Evaluation
 
-    def _evaluate(self, quant: str):
+    def _evaluate(self, precision: str, facts):
         from ..evaluate import evaluate
         from ..export import quantized
 
-        with quantized(self.u.model, quant):
-            return evaluate(self.u.model, self.u.encoder, self.facts, None, self.replace)
+        model = self.twins.get(precision, self.u.model)
+        with quantized(model, None if precision in self.twins else precision):
+            return evaluate(model, self.u.encoder, facts, None, self.replace)
+
+    def counts(self, result, which: tuple[int, ...] | None = None) -> dict[str, dict[str, list[int]]]:
+        """precision -> kind -> [hits, counted] for the facts `which` (default: all) with `result`'s adapter:
+        forget and replacement over every forget prompt, paraphrases and neighbours over the base's answers."""
+        which = tuple(range(len(self.facts))) if which is None else tuple(which)
+        facts = [self.facts[i] for i in which]
+        out = {}
+        for p in self.precisions:
+            if (p, which) not in self._base:  # before the adapter goes on: forget() leaves the model as it was
+                self._base[p, which] = self._evaluate(p, facts)
+            base = self._base[p, which]
+            with adapter_on(self.twins.get(p, self.u.model), result):
+                after = self._evaluate(p, facts)
+            c = out[p] = {k: [0, 0] for k in ("forget", "para", "neigh", "replace", "base_forget")}
+            for probe, hit, was, rep in zip(after.probes, after.hits, base.hits, after.replaced):
+                kind = {"paraphrase": "para", "neighbor": "neigh"}.get(probe.kind, probe.kind)
+                if kind == "forget":
+                    c["forget"] = [c["forget"][0] + hit, c["forget"][1] + 1]
+                    c["base_forget"] = [c["base_forget"][0] + was, c["base_forget"][1] + 1]
+                    if rep is not None:
+                        c["replace"] = [c["replace"][0] + rep, c["replace"][1] + 1]
+                elif kind in c and was:
+                    c[kind] = [c[kind][0] + hit, c[kind][1] + 1]
+        return out
+
+    def logprob_shift(self, result, which: tuple[int, ...] | None = None) -> dict[str, float]:
+        """precision -> the largest rise, over the facts, of the target's mean token log-prob (teacher-forced)
+        from the dtype the adapter was trained in to this dtype: the margin a stop criterion read in the
+        training dtype needs to hold in this one."""
+        import torch
+
+        from ..data import make_batch
+        from ..evaluate import answer_logprobs
+
+        enc = self.u.encoder
+        facts = [self.facts[i] for i in (range(len(self.facts)) if which is None else which)]
+        batch = make_batch([enc.pair(f.prompt, f.target, f.chat) for f in facts], enc.pad_id)
+        lp = {}
+        with torch.no_grad():
+            for p, model in [("trained", self.u.model), *self.twins.items()]:
+                with adapter_on(model, result):
+                    lp[p] = answer_logprobs(model, batch).float()
+        return {p: float((lp[p] - lp["trained"]).max()) for p in self.twins}
+
+    def columns(self) -> list[str]:
+        return [f"{k}@{p}" for p in self.precisions for k in ("forget", "para", "neigh", "replace", "dlogp")]
+
+    @staticmethod
+    def rates(counts: dict[str, dict[str, list[int]]]) -> dict:
+        return {f"{k}@{p}": (n / d if d else None) for p, c in counts.items() for k, (n, d) in c.items()}
 
     def row(self, result) -> dict:
-        out = {}
-        with adapter_on(self.u.model, result):
-            after = {q: self._evaluate(q) for q in self.quants}
-        for q in self.quants:
-            m, base = after[q].metrics(self.base[q].hits), self.base[q].metrics()
-            out.update({f"forget@{q}": m["forget_recall"], f"para@{q}": m["paraphrase_recall"],
-                        f"neigh@{q}": m["neighbor_recall"], f"base_forget@{q}": base["forget_recall"]})
-            if self.replace:
-                out[f"replace@{q}"] = m["replacement_rate"]
-        return out
+        return {**self.rates(self.counts(result)),
+                **{f"dlogp@{p}": v for p, v in self.logprob_shift(result).items()}}
 
 
 def run(unlearner, records: list[dict], grid: list[dict], base: dict, progress: bool = True,
         on_row=None, relearn: bool = False, bystanders: Bystanders | None = None,
-        quantized: QuantizedProbe | None = None) -> list[dict]:
+        precision: PrecisionProbe | None = None) -> list[dict]:
     from tqdm.auto import tqdm
 
     rows = []
@@ -162,8 +214,8 @@ def run(unlearner, records: list[dict], grid: list[dict], base: dict, progress: 
                "wall_s": time.perf_counter() - t0}
         if bystanders is not None:
             row["bystand"] = _rate(bystanders.kept(r))
-        if quantized is not None:
-            row.update(quantized.row(r))
+        if precision is not None:
+            row.update(precision.row(r))
         if relearn:
             row.update(relearn_probe(unlearner, records, r))
         rows.append(row)
@@ -257,16 +309,29 @@ def _flat(r, records: list[dict] | None = None) -> dict:
 
 
 def run_per_request(unlearner, records: list[dict], overrides: dict, progress: bool = True,
-                    bystanders: Bystanders | None = None) -> dict:
+                    bystanders: Bystanders | None = None, precision: PrecisionProbe | None = None) -> dict:
     """One request per record, each from the frozen model: pooled recall over the requests (each request's
     paraphrases and neighbours that the base model answered), the fewest neighbours any one request kept,
     the mean retain perplexity ratio and train time per request."""
     from tqdm.auto import tqdm
 
+    from ..data import DataError
+
     totals = {k: [0, 0] for k in ("forget", "paraphrase", "indirect", "neighbor", "replace", "bystand")}
-    worst, ppl, seconds, steps = None, [], [], []
-    for rec in tqdm(records, desc="one request per fact", unit="request", disable=not progress):
-        r = unlearner.forget([rec], progress=False, **overrides)
+    worst, ppl, seconds, steps, pooled, shift, unknown = None, [], [], [], {}, {}, 0
+    for i, rec in enumerate(tqdm(records, desc="one request per fact", unit="request", disable=not progress)):
+        try:
+            r = unlearner.forget([rec], progress=False, **overrides)
+        except DataError:  # the model at this dtype does not answer it: nothing to forget, nothing to count
+            unknown += 1
+            continue
+        if precision is not None:  # pooled over the requests, as the rest of the row
+            for p, c in precision.counts(r, (i,)).items():
+                for kind, (n, d) in c.items():
+                    pooled.setdefault(p, {}).setdefault(kind, [0, 0])
+                    pooled[p][kind] = [pooled[p][kind][0] + n, pooled[p][kind][1] + d]
+            for p, v in precision.logprob_shift(r, (i,)).items():
+                shift[p] = max(shift.get(p, v), v)
         for kind in ("forget", "paraphrase", "indirect", "neighbor"):
             n, k = kept(r, kind) if kind != "forget" else (round(r.after["forget_recall"]), 1)
             totals[kind][0] += n
@@ -290,7 +355,10 @@ def run_per_request(unlearner, records: list[dict], overrides: dict, progress: b
             "neigh_rel": rate["neighbor"], "neigh_min": worst, "replace": rate["replace"],
             "bystand": rate["bystand"], "ppl_rel": sum(ppl) / len(ppl), "ppl_rel_max": max(ppl),
             "steps": sum(steps) / len(steps),
-            "train_s": sum(seconds) / len(seconds), "requests": len(records), "anchors": 0, "stopped": ""}
+            "train_s": sum(seconds) / len(seconds), "requests": len(records) - unknown, "unknown": unknown, "anchors": 0,
+            "stopped": "",
+            **(PrecisionProbe.rates(pooled) if precision is not None else {}),
+            **{f"dlogp@{p}": v for p, v in shift.items()}}
 
 
 def meets_goals(row: dict, mode: str = "suppress") -> bool:
@@ -369,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantize", default="",
                     help="comma-separated GGUF types (e.g. q8_0,q4_1,q4_0): also measure recall after the "
                          "export's quantization round trip, against the base model at the same type")
+    ap.add_argument("--eval-dtypes", default="",
+                    help="comma-separated dtypes (float32,float16,bfloat16): also measure recall with the adapter "
+                         "on the model loaded in each, against the base model in the same dtype")
     ap.add_argument("--json", help="write rows here (JSON)")
     ap.add_argument("--jsonl", help="append each row here as it finishes")
     ap.add_argument("--md", help="write the Markdown table here")
@@ -396,22 +467,23 @@ def main(argv: list[str] | None = None) -> int:
     if a.bystanders and not others:
         print("no other records to use as bystanders: --bystanders ignored")
     by = Bystanders(u, others[:a.bystanders]) if a.bystanders and others else None
-    quants = [q for q in a.quantize.split(",") if q]
-    if quants and a.per_request:
-        ap.error("--quantize measures requests made at once (drop --per-request)")
-    probe = QuantizedProbe(u, records, quants, mode == "replace") if quants else None
+    dtypes = [d for d in a.eval_dtypes.split(",") if d]
+    if any(d not in DTYPES for d in dtypes):
+        ap.error(f"--eval-dtypes: expected some of {', '.join(DTYPES)}, got {a.eval_dtypes!r}")
+    precisions = [q for q in a.quantize.split(",") if q] + dtypes
+    probe = PrecisionProbe(u, records, precisions, mode == "replace") if precisions else None
     if a.per_request:
         rows = []
         for overrides in grid:
-            rows.append(run_per_request(u, records, {**base, **overrides}, bystanders=by))
+            rows.append(run_per_request(u, records, {**base, **overrides}, bystanders=by, precision=probe))
             append(rows[-1])
     else:
-        rows = run(u, records, grid, base, on_row=append, relearn=a.relearn, bystanders=by, quantized=probe)
+        rows = run(u, records, grid, base, on_row=append, relearn=a.relearn, bystanders=by, precision=probe)
     for r in rows:
         r["goals"] = "yes" if meets_goals(r, json.loads(r["setting"]).get("mode", mode)) else "no"
     extra = [c for c in ("neigh_relation", "neigh_subject", "neigh_min", "bystand", "para_replace")
              if any(r.get(c) is not None for r in rows)]
-    extra += [f"{k}@{q}" for q in quants for k in ("forget", "para", "neigh", "replace") if f"{k}@{q}" in rows[0]]
+    extra += [c for c in (probe.columns() if probe else []) if rows[0].get(c) is not None]
     table = markdown_table(rows, COLUMNS[:6] + extra + COLUMNS[6:] + ["goals"] + (RELEARN_COLUMNS if a.relearn else []))
     print(f"{len(records)} records from {a.facts or 'the package facts'}, dtype {u.dtype}, base {base}")
     print(table)
