@@ -351,7 +351,8 @@ def mirror(src: Transformer, dst: Transformer) -> None:
     for name, m in adapters_of(src).items():
         parent_path, attr = name.rsplit(".", 1)
         parent = dst.get_submodule(parent_path)
-        twin = LoRALinear(getattr(parent, attr), 1, m.scale, backend="torch")
+        # a rank-1 placeholder drawn from a generator of its own (never the global one), then src's parameters
+        twin = LoRALinear(getattr(parent, attr), 1, m.scale, torch.Generator(), backend="torch")
         twin.rank, twin.lora_A, twin.lora_B = m.rank, m.lora_A, m.lora_B
         twin.earlier_A, twin.earlier_B = m.earlier_A, m.earlier_B
         twin.enabled = m.enabled

@@ -158,15 +158,19 @@ class PrecisionProbe:
             with adapter_on(self.twins.get(p, self.u.model), result):
                 after = self._evaluate(p, facts)
             c = out[p] = {k: [0, 0] for k in ("forget", "para", "neigh", "replace", "base_forget")}
+
+            def count(kind, value):
+                c[kind][0] += value
+                c[kind][1] += 1
+
             for probe, hit, was, rep in zip(after.probes, after.hits, base.hits, after.replaced):
-                kind = {"paraphrase": "para", "neighbor": "neigh"}.get(probe.kind, probe.kind)
-                if kind == "forget":
-                    c["forget"] = [c["forget"][0] + hit, c["forget"][1] + 1]
-                    c["base_forget"] = [c["base_forget"][0] + was, c["base_forget"][1] + 1]
+                if probe.kind == "forget":
+                    count("forget", hit)
+                    count("base_forget", was)
                     if rep is not None:
-                        c["replace"] = [c["replace"][0] + rep, c["replace"][1] + 1]
-                elif kind in c and was:
-                    c[kind] = [c[kind][0] + hit, c[kind][1] + 1]
+                        count("replace", rep)
+                elif probe.kind in ("paraphrase", "neighbor") and was:
+                    count("para" if probe.kind == "paraphrase" else "neigh", hit)
         return out
 
     def logprob_shift(self, result, which: tuple[int, ...] | None = None) -> dict[str, float]:
@@ -328,8 +332,9 @@ def run_per_request(unlearner, records: list[dict], overrides: dict, progress: b
         if precision is not None:  # pooled over the requests, as the rest of the row
             for p, c in precision.counts(r, (i,)).items():
                 for kind, (n, d) in c.items():
-                    pooled.setdefault(p, {}).setdefault(kind, [0, 0])
-                    pooled[p][kind] = [pooled[p][kind][0] + n, pooled[p][kind][1] + d]
+                    total = pooled.setdefault(p, {}).setdefault(kind, [0, 0])
+                    total[0] += n
+                    total[1] += d
             for p, v in precision.logprob_shift(r, (i,)).items():
                 shift[p] = max(shift.get(p, v), v)
         for kind in ("forget", "paraphrase", "indirect", "neighbor"):
