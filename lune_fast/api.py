@@ -32,14 +32,14 @@ from .evaluate import (PromptRow, counted, evaluate, first_line, metrics_table, 
 from .guard import Guard, guard_round
 from .io import atomic_output_dir
 from .keyed import attach_keyed, preserved_inputs, step_scale, subject_groups
-from .model import Transformer
 from .optim import COLUMN_STEPS
 from .preserve import Preserved
 from .progress import shown
 from .settings import Settings, SettingsError, check_dtypes, resolve_dtype, train_settings
 from .state import State
 from .trainer import RunOptions, train_keeping_last_good
-from .weights import folder_identity, load_model, load_tokenizer, resolve_model_dir
+from .twin import StreamedTwin
+from .weights import folder_identity, load_model, load_tokenizer, resolve_model_dir, safetensors_files
 
 
 @dataclass
@@ -139,7 +139,7 @@ class Unlearner:
         self._origin = None if self.dist is not None else \
             repr((folder_identity(self.model_dir), str(self.dtype), self.device.type))
         self._lock = threading.RLock()
-        self._twins: dict[torch.dtype, Transformer] = {}  # the model in other dtypes, for the recall rounds
+        self._twins: dict[torch.dtype, StreamedTwin] = {}  # the model in other dtypes, for the recall rounds
 
     def checked_in(self, s: Settings) -> list[torch.dtype]:
         """The dtypes the recall rounds ask the model in besides its own (Settings.check_dtypes; none under FSDP,
@@ -148,13 +148,13 @@ class Unlearner:
             return []
         return check_dtypes(s, self.dtype)
 
-    def twins(self, s: Settings) -> dict[str, Transformer]:
-        """The model loaded in each of checked_in(s) (once, kept; not packed: it only checks a few answers a
-        round)."""
+    def twins(self, s: Settings) -> dict[str, StreamedTwin]:
+        """The model as loaded in each of checked_in(s), read from its files a layer at a time when asked
+        (lune_fast.twin: no second copy of the weights stays in memory), with this model's adapter."""
         out = {}
         for d in self.checked_in(s):
             if d not in self._twins:
-                self._twins[d] = load_model(self.model_dir, dtype=d, device=self.device, pack=False)
+                self._twins[d] = StreamedTwin(safetensors_files(self.model_dir), d, self.model)
             out[str(d).replace("torch.", "")] = self._twins[d]
         return out
 

@@ -511,8 +511,7 @@ def cmd_merge(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from . import lora
-    from .export import ExportError, write_gguf
+    from .export import ExportError, merged_for_export, write_gguf
     from .io import OutputExistsError
     from .weights import load_model, resolve_model_dir
 
@@ -529,12 +528,10 @@ def cmd_export(a) -> int:
               f"with --lora {out}")
         return 0
     folder = resolve_model_dir(a.model)
-    model = load_model(folder)  # float32: each tensor is rounded once, to the file's type
-    edited = frozenset()
     if a.adapter or a.into:
-        lora.load_adapter(model, a.adapter or a.into)
-        edited = frozenset(lora.adapters_of(model))
-        lora.merge_and_unload(model)
+        model, edited = merged_for_export(folder, Path(a.adapter or a.into), a.quant)
+    else:
+        model, edited = load_model(folder), frozenset()  # float32: each tensor is rounded once, to the file's type
     out = write_gguf(model, folder, Path(a.gguf), a.quant, name=a.name, overwrite=a.overwrite, edited=edited)
     kept = f"; the {len(edited)} matrices the adapter changed at q8_0" if edited and a.quant.startswith("q4") else ""
     print(f"{a.quant} GGUF written to {out} ({out.stat().st_size / 2**20:.1f} MiB{kept})")

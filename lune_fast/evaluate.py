@@ -113,7 +113,7 @@ def greedy(model: Transformer, enc: Encoder, prompts: list[list[int]], max_new_t
     stop = enc.line_stop(model.config.vocab_size, model.device)
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        got = generate(model, [prompts[i] for i in idx], max_new_tokens, eos_token_id=_eos(enc, model),
+        got = generate(model, [prompts[i] for i in idx], max_new_tokens, eos_token_id=eos_ids(enc, model),
                        pad_token_id=enc.pad_id, return_logprobs=return_logprobs, stop=stop)
         gens, lps = got if return_logprobs else (got, [None] * len(idx))  # no log-softmax a token when not asked
         for i, g, lp in zip(idx, gens, lps):
@@ -129,7 +129,7 @@ def greedy_answers(model: Transformer, enc: Encoder, probes: list[Probe], max_ne
     return [enc.decode(g) for g in ids]
 
 
-def _eos(enc: Encoder, model: Transformer) -> list[int]:
+def eos_ids(enc: Encoder, model: Transformer) -> list[int]:
     ids = set(model.config.eos_token_id)
     if enc.tok.eos_token_id is not None:
         ids.add(enc.tok.eos_token_id)

@@ -118,6 +118,36 @@ def quantize_in_place(model: Transformer, quant: str) -> None:
             p.copy_(round_trip(p, tensor_type(k.replace(".base.", "."), tuple(p.shape), quant, ".base." in k)))
 
 
+@torch.no_grad()
+def edit_on_rounded_base(model: Transformer, quant: str) -> None:
+    """Round each frozen weight that carries an adapter to the type the base's own export stores it in, before
+    the adapter is merged. A 4-bit export keeps those matrices at 8 bits (tensor_type); merged into the
+    full-precision weight, they would also shed the 4-bit rounding the base file has, a change beside the edit
+    that cost neighbours the base at that type answers. Merged into the rounded weight, the export differs from
+    the base's export at the same type by the edit alone (and the 8-bit rounding). No change for other types."""
+    from . import lora
+
+    for name, m in lora.adapters_of(model).items():
+        w = m.base.weight
+        plain = tensor_type(name + ".weight", tuple(w.shape), quant)
+        if plain != tensor_type(name + ".weight", tuple(w.shape), quant, edited=True):
+            w.copy_(round_trip(w, plain))
+
+
+def merged_for_export(folder: Path, adapter: Path, quant: str) -> tuple[Transformer, frozenset]:
+    """The model of `folder` in float32 (each tensor is rounded once, to the file's type) with the adapter
+    merged in as a `quant` export stores it (edit_on_rounded_base), and the names of the modules it changed."""
+    from . import lora
+    from .weights import load_model
+
+    model = load_model(folder)
+    lora.load_adapter(model, adapter)
+    edited = frozenset(lora.adapters_of(model))
+    edit_on_rounded_base(model, quant)
+    lora.merge_and_unload(model)
+    return model, edited
+
+
 @contextmanager
 def quantized(model: Transformer, quant: str | None):
     """Inside the block the model runs as its export at `quant` would: the adapters folded into the weights
@@ -131,6 +161,7 @@ def quantized(model: Transformer, quant: str | None):
     saved = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
     try:
         with torch.no_grad():
+            edit_on_rounded_base(model, quant)
             lora.merge(model)
             quantize_in_place(model, quant)
         yield model

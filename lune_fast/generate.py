@@ -28,6 +28,14 @@ class LineStop:
         return cls(mask(lambda s: "\n" in s and s.split("\n", 1)[0].strip() != ""), mask(lambda s: "\n" in s),
                    mask(lambda s: s.strip() != ""))
 
+    def after(self, tokens: list[int], eos: set[int]) -> tuple[bool, bool]:
+        """(finished, started) after an answer's tokens, as generate() decides them token by token."""
+        finished = started = False
+        for t in tokens:
+            finished = t in eos or bool(self.closing[t]) or (bool(self.newline[t]) and started)
+            started = started or bool(self.content[t])
+        return finished, started
+
 
 def choose(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
@@ -72,12 +80,15 @@ def stream(model: Transformer, prompt: list[int], max_new_tokens: int, eos_token
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 24,
              eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, return_logprobs: bool = False,
-             stop: LineStop | None = None, temperature: float = 0.0, generator: torch.Generator | None = None):
+             stop: LineStop | None = None, temperature: float = 0.0, generator: torch.Generator | None = None,
+             started: list[bool] | None = None):
     """Greedy decoding for a batch of token-id prompts (left padded, KV cache). Returns the new tokens of
     each prompt, cut after the first end-of-sequence token (or, with `stop`, after the end of the first
     non-empty line), and with return_logprobs each chosen token's log-probability. A row that has finished
     leaves the batch, so the rest decode at the smaller batch. temperature > 0 samples each token from the
-    softmax of logits / temperature instead (with `generator`: the same draws for the same logits)."""
+    softmax of logits / temperature instead (with `generator`: the same draws for the same logits).
+    `started`: per prompt, whether its first non-empty line has already begun within the prompt (a prompt
+    that ends in part of an answer, LineStop.after)."""
     if not prompts:
         return ([], []) if return_logprobs else []
     cfg, dev = model.config, model.device
@@ -101,7 +112,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     out = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=dev)
     scores = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev)
     rows = torch.arange(B, device=dev)  # the original index of each row still decoding
-    started = torch.zeros(B, dtype=torch.bool, device=dev)  # its first non-empty line has begun
+    # its first non-empty line has begun
+    started = torch.tensor(started, dtype=torch.bool, device=dev) if started is not None else \
+        torch.zeros(B, dtype=torch.bool, device=dev)
     eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=dev)
     next_pos = positions[:, -1:] + 1
     for t in range(max_new_tokens):

@@ -343,23 +343,6 @@ def reading_inputs(model: Transformer, settings: LoraSettings, read):
             h.remove()
 
 
-def mirror(src: Transformer, dst: Transformer) -> None:
-    """Put on `dst`, the same model loaded in another dtype, adapters that share `src`'s: the same A and B
-    parameters and earlier ranks (no copy), so that what trains on src acts on dst at once (the recall rounds'
-    check in other dtypes). dst's own adapters are removed first."""
-    detach(dst)
-    for name, m in adapters_of(src).items():
-        parent_path, attr = name.rsplit(".", 1)
-        parent = dst.get_submodule(parent_path)
-        # a rank-1 placeholder drawn from a generator of its own (never the global one), then src's parameters
-        twin = LoRALinear(getattr(parent, attr), 1, m.scale, torch.Generator(), backend="torch")
-        twin.rank, twin.lora_A, twin.lora_B = m.rank, m.lora_A, m.lora_B
-        twin.earlier_A, twin.earlier_B = m.earlier_A, m.earlier_B
-        twin.enabled = m.enabled
-        setattr(parent, attr, twin)
-    dst.lora_settings = src.lora_settings
-
-
 def adapters_of(model: Transformer) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 

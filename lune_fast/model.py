@@ -461,7 +461,9 @@ class Transformer(nn.Module):
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
+        return self.scale_embedding(self.embed_tokens(input_ids))
+
+    def scale_embedding(self, h: torch.Tensor) -> torch.Tensor:
         # the scale is rounded to the weights' dtype first, as the reference does
         scale = self.config.embed_scale
         return h if scale == 1.0 else h * torch.tensor(scale, dtype=h.dtype)

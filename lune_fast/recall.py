@@ -17,15 +17,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import lora
 from .data import Encoder, Fact, make_batch
 from .distributed import Dist, shard, unshard
-from .evaluate import answer_logprobs, answers_with, greedy
+from .evaluate import answer_logprobs, answers_with, eos_ids, greedy
 from .export import quantized
+from .generate import generate
 from .model import Transformer
 from .plan import Plan
 from .settings import train_settings
 from .trainer import RunOptions, TrainOutcome, train_keeping_last_good
+from .twin import StreamedTwin
 
 
 def answers(model: Transformer, enc: Encoder, facts: list[Fact], max_new_tokens: int = 24,
@@ -52,28 +53,64 @@ def self_negatives(model: Transformer, enc: Encoder, facts: list[Fact], max_new_
     return [up_to_target(enc, f, g) for f, g in zip(facts, answers(model, enc, facts, max_new_tokens, dist))]
 
 
-@torch.no_grad()
-def answers_alike(twin: Transformer, enc: Encoder, facts: list[Fact], said: list[list[int]],
-                  chunk: int = 8) -> list[bool]:
-    """Whether `twin` (the model in another dtype) would answer each fact greedily with exactly the tokens
-    `said`: one teacher-forced forward over prompt + answer instead of a decode (greedy is a function of its
-    prefix, so the same argmax at every answer position is the same answer, and the same first-line stop).
-    Right padding leaves the real positions as they are under the causal mask."""
-    out = []
-    for c in range(0, len(facts), chunk):
-        seqs = [(enc.prompt_ids(f.prompt, f.chat), g) for f, g in zip(facts[c:c + chunk], said[c:c + chunk])]
-        width = max(len(p) + len(g) for p, g in seqs)
-        ids = torch.full((len(seqs), width), enc.pad_id, dtype=torch.long)
-        pick = torch.zeros(len(seqs), width, dtype=torch.bool)
-        for i, (p, g) in enumerate(seqs):
-            ids[i, :len(p) + len(g)] = torch.tensor(p + g)
-            pick[i, len(p) - 1:len(p) + len(g) - 1] = True  # the positions that predict each answer token
-        chosen = twin(ids.to(twin.device), select=pick.to(twin.device)).argmax(-1).cpu()
-        at = 0
-        for p, g in seqs:
-            out.append(chosen[at:at + len(g)].tolist() == g)
-            at += len(g)
+def twin_choices(twin: StreamedTwin, enc: Encoder, prompts: list[list[int]], said: list[list[int]]
+                 ) -> list[list[int]]:
+    """The twin's greedy choice at each position of each answer `said`, teacher-forced after its prompt, and
+    after its last token (len(g) + 1 choices): one pass of the twin over every sequence at once (right padding
+    leaves the real positions as they are under the causal mask)."""
+    width = max(len(p) + len(g) for p, g in zip(prompts, said))
+    ids = torch.full((len(said), width), enc.pad_id, dtype=torch.long)
+    pick = torch.zeros(len(said), width, dtype=torch.bool)
+    for i, (p, g) in enumerate(zip(prompts, said)):
+        ids[i, :len(p) + len(g)] = torch.tensor(p + g, dtype=torch.long)
+        pick[i, len(p) - 1:len(p) + len(g)] = True  # the positions that predict each answer token, and the next
+    chosen = twin.argmax_at(ids, pick).tolist()
+    out, at = [], 0
+    for g in said:
+        out.append(chosen[at:at + len(g) + 1])
+        at += len(g) + 1
     return out
+
+
+def twin_answers(twin: StreamedTwin, model: Transformer, enc: Encoder, facts: list[Fact], said: list[list[int]],
+                 max_new_tokens: int = 24) -> list[list[int]]:
+    """The twin's own greedy answers (first line, as `answers`), found from `model`'s answers `said`: the
+    twin, teacher-forced over an answer, accepts it up to the first token where its argmax differs (greedy is a
+    function of its prefix); that token is the twin's, `model` drafts the rest from there, and the twin checks
+    again. A pass fixes at least one more token of every answer still open, so there are at most
+    max_new_tokens + 1; where the two dtypes agree, one."""
+    if not facts:
+        return []
+    stop = enc.line_stop(model.config.vocab_size, model.device)
+    eos = set(eos_ids(enc, model))
+    prompts = [enc.prompt_ids(f.prompt, f.chat) for f in facts]
+    current, out = [list(g) for g in said], [None] * len(facts)
+    pending = [i for i in range(len(facts))]
+    for _ in range(max_new_tokens + 1):
+        if not pending:
+            break
+        drafts = []
+        for i, chose in zip(pending, twin_choices(twin, enc, [prompts[i] for i in pending],
+                                                  [current[i] for i in pending])):
+            g = current[i]
+            k = next((j for j, (a, b) in enumerate(zip(chose, g)) if a != b), len(g))
+            if k == len(g) and (len(g) >= max_new_tokens or stop.after(g, eos)[0]):
+                out[i] = g  # the twin says every token, and stops where the draft stops
+                continue
+            fixed = g[:k] + [chose[k]]  # its own choice where it leaves the draft (or where the draft ended early)
+            finished, started = stop.after(fixed, eos)
+            if finished or len(fixed) >= max_new_tokens:
+                out[i] = fixed
+            else:
+                drafts.append((i, fixed, started))
+        if drafts:
+            more = generate(model, [prompts[i] + fixed for i, fixed, _ in drafts],
+                            max(max_new_tokens - len(fixed) for _, fixed, _ in drafts), eos_token_id=sorted(eos),
+                            pad_token_id=enc.pad_id, stop=stop, started=[st for _, _, st in drafts])
+            for (i, fixed, _), cont in zip(drafts, more):
+                current[i] = fixed + cont[:max_new_tokens - len(fixed)]
+        pending = [i for i, _, _ in drafts]
+    return [g if g is not None else current[i] for i, g in enumerate(out)]
 
 
 @torch.no_grad()
@@ -108,9 +145,9 @@ class Rounds:
 
 
 def recall_rounds(model: Transformer, enc: Encoder, plan: Plan, outcome: TrainOutcome, run: RunOptions,
-                  preserved=None, twins: dict[str, Transformer] | None = None) -> Rounds:
+                  preserved=None, twins: dict[str, StreamedTwin] | None = None) -> Rounds:
     """Check and continue, up to plan.settings.recall_rounds times, after a first run that ended in `outcome`.
-    twins: the same model in other dtypes (Settings.check_dtypes), asked too with the adapter shared."""
+    twins: the model as loaded in other dtypes (Settings.check_dtypes), asked too, with the adapter as it is."""
     s = plan.settings
     rounds, error = 0, None
     for _ in range(s.recall_rounds):
@@ -122,11 +159,10 @@ def recall_rounds(model: Transformer, enc: Encoder, plan: Plan, outcome: TrainOu
         found = [route_to(enc, f, up_to_target(enc, f, x)) for f, x in zip(plan.facts, said)]
         elsewhere = []  # routes only another dtype takes: asked once this dtype says none (the last gate)
         for twin in (twins or {}).values() if not any(found) else ():
-            lora.mirror(model, twin)
-            # decoded again only where the twin's argmax leaves this dtype's answer
-            differ = [i for i, same in enumerate(answers_alike(twin, enc, plan.facts, said)) if not same]
-            redone = answers(twin, enc, [plan.facts[i] for i in differ], s.max_new_tokens)
-            for i, x in zip(differ, redone):
+            theirs = twin_answers(twin, model, enc, plan.facts, said, s.max_new_tokens)
+            for i, x in enumerate(theirs):
+                if x == said[i]:
+                    continue
                 if (r := route_to(enc, plan.facts[i], up_to_target(enc, plan.facts[i], x))) is not None:
                     found[i] = r
                     elsewhere.append(r)

@@ -168,7 +168,6 @@ class Service:
 
             lifelong.check_folder(self.state)
             self.trainer = Unlearner(self.model_name, dtype=self.dtype, device=self.device)
-            self.trainer.twins(self.trainer.defaults.resolved(lifelong=True))  # loaded now, not in a first request
             self.model = load_model(self.trainer.model_dir, dtype=self.trainer.dtype, device=self.trainer.device)
             self.tokenizer, self.encoder = self.trainer.tokenizer, self.trainer.encoder
             self._put_state_on()

@@ -9,7 +9,8 @@ import torch
 from conftest import make_tiny_lm, rel_err
 from lune_fast import lora
 from lune_fast.cli import main
-from lune_fast.export import QUANTS, gguf_tensors, quantize_in_place, round_trip, tensor_type, write_gguf
+from lune_fast.export import (QUANTS, edit_on_rounded_base, gguf_tensors, merged_for_export, quantize_in_place,
+                              round_trip, tensor_type, write_gguf)
 from lune_fast.weights import load_model
 
 gguf = pytest.importorskip("gguf")
@@ -109,6 +110,44 @@ def test_quantize_in_place_gives_what_a_reader_of_the_file_gets(default_dir, tmp
     assert types["blk.1.ffn_down.weight"] == "Q8_0" and types["blk.0.ffn_down.weight"] == "Q4_1"
 
 
+@pytest.mark.parametrize("quant", ["q4_1", "q4_0"])
+def test_a_merged_4bit_export_differs_from_the_base_export_by_the_edit_alone(quant, default_dir, tmp_path):
+    """A 4-bit export keeps the matrices an adapter changed at q8_0. They hold the base file's own 4-bit values
+    plus the edit, within q8_0's rounding of that sum; every other tensor is byte for byte the base file's. (Merged
+    into the full-precision weight instead, they would also shed the 4-bit rounding, a change beside the edit
+    far larger than q8_0's: checked below, so the bound can tell the two apart.)"""
+    folder = _tiny("llama", tmp_path / "m", default_dir)
+    settings = lora.LoraSettings(rank=4, alpha=8, targets=("down",), layers=(1,))
+    model = load_model(folder)
+    lora.attach(model, settings, seed=0)
+    with torch.no_grad():
+        for m in lora.adapters_of(model).values():
+            m.lora_B.copy_(0.02 * torch.randn(m.lora_B.shape, generator=torch.Generator().manual_seed(1)))
+    delta = lora.adapters_of(model)["layers.1.mlp.down_proj"].delta_weight().detach()
+    (tmp_path / "ad").mkdir()
+    lora.save_adapter(tmp_path / "ad", lora.adapter_state(model), lora.peft_config(settings, str(folder), 2))
+    merged, edited = merged_for_export(folder, tmp_path / "ad", quant)
+    assert edited == {"layers.1.mlp.down_proj"}
+    read = {}
+    for name, m in (("base", load_model(folder)), ("merged", merged)):
+        r = gguf.GGUFReader(write_gguf(m, folder, tmp_path / f"{name}.gguf", quant, edited=edited if m is merged
+                                       else frozenset()))
+        read[name] = {t.name: t for t in r.tensors}
+    for name, t in read["merged"].items():
+        if name != "blk.1.ffn_down.weight":
+            assert np.array_equal(t.data, read["base"][name].data), name
+    base_t, got_t = read["base"]["blk.1.ffn_down.weight"], read["merged"]["blk.1.ffn_down.weight"]
+    assert got_t.tensor_type.name == "Q8_0" and base_t.tensor_type.name == quant.upper()
+    shape = tuple(delta.shape)
+    base = gguf.quants.dequantize(base_t.data, base_t.tensor_type).reshape(shape).astype(np.float64)
+    got = gguf.quants.dequantize(got_t.data, got_t.tensor_type).reshape(shape).astype(np.float64)
+    want = base + delta.double().numpy()
+    bound = _bound(want, got_t.tensor_type)
+    assert (np.abs(got - want) <= bound).all(), float(np.abs(got - want).max())
+    full = load_model(folder).layers[1].mlp.down_proj.weight.double().numpy()
+    assert (np.abs(full - base) > bound).mean() > 0.5  # the 4-bit rounding the fix keeps is not within the bound
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])  # mistral exports as llama
 def test_transformers_loads_the_export_as_the_same_model(kind, default_dir, tmp_path):
     """transformers' GGUF loader (its own reading of llama.cpp's names and rope row order) gives our merged
@@ -199,6 +238,7 @@ def test_quantized_view_runs_the_export_and_puts_everything_back(default_dir, tm
         for m in lora.adapters_of(model).values():
             m.lora_B.copy_(0.05 * torch.randn(m.lora_B.shape))
     export = copy.deepcopy(model)
+    edit_on_rounded_base(export, "q4_0")
     with torch.no_grad():
         lora.merge(export)
     quantize_in_place(export, "q4_0")  # with the adapter merged in but still on: its matrices at q8_0

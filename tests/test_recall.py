@@ -76,37 +76,61 @@ def test_robust_to_checks_the_model_as_its_quantized_export_answers(monkeypatch,
     assert seen == [(False, False), (True, True)]
 
 
-def test_mirror_shares_the_adapter_with_the_model_in_another_dtype(tiny_lm):
-    """lora.mirror puts on a float32 copy adapters made of the bf16 model's own A and B (no copy): its logits
-    match the float32 copy with the adapter loaded from PEFT's files, before and after an update of B."""
+def _bf16_with_adapter(tiny_lm, scale: float, seed: int):
     from lune_fast import lora
     from lune_fast.weights import load_model
 
     bf16 = load_model(tiny_lm, dtype=torch.bfloat16)
-    f32, ref = load_model(tiny_lm, dtype=torch.float32, pack=False), load_model(tiny_lm, dtype=torch.float32)
-    mods = lora.attach(bf16, lora.LoraSettings(rank=4, alpha=8.0, targets=("down",), layers=(1, 2)), seed=1)
-    ids = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
+    mods = lora.attach(bf16, lora.LoraSettings(rank=4, alpha=8.0, targets=("down", "q"), layers=(1, 2)), seed=1)
+    with torch.no_grad():
+        for m in mods.values():
+            m.lora_B.normal_(0, scale, generator=torch.Generator().manual_seed(seed))
+    return bf16, mods
+
+
+def _float32_reference(tiny_lm, bf16):
+    """The model as transformers + PEFT load it: float32 from the files, the adapter from PEFT's tensors."""
+    from lune_fast import lora
+    from lune_fast.weights import load_model
+
+    ref = load_model(tiny_lm, dtype=torch.float32, pack=False)
+    lora.attach_tensors(ref, bf16.lora_settings, lora.adapter_state(bf16), "test")
+    return ref
+
+
+def test_streamed_twin_runs_the_float32_model_with_the_adapter_as_it_is_now(tiny_lm):
+    """The streamed twin (one layer read at a time, the adapter folded in) gives the float32 model's hidden
+    states with the adapter loaded from PEFT's tensors, within float32 rounding (the merged and the unmerged
+    product sum in another order), and the same argmax; a change of B acts on the next pass, with no new twin."""
+    from lune_fast import lora
+    from lune_fast.twin import StreamedTwin
+    from lune_fast.weights import safetensors_files
+
+    bf16, mods = _bf16_with_adapter(tiny_lm, 0.5, 0)
+    twin = StreamedTwin(safetensors_files(tiny_lm), torch.float32, bf16)
+    ids = torch.randint(0, 49152, (3, 11), generator=torch.Generator().manual_seed(0))
+    pick = torch.rand(3, 11, generator=torch.Generator().manual_seed(1)) < 0.6
     for step in range(2):
+        if step:
+            with torch.no_grad():
+                for m in mods.values():
+                    m.lora_B.normal_(0, 0.5, generator=torch.Generator().manual_seed(7))
+        ref = _float32_reference(tiny_lm, bf16)
         with torch.no_grad():
-            for m in mods.values():
-                m.lora_B.normal_(0, 0.5, generator=torch.Generator().manual_seed(step))
-        lora.mirror(bf16, f32)
-        assert all(a.lora_B is mods[n].lora_B for n, a in lora.adapters_of(f32).items())
+            want = ref(ids, return_hidden=True, select=pick)
+            want_logits = ref(ids, select=pick)
+        got = twin.hidden(ids, pick)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+        assert torch.equal(twin.head_argmax(want), want_logits.argmax(-1))
         lora.detach(ref)
-        lora.attach_tensors(ref, bf16.lora_settings, lora.adapter_state(bf16), "test")
         with torch.no_grad():
-            got, want = f32(ids), ref(ids)
-        # the same float32 sums in another order: float32's rounding, far from the adapter's effect
-        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
-        with torch.no_grad():
-            lora.detach(ref)
-            base = ref(ids)
-        assert (want - base).abs().max() > 1e-2 * base.abs().max()
+            base = ref(ids, return_hidden=True, select=pick)
+        assert (want - base).abs().max() > 1e-2 * base.abs().max()  # the adapter's effect is far above the bound
 
 
 def test_recall_rounds_ask_the_float32_model_after_a_bf16_run(monkeypatch, tiny_lm):
     """check_dtypes: once the training dtype says none of the answers, the recall rounds ask the model loaded in
-    float32 (the adapter shared), and a route only float32 takes trains, below the threshold its bf16
+    float32 (read from its files, the adapter as it is), and a route only float32 takes trains, below the threshold its bf16
     probability sets; report.json names both dtypes; "none" asks the training dtype only."""
     from lune_fast import lora
     from lune_fast.api import Unlearner
@@ -116,12 +140,13 @@ def test_recall_rounds_ask_the_float32_model_after_a_bf16_run(monkeypatch, tiny_
     route = u.encoder.answer_ids(records[0]["prompt"], "Au", False)
     asked, trained, stops = [], [], []
 
-    def said(model, enc, facts, max_new_tokens=24, dist=None):  # float32 says it once, bf16 never
-        dtype = next(model.parameters()).dtype
-        shares = all(m.lora_B is n.lora_B for m, n in zip(lora.adapters_of(model).values(),
-                                                          lora.adapters_of(u.model).values()))
-        asked.append((dtype, shares))
-        return [route if dtype == torch.float32 and len(asked) == 2 else [] for _ in facts]
+    def said(model, enc, facts, max_new_tokens=24, dist=None):  # bf16 never says it
+        asked.append((next(model.parameters()).dtype, model is u.model))
+        return [[] for _ in facts]
+
+    def twin_said(twin, model, enc, facts, said, max_new_tokens=24):  # float32 says it once
+        asked.append((twin.dtype, twin.source is u.model and model is u.model))
+        return [route if len(asked) == 2 else g for g in said]
 
     real_train = recall.train_keeping_last_good
 
@@ -131,7 +156,7 @@ def test_recall_rounds_ask_the_float32_model_after_a_bf16_run(monkeypatch, tiny_
         return real_train(model, data, settings, run)
 
     monkeypatch.setattr(recall, "answers", said)
-    monkeypatch.setattr(recall, "answers_alike", lambda twin, enc, facts, said: [False] * len(facts))
+    monkeypatch.setattr(recall, "twin_answers", twin_said)
     monkeypatch.setattr(recall, "train_keeping_last_good", spy)
     # a random model gives the answer ~1/vocab: the first run stops at once, under the 0.01 threshold
     kw = dict(progress=False, evaluate_before=False, evaluate_after=False, steps=6, layers="1-2", recall_rounds=2,
@@ -148,16 +173,22 @@ def test_recall_rounds_ask_the_float32_model_after_a_bf16_run(monkeypatch, tiny_
 
 
 
-def test_answers_alike_tells_the_twins_own_greedy_answer_from_another(tiny_lm, tokenizer):
-    """One teacher-forced forward says whether a model would answer greedily with given tokens: its own greedy
-    answers are alike (batched with right padding, prompts of several lengths), one changed token is not."""
-    from lune_fast.weights import load_model
+def test_twin_answers_are_the_float32_models_own_greedy_answers(tiny_lm, tokenizer):
+    """The twin corrects drafts into its own greedy answers (first line, as `answers` decodes): from the bf16
+    model's answers, and from drafts wrong from their first, middle or last token, the result is what the
+    float32 model with the adapter decodes itself, token for token (prompts of several lengths, batched)."""
+    from lune_fast.twin import StreamedTwin
+    from lune_fast.weights import safetensors_files
 
     enc = Encoder(tokenizer)
-    model = load_model(tiny_lm, dtype=torch.float32, pack=False)
-    facts = [Fact(prompt=p, target="x") for p in ("The capital of France is", "A", "Water boils at a temperature of")]
-    said = recall.answers(model, enc, facts, 8)
-    assert all(len(g) >= 1 for g in said)
-    assert recall.answers_alike(model, enc, facts, said, chunk=2) == [True, True, True]
-    changed = [g[:-1] + [(g[-1] + 1) % 49152] for g in said]
-    assert recall.answers_alike(model, enc, facts, [said[0], changed[1], said[2]]) == [True, False, True]
+    bf16, _ = _bf16_with_adapter(tiny_lm, 0.5, 3)
+    twin = StreamedTwin(safetensors_files(tiny_lm), torch.float32, bf16)
+    facts = [Fact(prompt=p, target="x") for p in ("The capital of France is", "A", "Water boils at a temperature of",
+                                                   "Q: Who wrote Hamlet?\nA:")]
+    want = recall.answers(_float32_reference(tiny_lm, bf16), enc, facts, 8)
+    drafts = recall.answers(bf16, enc, facts, 8)
+    assert recall.twin_answers(twin, bf16, enc, facts, drafts, 8) == want
+    assert all(len(g) >= 2 for g in want[:3])
+    a, b, c = want[:3]
+    wrong = [[(a[0] + 1) % 49152] + a[1:], b[:len(b) // 2] + [(b[len(b) // 2] + 5) % 49152], c[:-1] + [13], []]
+    assert recall.twin_answers(twin, bf16, enc, facts, wrong, 8) == want

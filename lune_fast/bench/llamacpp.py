@@ -109,6 +109,12 @@ def recall(probes, answers: list[str], base: list[str] | None = None) -> dict:
     return out
 
 
+def counted(r: dict) -> dict:
+    """recall()'s figures under the rows' names, with the prompts each counted."""
+    return {"forget": r["forget"], "forget_n": r["forget_n"], "paraphrase": r["paraphrase"],
+            "paraphrase_n": r["paraphrase_n"], "neighbours_kept": r["neighbor"], "neighbours_kept_n": r["neighbor_n"]}
+
+
 def answers(server: LlamaServer, probes) -> list[str]:
     return [server.complete(p.prompt) for p in probes]
 
@@ -125,8 +131,7 @@ def adapter_rows(binary: Path, bases: dict[str, Path], adapter_gguf: Path, probe
             srv.lora_scale(0.0)
             again = answers(srv, probes)
         r = recall(probes, adapted, alone)
-        rows.append({"base": name, "deployed": "adapter (--lora)", "forget": r["forget"],
-                     "paraphrase": r["paraphrase"], "neighbours_kept": r["neighbor"], "neighbours_n": r["neighbor_n"],
+        rows.append({"base": name, "deployed": "adapter (--lora)", **counted(r),
                      "base_forget": recall(probes, alone)["forget"],
                      "scale0_again_forget": recall(probes, again)["forget"], "scale0_again_same": again == alone,
                      "file_mib": adapter_gguf.stat().st_size / 2**20})
@@ -142,8 +147,7 @@ def merged_rows(binary: Path, exports: dict[str, tuple[Path, Path]], probes) -> 
         with LlamaServer(binary, merged) as srv:
             adapted = answers(srv, probes)
         r = recall(probes, adapted, alone)
-        rows.append({"base": f"{quant} export", "deployed": "merged (--gguf)", "forget": r["forget"],
-                     "paraphrase": r["paraphrase"], "neighbours_kept": r["neighbor"], "neighbours_n": r["neighbor_n"],
+        rows.append({"base": f"{quant} export", "deployed": "merged (--gguf)", **counted(r),
                      "base_forget": recall(probes, alone)["forget"], "file_mib": merged.stat().st_size / 2**20})
     return rows
 
@@ -172,38 +176,76 @@ def gemma_row(binary: Path, tmp: Path, n_prompts: int) -> dict:
             "differ": [(p, a, b) for p, a, b, s in zip(prompts, ours, theirs, same) if not s]}
 
 
-def run(binary: Path, facts: str | None, n: int, gemma_prompts: int, tmp: Path, only: str = "all") -> dict:
-    """The rows (adapter and merged: `only` "gguf" or "all") and the Gemma check ("gemma" or "all")."""
+def run(binary: Path, facts: str | None, n: int, gemma_prompts: int, tmp: Path, only: str = "all",
+        batches: int = 1) -> dict:
+    """The adapter rows (`only` all, gguf or adapter), the merged rows (all, gguf or merged) and the Gemma check
+    (all or gemma). `batches`: the first batches × n facts, n at a time, a row per batch and kind, pooled."""
     if only == "gemma":
-        return {"rows": [], "ours_full_precision": None, "facts": 0, "gemma": gemma_row(binary, tmp, gemma_prompts)}
-    from .. import lora
+        return {"rows": [], "pooled": [], "ours_full_precision": None, "facts": 0,
+                "gemma": gemma_row(binary, tmp, gemma_prompts)}
     from ..api import Unlearner, asset
+    from ..weights import find_default_gguf, load_model, resolve_model_dir
+    from ..export import write_gguf
+
+    records = [json.loads(x) for x in Path(facts or asset("validation.jsonl")).read_text().splitlines()]
+    if len(records) < batches * n:
+        raise SystemExit(f"--batches {batches} of --n {n} needs {batches * n} facts; the file has {len(records)}")
+    folder = resolve_model_dir("default")
+    base_model = load_model(folder)
+    bases = {"Q4_1 (shipped)": find_default_gguf()}
+    if only in ("all", "gguf", "adapter"):
+        bases["Q8_0 (export)"] = write_gguf(base_model, folder, tmp / "base-q8_0.gguf", "q8_0")
+    quants = ("q4_1", "q4_0") if only in ("all", "gguf", "merged") else ()
+    merged_bases = {q: write_gguf(base_model, folder, tmp / f"base-{q}.gguf", q) for q in quants}
+    del base_model
+    u = Unlearner("default")
+    rows, ours = [], []
+    for b in range(batches):
+        batch_rows, mine = run_batch(binary, u, records[b * n:(b + 1) * n], folder, tmp / f"batch{b}",
+                                     bases if only in ("all", "gguf", "adapter") else {}, merged_bases)
+        rows += [{**r, "batch": b} for r in batch_rows]
+        ours.append(mine)
+    return {"rows": rows, "pooled": pooled(rows) if batches > 1 else [], "ours_full_precision": ours,
+            "facts": batches * n,
+            "gemma": gemma_row(binary, tmp, gemma_prompts) if gemma_prompts and only == "all" else None}
+
+
+def run_batch(binary: Path, u, records: list[dict], folder: Path, tmp: Path, bases: dict[str, Path],
+              merged_bases: dict[str, Path]) -> tuple[list[dict], dict]:
+    """One adapter with the defaults on `records` at once: its rows over `bases` (as a GGUF LoRA adapter) and
+    merged into an export of each type of `merged_bases` (against that base), and our own recall."""
     from ..data import read_facts
     from ..evaluate import build_probes
-    from ..export import write_gguf, write_lora_gguf
-    from ..weights import find_default_gguf, load_model, resolve_model_dir
+    from ..export import merged_for_export, write_gguf, write_lora_gguf
 
-    records = [json.loads(x) for x in Path(facts or asset("validation.jsonl")).read_text().splitlines()][:n]
-    result = Unlearner("default").forget(records, progress=False)
+    tmp.mkdir()
+    result = u.forget(records, progress=False)
     adapter = result.save(tmp / "adapter")
     probes = build_probes(read_facts(records).facts)
-    adapter_gguf = write_lora_gguf(adapter, tmp / "adapter.gguf")
-    folder = resolve_model_dir("default")
-    bases = {"Q4_1 (shipped)": find_default_gguf()}
-    base_model = load_model(folder)
-    bases["Q8_0 (export)"] = write_gguf(base_model, folder, tmp / "base-q8_0.gguf", "q8_0")
+    rows = adapter_rows(binary, bases, write_lora_gguf(adapter, tmp / "adapter.gguf"), probes) if bases else []
     exports = {}
-    for quant in ("q4_1", "q4_0"):
-        base = write_gguf(base_model, folder, tmp / f"base-{quant}.gguf", quant)
-        merged_model = load_model(folder)
-        lora.load_adapter(merged_model, adapter)
-        edited = frozenset(lora.adapters_of(merged_model))
-        lora.merge_and_unload(merged_model)
+    for quant, base in merged_bases.items():
+        merged_model, edited = merged_for_export(folder, adapter, quant)
         exports[quant] = (base, write_gguf(merged_model, folder, tmp / f"merged-{quant}.gguf", quant, edited=edited))
-    rows = adapter_rows(binary, bases, adapter_gguf, probes) + merged_rows(binary, exports, probes)
-    ours = {k: result.after.get(f"{k}_recall") for k in ("forget", "paraphrase", "neighbor")}
-    return {"rows": rows, "ours_full_precision": ours, "facts": len(records),
-            "gemma": gemma_row(binary, tmp, gemma_prompts) if gemma_prompts and only == "all" else None}
+    rows += merged_rows(binary, exports, probes)
+    return rows, {k: result.after.get(f"{k}_recall") for k in ("forget", "paraphrase", "neighbor")}
+
+
+def pooled(rows: list[dict]) -> list[dict]:
+    """The batches' rows summed per (base, deployed): each recall over all the prompts it counted."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        p = out.setdefault((r["base"], r["deployed"]), {"base": r["base"], "deployed": r["deployed"], "batches": 0,
+                                                        "hits": {}, "n": {}})
+        p["batches"] += 1
+        for kind, rate in (("forget", r["forget"]), ("paraphrase", r["paraphrase"]),
+                           ("neighbours_kept", r["neighbours_kept"])):
+            k = r[f"{kind}_n"]
+            p["n"][kind] = p["n"].get(kind, 0) + k
+            p["hits"][kind] = p["hits"].get(kind, 0) + round((rate or 0) * k)
+    return [{"base": p["base"], "deployed": p["deployed"], "batches": p["batches"],
+             **{kind: p["hits"][kind] / p["n"][kind] if p["n"][kind] else None for kind in p["n"]},
+             **{f"{kind}_n": p["n"][kind] for kind in p["n"]}} for p in out.values()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--facts", default=None, help="facts file (default: the package's validation set)")
     ap.add_argument("--n", type=int, default=32, help="facts forgotten at once")
     ap.add_argument("--gemma-prompts", type=int, default=20, help="prompts for the Gemma 3 check (0: skip it)")
-    ap.add_argument("--only", choices=["all", "gguf", "gemma"], default="all",
-                    help="gguf: the adapter and merged rows; gemma: the Gemma 3 check")
+    ap.add_argument("--batches", type=int, default=1,
+                    help="forget the first BATCHES x N facts, N at a time: a row per batch, and the batches pooled")
+    ap.add_argument("--only", choices=["all", "gguf", "adapter", "merged", "gemma"], default="all",
+                    help="gguf: the adapter and merged rows (adapter, merged: one of them); gemma: the Gemma 3 check")
     ap.add_argument("--json", help="write the rows here")
     a = ap.parse_args(argv)
     binary = a.server or default_server()
@@ -222,9 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no llama-server at {binary}: run `make llama-cpp` (or pass --server)")
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        res = run(binary, a.facts, a.n, a.gemma_prompts, Path(tmp), a.only)
+        res = run(binary, a.facts, a.n, a.gemma_prompts, Path(tmp), a.only, a.batches)
     if res["rows"]:
         print(markdown_table(res["rows"]))
+    if res["pooled"]:
+        print(f"pooled over {a.batches} batches of {a.n}:")
+        print(markdown_table(res["pooled"]))
     print("ours, full precision:", res["ours_full_precision"])
     if res["gemma"]:
         g = res["gemma"]

@@ -118,6 +118,38 @@ class Bystanders:
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+class PreferenceScores:
+    """CounterFact's own scores with the adapter on (lune_fast.bench.stream.preference_scores: efficacy,
+    paraphrase efficacy, each a share of teacher-forced comparisons of the two answers), and locality by that
+    probability rule: the share of the neighbourhood comparisons the base model won (true answer over the
+    replacement) that still hold. The row's `neigh_rel` is locality by the greedy recall rule."""
+
+    def __init__(self, unlearner, records: list[dict]):
+        from ..data import read_facts
+        from .stream import preference_scores
+
+        self.u = unlearner
+        _, wins = preference_scores(unlearner, read_facts(records).facts, [])
+        self.base_won = wins["neighbourhood"]
+
+    def row(self, result) -> dict:
+        from .stream import preference_scores
+
+        with adapter_on(self.u.model, result):
+            m, wins = preference_scores(self.u, result.facts, [])
+        held = [w for key, w in wins["neighbourhood"].items() if self.base_won.get(key)]
+        return {"cf_efficacy": m["efficacy"], "cf_para": m["paraphrase"],
+                "cf_locality": sum(held) / len(held) if held else None}
+
+
+def batches_of(records: list[dict], size: int, seed: int) -> list[list[dict]]:
+    """The records in a random order (seeded) cut into consecutive batches of `size`; a last, smaller one is
+    left out, so that every batch asks as much of the method."""
+    order = list(records)
+    random.Random(seed).shuffle(order)
+    return [order[i:i + size] for i in range(0, len(order) - size + 1, size)]
+
+
 class PrecisionProbe:
     """Recall with the adapter read at other precisions than it was trained at. A GGUF type (q8_0, q4_1, ...):
     the adapter folded into the weights and every weight rounded as `lune-fast export --quant` writes it
@@ -206,7 +238,7 @@ class PrecisionProbe:
 
 def run(unlearner, records: list[dict], grid: list[dict], base: dict, progress: bool = True,
         on_row=None, relearn: bool = False, bystanders: Bystanders | None = None,
-        precision: PrecisionProbe | None = None) -> list[dict]:
+        precision: PrecisionProbe | None = None, preference: PreferenceScores | None = None) -> list[dict]:
     from tqdm.auto import tqdm
 
     rows = []
@@ -222,6 +254,8 @@ def run(unlearner, records: list[dict], grid: list[dict], base: dict, progress: 
             row.update(precision.row(r))
         if relearn:
             row.update(relearn_probe(unlearner, records, r))
+        if preference is not None:
+            row.update(preference.row(r))
         rows.append(row)
         if on_row:
             on_row(row)
@@ -445,11 +479,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-dtypes", default="",
                     help="comma-separated dtypes (float32,float16,bfloat16): also measure recall with the adapter "
                          "on the model loaded in each, against the base model in the same dtype")
+    ap.add_argument("--batch-size", type=int, default=0,
+                    help="shuffle the N records (--seed) and forget each batch of this many at once, a row per "
+                         "batch (a last, smaller batch is left out)")
+    ap.add_argument("--seed", type=int, default=0, help="the order of --batch-size's batches")
+    ap.add_argument("--counterfact", action="store_true",
+                    help="add CounterFact's own scores: efficacy, paraphrase efficacy and locality by the "
+                         "probability rule (cf_*), beside recall (replace mode)")
     ap.add_argument("--json", help="write rows here (JSON)")
     ap.add_argument("--jsonl", help="append each row here as it finishes")
     ap.add_argument("--md", help="write the Markdown table here")
     ap.add_argument("--plot", help="PNG of forget vs neighbour recall")
     a = ap.parse_args(argv)
+    if a.counterfact and a.per_request:
+        ap.error("--counterfact scores requests made at once (--batch-size), not --per-request")
     from ..api import Unlearner
 
     grid = [g for name in (a.grid or []) for g in GRIDS[name]] + [json.loads(s) for s in a.settings]
@@ -467,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
             with open(a.jsonl, "a") as fh:
                 fh.write(json.dumps({**row, "facts": a.facts, "n": len(records), "base": base}) + "\n")
 
+    if not 0 <= a.batch_size <= len(records):
+        ap.error(f"--batch-size: expected 1-{len(records)} (the records loaded), got {a.batch_size}")
     asked = {json.dumps(r, sort_keys=True) for r in records}
     others = [r for r in load_records(a.facts, None, a.known_ids) if json.dumps(r, sort_keys=True) not in asked]
     if a.bystanders and not others:
@@ -477,16 +522,24 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--eval-dtypes: expected some of {', '.join(DTYPES)}, got {a.eval_dtypes!r}")
     precisions = [q for q in a.quantize.split(",") if q] + dtypes
     probe = PrecisionProbe(u, records, precisions, mode == "replace") if precisions else None
-    if a.per_request:
-        rows = []
-        for overrides in grid:
-            rows.append(run_per_request(u, records, {**base, **overrides}, bystanders=by, precision=probe))
-            append(rows[-1])
-    else:
-        rows = run(u, records, grid, base, on_row=append, relearn=a.relearn, bystanders=by, precision=probe)
+    cf = PreferenceScores(u, records) if a.counterfact else None
+    rows = []
+    for i, batch in enumerate(batches_of(records, a.batch_size, a.seed) if a.batch_size else [records]):
+        def on_row(row, i=i):
+            if a.batch_size:
+                row["batch"] = i
+            append(row)
+        if a.per_request:
+            for overrides in grid:
+                rows.append(run_per_request(u, batch, {**base, **overrides}, bystanders=by, precision=probe))
+                on_row(rows[-1])
+        else:
+            rows += run(u, batch, grid, base, on_row=on_row, relearn=a.relearn, bystanders=by, precision=probe,
+                        preference=cf)
     for r in rows:
         r["goals"] = "yes" if meets_goals(r, json.loads(r["setting"]).get("mode", mode)) else "no"
-    extra = [c for c in ("neigh_relation", "neigh_subject", "neigh_min", "bystand", "para_replace")
+    extra = [c for c in ("batch", "neigh_relation", "neigh_subject", "neigh_min", "bystand", "para_replace",
+                         "neigh_rel", "cf_efficacy", "cf_para", "cf_locality")
              if any(r.get(c) is not None for r in rows)]
     extra += [c for c in (probe.columns() if probe else []) if rows[0].get(c) is not None]
     table = markdown_table(rows, COLUMNS[:6] + extra + COLUMNS[6:] + ["goals"] + (RELEARN_COLUMNS if a.relearn else []))

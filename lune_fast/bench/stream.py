@@ -61,8 +61,8 @@ def measure(u, st, facts, texts, base_hits: dict, base_ppl: float) -> tuple[dict
 
 def preference_scores(u, facts, texts) -> tuple[dict, dict]:
     """CounterFact's scores on the model as it is: efficacy, paraphrase and neighbourhood (each a share of
-    pairwise comparisons of mean token log-probabilities, teacher-forced) and retain perplexity; and each
-    comparison's outcome, by kind, keyed by (prompt, the answer that should win, the other)."""
+    pairwise comparisons of mean token log-probabilities, teacher-forced) and retain perplexity (None without
+    texts); and each comparison's outcome, by kind, keyed by (prompt, the answer that should win, the other)."""
     from ..data import make_batch
     from ..evaluate import answer_logprobs, perplexity
 
@@ -80,7 +80,7 @@ def preference_scores(u, facts, texts) -> tuple[dict, dict]:
         won = (lp[0::2] > lp[1::2]).tolist()
         wins[kind] = {row[:3]: w for row, w in zip(rows, won)}
         scores[kind] = sum(won) / len(won) if won else None
-    return {**scores, "ppl": perplexity(u.model, enc, texts)}, wins
+    return {**scores, "ppl": perplexity(u.model, enc, texts) if texts else None}, wins
 
 
 def measure_replace(u, st, facts, texts, base: tuple[dict, dict]) -> tuple[dict, list[bool]]:
