@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--open-completions", action="store_true", help="completions without the token")
     sv.add_argument("--evaluate", action="store_true",
                     help="measure each request before and after (its metrics in GET /v1/requests/ID; slower)")
+    sv.add_argument("--check-dtypes", default=None, metavar="LIST",
+                    help="as unlearn's: the dtypes each request's recall rounds also ask (default: float32 when "
+                         "training in bfloat16 or float16; 'none': only the served dtype, ~0.4 s less a request)")
     _add_model_args(sv)
 
     d = _sub(sub, "demo", "unlearn a few of the package's facts on the default model",
@@ -579,7 +582,7 @@ def cmd_demo(a) -> int:
 def cmd_serve(a) -> int:
     import ipaddress
 
-    from .settings import SettingsError
+    from .settings import Settings, SettingsError
 
     token = None
     if a.token_file:
@@ -596,6 +599,8 @@ def cmd_serve(a) -> int:
     if not loopback and token is None:
         raise SettingsError(f"--host {a.host} is reachable from other machines: give --token-file (every deletion "
                             f"request must then carry it), or bind to 127.0.0.1")
+    if a.check_dtypes:
+        Settings(check_dtypes=a.check_dtypes).check_dtype_list()  # refused now, not at the first request
     try:
         import uvicorn
 
@@ -608,8 +613,8 @@ def cmd_serve(a) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # one JSON line a request
     print(f"lune-fast: serving {a.state} on http://{a.host}:{a.port} (loading the model; GET /readyz)",
           file=sys.stderr, flush=True)
-    uvicorn.run(app(a.state, a.model, token, a.open_completions, a.dtype, a.device, a.evaluate), host=a.host,
-                port=a.port, log_level="warning")
+    uvicorn.run(app(a.state, a.model, token, a.open_completions, a.dtype, a.device, a.evaluate,
+                    check_dtypes=a.check_dtypes), host=a.host, port=a.port, log_level="warning")
     return 0
 
 

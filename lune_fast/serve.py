@@ -146,9 +146,10 @@ class Service:
     once, /readyz once it is done)."""
 
     def __init__(self, state: str | Path, model: str = "default", dtype: str = "auto", device: str = "cpu",
-                 evaluate: bool = False):
+                 evaluate: bool = False, check_dtypes: str | None = None):
         self.state = Path(state).resolve()
         self.model_name, self.dtype, self.device, self.evaluate = model, dtype, device, evaluate
+        self.check_dtypes = check_dtypes  # Settings.check_dtypes of every request (None: the default)
         self.journal = Journal(self.state.parent / f".{self.state.name}.journal.jsonl")
         self.requests: OrderedDict[str, Request] = OrderedDict()
         self.todo: queue.Queue[str] = queue.Queue()
@@ -167,7 +168,8 @@ class Service:
             from .weights import load_model
 
             lifelong.check_folder(self.state)
-            self.trainer = Unlearner(self.model_name, dtype=self.dtype, device=self.device)
+            self.trainer = Unlearner(self.model_name, dtype=self.dtype, device=self.device,
+                                     **({"check_dtypes": self.check_dtypes} if self.check_dtypes else {}))
             self.model = load_model(self.trainer.model_dir, dtype=self.trainer.dtype, device=self.trainer.device)
             self.tokenizer, self.encoder = self.trainer.tokenizer, self.trainer.encoder
             self._put_state_on()
@@ -362,7 +364,8 @@ def _safe_end(text: str, stops: list[str]) -> int:
 
 # -- the HTTP layer -------------------------------------------------------------------------------------------
 def app(state: str | Path, model: str = "default", token: str | None = None, open_completions: bool = False,
-        dtype: str = "auto", device: str = "cpu", evaluate: bool = False, service: Service | None = None):
+        dtype: str = "auto", device: str = "cpu", evaluate: bool = False, service: Service | None = None,
+        check_dtypes: str | None = None):
     """The FastAPI app of the service (the model loads in the background once it starts)."""
     from fastapi import Depends, FastAPI, HTTPException, Request as HTTPRequest
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -404,7 +407,7 @@ def app(state: str | Path, model: str = "default", token: str | None = None, ope
         messages: list[Message] = Field(min_length=1)
         max_tokens: int = Field(256, ge=1)
 
-    svc = service or Service(state, model, dtype, device, evaluate)
+    svc = service or Service(state, model, dtype, device, evaluate, check_dtypes)
     registry = CollectorRegistry()
     http_requests = Counter("lune_fast_http_requests", "HTTP requests", ["path", "code"], registry=registry)
     latency = Histogram("lune_fast_http_seconds", "HTTP request time", ["path"], registry=registry,

@@ -148,6 +148,12 @@ class Settings:
     checkpoint_every: int = 0
     max_batch_tokens: int = 4096  # per micro-batch; larger forget sets accumulate gradients over several
 
+    def check_dtype_list(self) -> None:
+        for d in (self.check_dtypes or "none").split(","):
+            if d not in ("none", "float32", "bfloat16", "float16"):
+                raise SettingsError(f"check_dtypes: expected a comma-separated list of float32, bfloat16, float16 "
+                                    f"or 'none', got {self.check_dtypes!r}")
+
     def resolved(self, sharded: bool = False, chat: bool = False, lifelong: bool = False) -> "Settings":
         """Every None filled with the measured default of the mode and adapter kind. The adapter kind itself is
         keyed, except under FSDP (keyed adapters read whole matrices) and for requests of chat questions only
@@ -204,10 +210,7 @@ class Settings:
             raise SettingsError(f"recall_rounds must be non-negative, got {self.recall_rounds}")
         if self.robust_to is not None and self.robust_to not in QUANTS:
             raise SettingsError(f"robust_to must be one of {', '.join(QUANTS)}, got {self.robust_to!r}")
-        for d in (self.check_dtypes or "none").split(","):
-            if d not in ("none", "float32", "bfloat16", "float16"):
-                raise SettingsError(f"check_dtypes: expected a comma-separated list of float32, bfloat16, float16 "
-                                    f"or 'none', got {self.check_dtypes!r}")
+        self.check_dtype_list()
         if self.robust_to is not None and (self.mode != "suppress" or self.recall_rounds == 0):
             raise SettingsError("robust_to works through the recall rounds: suppress mode with recall_rounds > 0")
 

@@ -199,6 +199,9 @@ def test_binding_beyond_loopback_needs_a_token(tmp_path, capsys):
     empty.write_text("\n")
     assert main(["serve", "--state", str(tmp_path / "s"), "--token-file", str(empty)]) == 2
     assert "empty; it must hold the bearer token" in capsys.readouterr().err
+    assert main(["serve", "--state", str(tmp_path / "s"), "--check-dtypes", "float32,float64"]) == 2
+    assert "check_dtypes: expected a comma-separated list" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()  # refused before anything starts
 
 
 # -- killed at any moment: every accepted request in force or queued, exactly once --------------------------------

@@ -42,15 +42,15 @@ def _pct(xs: list[float], q: float) -> float | None:
 class Served:
     """`lune-fast serve` on a fresh state in a temporary folder, for a `with` block."""
 
-    def __init__(self, tmp: Path):
-        self.port, self.tmp = _port(), tmp
+    def __init__(self, tmp: Path, extra: list[str] = ()):
+        self.port, self.tmp, self.extra = _port(), tmp, list(extra)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def __enter__(self):
         import httpx
 
         self.proc = subprocess.Popen([sys.executable, "-m", "lune_fast.cli", "serve", "--state",
-                                      str(self.tmp / "state"), "--port", str(self.port)],
+                                      str(self.tmp / "state"), "--port", str(self.port), *self.extra],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
@@ -192,18 +192,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=120)
     ap.add_argument("--requests", type=int, default=10, help="deletion requests during the load")
     ap.add_argument("--idle-requests", type=int, default=10, help="one-fact requests on the idle service")
+    ap.add_argument("--check-dtypes", default=None, help="the service's --check-dtypes (default: its default)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
+    extra = ["--check-dtypes", a.check_dtypes] if a.check_dtypes else []
     facts = known_facts(a.requests + a.idle_requests)
     with tempfile.TemporaryDirectory() as tmp:
-        with Served(Path(tmp) / "load") as s:
+        with Served(Path(tmp) / "load", extra) as s:
             load = load_phase(s.url, facts[:a.requests], a.clients, a.seconds)
             load["server_memory"] = s.memory_mb()
-        with Served(Path(tmp) / "idle") as s:
+        with Served(Path(tmp) / "idle", extra) as s:
             ready = s.memory_mb()
             idle = idle_phase(s.url, facts[a.requests:])
             idle["server_memory_ready"], idle["server_memory_after"] = ready, s.memory_mb()
-    res = {"load": load, "idle_requests": idle, "clients": a.clients, "seconds": a.seconds}
+    res = {"load": load, "idle_requests": idle, "clients": a.clients, "seconds": a.seconds,
+           "check_dtypes": a.check_dtypes}
     print(json.dumps(res, indent=2))
     if a.json:
         write_json(a.json, {"machine": machine(), **res})
