@@ -343,6 +343,8 @@ def _flat(r, records: list[dict] | None = None) -> dict:
     }
     for kind, prompts in _shares(records or []).items():
         row[f"neigh_{kind}"] = _rate(kept(r, "neighbor", prompts))
+    row["neigh_n"] = kept(r, "neighbor")[1]  # the neighbours the base model answered: what "neigh" counts over
+    row["para_n"] = kept(r, "paraphrase")[1]
     return row
 
 
@@ -539,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["goals"] = "yes" if meets_goals(r, json.loads(r["setting"]).get("mode", mode)) else "no"
     extra = [c for c in ("batch", "neigh_relation", "neigh_subject", "neigh_min", "bystand", "para_replace",
-                         "neigh_rel", "cf_efficacy", "cf_para", "cf_locality")
+                         "neigh_rel", "neigh_n", "cf_efficacy", "cf_para", "cf_locality")
              if any(r.get(c) is not None for r in rows)]
     extra += [c for c in (probe.columns() if probe else []) if rows[0].get(c) is not None]
     table = markdown_table(rows, COLUMNS[:6] + extra + COLUMNS[6:] + ["goals"] + (RELEARN_COLUMNS if a.relearn else []))
