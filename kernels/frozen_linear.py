@@ -37,7 +37,7 @@ ROWS_HINT = 128
 
 PACKED_DTYPES = (torch.bfloat16, torch.float32)
 # float32 (AMD EPYC without AVX-512, 2 cores, `lune-fast bench frozen-linear --dtype float32`, RESULTS.md section
-# 11): a packed weight is read faster at the few rows decoding runs (1.1-1.8x at 8 rows for 576×576 and up,
+# 13): a packed weight is read faster at the few rows decoding runs (1.1-1.8x at 8 rows for 576×576 and up,
 # 3x the head), not for a small one (k/v, 192×576: 80 against 101 µs at 8 rows), and at 64 rows and more
 # F.linear is as fast or faster (0.7-1.4x) except for a weight as large as the head (1.2-2.2x at any rows)
 FLOAT32_ROWS, FLOAT32_MIN, FLOAT32_LARGE = 32, 1 << 18, 1 << 22
