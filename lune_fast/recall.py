@@ -85,7 +85,7 @@ def twin_answers(twin: StreamedTwin, model: Transformer, enc: Encoder, facts: li
     eos = set(eos_ids(enc, model))
     prompts = [enc.prompt_ids(f.prompt, f.chat) for f in facts]
     current, out = [list(g) for g in said], [None] * len(facts)
-    pending = [i for i in range(len(facts))]
+    pending = list(range(len(facts)))
     for _ in range(max_new_tokens + 1):
         if not pending:
             break

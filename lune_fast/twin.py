@@ -21,6 +21,7 @@ import torch
 
 from . import lora
 from .model import Transformer, positions_and_mask, rope_inv_freq
+from .weights import FLOAT_DTYPES, SAFETENSORS_DTYPES
 
 # rows of the output head read at a time for the argmax (49152 × 576 float32: 19 MB a block)
 HEAD_BLOCK = 8192
@@ -46,8 +47,6 @@ class TensorFiles:
     """The tensors of safetensors files by name, read on demand with plain reads: only what is asked for is
     ever in memory, and none of it stays mapped."""
 
-    DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
     def __init__(self, files: list[Path]):
         self.where: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int]] = {}
         for f in files:
@@ -55,8 +54,8 @@ class TensorFiles:
                 n = int.from_bytes(fh.read(8), "little")
                 header = json.loads(fh.read(n))
             for name, meta in header.items():
-                if name != "__metadata__" and meta["dtype"] in self.DTYPES:
-                    self.where[name] = (Path(f), self.DTYPES[meta["dtype"]], tuple(meta["shape"]),
+                if name != "__metadata__" and SAFETENSORS_DTYPES.get(meta["dtype"]) in FLOAT_DTYPES:
+                    self.where[name] = (Path(f), SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]),
                                         8 + n + meta["data_offsets"][0])
 
     def __contains__(self, name: str) -> bool:

