@@ -238,15 +238,16 @@ class LoRALinearTorch(torch.autograd.Function):
         xa = x2 @ A.to(x.dtype).t()
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
         y.addmm_(xa, B.to(x.dtype).t(), alpha=scale)
-        return _keep(ctx, x2, xa, weight, A, B, scale, x.shape, y)
+        # x is only read by dA: a keyed adapter's A is fixed, and keeping x would cost a row of in_features a token
+        return _keep(ctx, x2 if ctx.needs_input_grad[3] else None, xa, weight, A, B, scale, x.shape, y)
 
     @staticmethod
     def backward(ctx, dy):
         x2, xa, weight, A, B = ctx.saved_tensors
         s, need = ctx.scale, ctx.needs_input_grad
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-        dyb = dy2 @ B.to(x2.dtype)
-        dx = (dy2 @ weight).addmm_(dyb, A.to(x2.dtype), alpha=s) if need[0] else None
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(xa.dtype)
+        dyb = dy2 @ B.to(xa.dtype)
+        dx = (dy2 @ weight).addmm_(dyb, A.to(xa.dtype), alpha=s) if need[0] else None
         dA = (dyb.t() @ x2).mul_(s).to(A.dtype) if need[3] else None
         dB = (dy2.t() @ xa).mul_(s).to(B.dtype) if need[4] else None
         return _grads(ctx, dx, dA, dB)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .recompute import recomputed
 from .kernels.frozen_linear import few_rows, frozen_linear
 from .ops import decode_attention, decode_layer
 from .ops import rms_norm as rms_norm_op
@@ -201,6 +202,10 @@ class RMSNorm(nn.Module):
         fused = rms_norm_op(x, self.weight, self.eps, self.offset)  # one C++ op where no gradient is taken
         if fused is not None:
             return fused
+        # with a gradient, x is kept instead of the float32 copies this makes (lune_fast.recompute)
+        return recomputed(self._torch_path, x)
+
+    def _torch_path(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset:  # Gemma: scale by (1 + w) in float32, then cast
@@ -256,15 +261,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttnMask,
         if mask.causal_only:
             return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=H != kvh, scale=scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed, enable_gqa=H != kvh, scale=scale)
+    Tk = k.shape[2]  # T > 1 here
+    blocked = ~torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(Tk - T) if mask.causal_only \
+        else ~mask.allowed.unsqueeze(2)
+    # with a gradient, q, k and v are kept and the probabilities ([heads, T, T] a row, in float32 and bf16) are
+    # computed again in the backward (lune_fast.recompute)
+    return recomputed(lambda q, k, v: _explicit_attention(q, k, v, blocked, scale or D ** -0.5), q, k, v)
+
+
+def _explicit_attention(q, k, v, blocked: torch.Tensor, scale: float) -> torch.Tensor:
+    B, H, T, D = q.shape
+    kvh = k.shape[1]
     g = H // kvh
-    scores = (q.view(B, kvh, g, T, D) @ k.unsqueeze(2).transpose(-1, -2)).float() * (scale or D ** -0.5)
-    if mask.causal_only:
-        if T > 1:
-            Tk = k.shape[2]
-            keep = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(Tk - T)
-            scores = scores.masked_fill(~keep, float("-inf"))
-    else:
-        scores = scores.masked_fill(~mask.allowed.unsqueeze(2), float("-inf"))
+    scores = (q.view(B, kvh, g, T, D) @ k.unsqueeze(2).transpose(-1, -2)).float() * scale
+    scores = scores.masked_fill(blocked, float("-inf"))
     p = torch.softmax(scores, dim=-1).to(q.dtype)
     return (p @ v.unsqueeze(2)).view(B, H, T, D)
 
@@ -356,7 +366,10 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = self.project_gate_up(x)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(recomputed(self._gated, gate, up))  # act(gate) not kept for the backward
+
+    def _gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.act(gate) * up
 
 
 class Block(nn.Module):

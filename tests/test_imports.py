@@ -7,7 +7,7 @@ REPO = Path(__file__).resolve().parent.parent
 ROOTS = {"lune_fast": REPO / "lune_fast", "lune_fast.kernels": REPO / "kernels"}
 LOW = {"lune_fast.model", "lune_fast.data", "lune_fast.ops", "lune_fast.io", "lune_fast.assets",
        "lune_fast.kernels.lora_linear", "lune_fast.kernels.frozen_linear", "lune_fast.kernels.tma_gemm",
-       "lune_fast.generate", "lune_fast.progress"}
+       "lune_fast.generate", "lune_fast.progress", "lune_fast.recompute"}
 
 
 def _modules() -> dict[str, Path]:
@@ -100,3 +100,29 @@ def test_kernels_folder_shadows_no_installed_package():
         assert theirs is None, f"`import kernels` found {theirs}, with no kernels distribution installed"
     else:
         assert theirs is not None and Path(theirs).resolve().parent != REPO / "kernels", theirs
+
+
+def test_triton_is_imported_only_where_its_kernels_can_run():
+    """Without a CUDA device or TRITON_INTERPRET=1 the Triton kernels cannot run: the package must not import
+    triton then (73 MB and ~0.1 s at import); under the interpreter, or after the caller imported triton itself
+    (the PTX compile check), the kernels are there."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device: triton is imported, as it should be")
+    pytest.importorskip("triton")
+    code = ("import sys, lune_fast.api\nfrom lune_fast.kernels import tma_gemm as G\n"
+            "print('triton' in sys.modules, G.HAVE_TRITON)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for prefix, interpret, expected in (("", False, "False False"), ("", True, "True True"),
+                                        ("import triton\n", False, "True True")):
+        run_env = {**env, "TRITON_INTERPRET": "1"} if interpret else env
+        proc = subprocess.run([sys.executable, "-c", prefix + code], capture_output=True, text=True, env=run_env,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.split("\n")[-2] == expected, (prefix, interpret, proc.stdout)

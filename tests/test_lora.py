@@ -55,6 +55,29 @@ def test_bf16_activations_keep_fp32_master_grads():
     assert rel_err(A.grad, Ad.grad) <= 2e-2 and rel_err(B.grad, Bd.grad) <= 2e-2
 
 
+
+def test_a_fixed_A_keeps_no_input_for_the_backward():
+    """A keyed adapter's A never trains: the op then keeps x·Aᵀ but not x (dA is the only reader of x), and dx
+    and dB are the same as where A trains."""
+    torch.manual_seed(0)
+    x = torch.randn(50, 48).bfloat16()
+    w = torch.randn(40, 48).bfloat16()
+    A, B = torch.randn(6, 48) * 0.1, torch.randn(40, 6) * 0.1
+    dy = torch.randn(50, 40).bfloat16()
+
+    def run(a_trains):
+        kept = []
+        xs, As, Bs = x.clone().requires_grad_(), A.clone().requires_grad_(a_trains), B.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            y = LoRALinearTorch.apply(xs, w, None, As, Bs, 2.0)
+        y.backward(dy)
+        return xs.grad, Bs.grad, sum(t.numel() for t in kept if t.shape == x.shape)
+
+    dx, dB, kept_x = run(True)
+    dx_fixed, dB_fixed, kept_x_fixed = run(False)
+    assert kept_x == x.numel() and kept_x_fixed == 0
+    assert torch.equal(dx, dx_fixed) and torch.equal(dB, dB_fixed)
+
 def test_parse_targets_and_layers():
     assert lora.parse_targets("q,v") == ("q", "v")
     assert lora.parse_targets("mlp") == ("gate", "up", "down")
