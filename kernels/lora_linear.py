@@ -260,8 +260,9 @@ _FUNCTIONS = {"torch": LoRALinearTorch, "triton": LoRALinearTriton}
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """"auto": the torch chain on every device, until a GPU measurement says otherwise. The first fused
-    kernels lost to it on an H200 at every Llama-3 projection shape (RESULTS.md section 7's table); the decomposed kernels in this file have not been timed on a GPU yet — benchmarks/gpu_suite.sh
-    does, and "auto" moves to them where they win. "triton" where it cannot run is an error, not a silent
+    kernels lost to it on an H200 at every Llama-3 projection shape (RESULTS.md section 7's table); the
+    decomposed kernels in this file have not been timed on a GPU yet — benchmarks/gpu_suite.sh does, and
+    "auto" moves to them where they win. "triton" where it cannot run is an error, not a silent
     fallback (operands TMA cannot address do run the chain: lora_linear)."""
     if backend not in BACKENDS:
         raise ValueError(f"LoRA backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

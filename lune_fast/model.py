@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .recompute import recomputed
 from .kernels.frozen_linear import few_rows, frozen_linear
 from .ops import decode_attention, decode_layer
 from .ops import rms_norm as rms_norm_op
+from .recompute import recomputed
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma3_text")
 # transformers writes config.json as the difference from its class defaults; these are Gemma3TextConfig's.

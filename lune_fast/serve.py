@@ -169,7 +169,7 @@ class Service:
 
             lifelong.check_folder(self.state)
             self.trainer = Unlearner(self.model_name, dtype=self.dtype, device=self.device,
-                                     **({"check_dtypes": self.check_dtypes} if self.check_dtypes else {}))
+                                     check_dtypes=self.check_dtypes)
             self.model = load_model(self.trainer.model_dir, dtype=self.trainer.dtype, device=self.trainer.device)
             self.tokenizer, self.encoder = self.trainer.tokenizer, self.trainer.encoder
             self._put_state_on()

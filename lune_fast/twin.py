@@ -69,27 +69,36 @@ class TensorFiles:
         """Rows start:stop of tensor `name` (all of it by default), in the file's dtype; into `out` (contiguous,
         of that dtype and at least that size; the rows are its first ones) where given, so that a buffer
         serves pass after pass (a fresh one each time leaves the allocator holding memory it never returns)."""
-        path, dtype, shape, offset = self.where[name]
+        path, dtype, shape, _ = self.where[name]
         stop = shape[0] if stop is None else min(stop, shape[0])
         n = max(stop - start, 0)
         if out is None:
             out = torch.empty(n, *shape[1:], dtype=dtype)
         out = out.view(-1)[:n * math.prod(shape[1:])].view(n, *shape[1:])
-        row = math.prod(shape[1:]) * dtype.itemsize
-        view, at = memoryview(out.view(torch.uint8).numpy()).cast("B"), offset + start * row
         with open(path, "rb", buffering=0) as fh:
-            while view:  # a read may return less than asked
-                got = os.preadv(fh.fileno(), [view], at)
-                if got <= 0:
-                    raise OSError(f"{path}: {name} is cut short")
-                view, at = view[got:], at + got
+            self._fill(fh.fileno(), name, out, start)
         return out
 
     def rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
-        """The rows `index` (any shape) of a 2-D tensor, each distinct row read once."""
+        """The rows `index` (any shape) of a 2-D tensor, each distinct row read once (the file opened once)."""
         uniq, inverse = torch.unique(index, return_inverse=True)
-        got = torch.stack([self.read(name, int(i), int(i) + 1)[0] for i in uniq.tolist()])
+        path, dtype, shape, _ = self.where[name]
+        got = torch.empty(len(uniq), *shape[1:], dtype=dtype)
+        with open(path, "rb", buffering=0) as fh:
+            for k, i in enumerate(uniq.tolist()):
+                self._fill(fh.fileno(), name, got[k], i)
         return got[inverse]
+
+    def _fill(self, fd: int, name: str, out: torch.Tensor, start: int) -> None:
+        """`out` (contiguous) from tensor `name`'s bytes at row `start` on, read through the open file `fd`."""
+        path, dtype, shape, offset = self.where[name]
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        at = offset + start * math.prod(shape[1:]) * dtype.itemsize
+        while view:  # a read may return less than asked
+            got = os.preadv(fd, [view], at)
+            if got <= 0:
+                raise OSError(f"{path}: {name} is cut short")
+            view, at = view[got:], at + got
 
 
 class StreamedTwin:

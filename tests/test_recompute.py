@@ -7,7 +7,7 @@ import torch
 
 import lune_fast.model as M
 from conftest import make_tiny_hf
-from lune_fast.model import AttnMask, positions_and_mask
+from lune_fast.data import make_batch
 from lune_fast.recompute import recomputed
 from lune_fast.weights import load_model
 
@@ -42,18 +42,11 @@ def test_recomputed_layers_give_torchs_own_gradients_and_keep_less(kind, layout,
     make_tiny_hf(kind, tmp_path)
     model = load_model(tmp_path, dtype=torch.bfloat16, pack=False)
     torch.manual_seed(0)
-    B, T = 3, 24
-    h = torch.randn(B, T, model.config.hidden_size).to(torch.bfloat16)
-    if layout == "packed":  # several sequences a row, as training packs them
-        segments = torch.tensor([[0] * 10 + [1] * 14, [0] * 24, [0] * 5 + [1] * 9 + [2] * 6 + [-1] * 4])
-        positions = torch.stack([torch.cat([torch.arange((r == s).sum()) for s in r.unique(sorted=True)
-                                            if s >= 0] + [torch.zeros(int((r < 0).sum()), dtype=torch.long)])
-                                 for r in segments])
-        mask = AttnMask.packed(segments)
-    else:  # right padding
-        attention = torch.ones(B, T, dtype=torch.long)
-        attention[1, 17:] = 0
-        positions, mask = positions_and_mask(attention, (B, T), model.config, h.device)
+    # sequences of 5-19 tokens: right-padded one a row, or packed several a row as training lays them out
+    pairs = [(list(range(1, n)), [7]) for n in (6, 11, 15, 9, 20)]
+    batch = make_batch(pairs, pack=24 if layout == "packed" else None)
+    positions, mask = batch.layout()
+    h = torch.randn(*batch.input_ids.shape, model.config.hidden_size).to(torch.bfloat16)
     grad, kept = _backward(model, h, positions, mask)
     _plain(monkeypatch)
     grad_plain, kept_plain = _backward(model, h, positions, mask)

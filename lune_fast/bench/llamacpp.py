@@ -184,8 +184,8 @@ def run(binary: Path, facts: str | None, n: int, gemma_prompts: int, tmp: Path, 
         return {"rows": [], "pooled": [], "ours_full_precision": None, "facts": 0,
                 "gemma": gemma_row(binary, tmp, gemma_prompts)}
     from ..api import Unlearner, asset
-    from ..weights import find_default_gguf, load_model, resolve_model_dir
     from ..export import write_gguf
+    from ..weights import find_default_gguf, load_model, resolve_model_dir
 
     records = [json.loads(x) for x in Path(facts or asset("validation.jsonl")).read_text().splitlines()]
     if len(records) < batches * n:

@@ -357,11 +357,11 @@ def run_per_request(unlearner, records: list[dict], overrides: dict, progress: b
     """One request per record, each from the frozen model: pooled recall over the requests (each request's
     paraphrases and neighbours that the base model answered), the fewest neighbours any one request kept,
     the mean retain perplexity ratio and train time per request. `which`: as run's."""
-    which = tuple(range(len(records))) if which is None else which
     from tqdm.auto import tqdm
 
     from ..data import DataError
 
+    which = tuple(range(len(records))) if which is None else which
     totals = {k: [0, 0] for k in ("forget", "paraphrase", "indirect", "neighbor", "replace", "bystand")}
     worst, ppl, seconds, steps, pooled, shift, unknown = None, [], [], [], {}, {}, 0
     for i, rec in enumerate(tqdm(records, desc="one request per fact", unit="request", disable=not progress)):
