@@ -55,7 +55,6 @@ def test_bf16_activations_keep_fp32_master_grads():
     assert rel_err(A.grad, Ad.grad) <= 2e-2 and rel_err(B.grad, Bd.grad) <= 2e-2
 
 
-
 def test_a_fixed_A_keeps_no_input_for_the_backward():
     """A keyed adapter's A never trains: the op then keeps x·Aᵀ but not x (dA is the only reader of x), and dx
     and dB are the same as where A trains."""
@@ -77,6 +76,7 @@ def test_a_fixed_A_keeps_no_input_for_the_backward():
     dx_fixed, dB_fixed, kept_x_fixed = run(False)
     assert kept_x == x.numel() and kept_x_fixed == 0
     assert torch.equal(dx, dx_fixed) and torch.equal(dB, dB_fixed)
+
 
 def test_parse_targets_and_layers():
     assert lora.parse_targets("q,v") == ("q", "v")

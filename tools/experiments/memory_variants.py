@@ -1,6 +1,7 @@
-"""What a request's peak memory and time become under a memory-saving variant: the package's 32 facts forgotten at
-once (like for like: plain LoRA and NPO, as `bench e2e`; and the keyed defaults), peak RSS over the request, the
-median step, then five one-fact requests on the same loaded model. Variants: "as is"; "head only" (float32: only
+"""A request's peak memory and time under memory-saving variants.
+
+The package's 32 facts forgotten at once (like for like: plain LoRA and NPO, as `bench e2e`; and the keyed
+defaults): peak RSS over the request, the median step, then five one-fact requests on the same loaded model. Variants: "as is"; "head only" (float32: only
 the head keeps a packed copy, kernels/frozen_linear.FLOAT32_MIN raised past every projection); "micro-batches"
 (max_batch_tokens 512: the 32 facts in two micro-batches, each backpropagated at once). Each run is a fresh
 process, the variants alternating within each repeat.
